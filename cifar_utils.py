@@ -498,6 +498,9 @@ def parameter_counts(model) -> dict:
     }
 
 
+# ---------------------------------------------- transfer learning (EfficientNetB0)
+
+
 # ------------------------------------------------------------ training glue
 
 
@@ -676,3 +679,108 @@ def train(
             f"{run_dir / 'last.weights.h5'}"
         )
     return state
+
+
+# ----------------------------------------- performance (precision, XLA, devices)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def predict_proba(model, x, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities for uint8 images ``x`` (N, 32, 32, 3) in [0, 255].
+
+    Images go through the same normalisation as :func:`make_dataset` (no augmentation).
+    Returns float32 ``(N, num_classes)``, rows summing to 1.
+    """
+    ds = make_dataset(x, np.zeros(len(x), np.int64), batch_size=batch_size, training=False)
+    return model.predict(ds.map(lambda images, _: images), verbose=0)
+
+
+def top_k_accuracy(y_true, probs, k: int = 1) -> float:
+    """Fraction of rows whose true label (int (N,)) is among the ``k`` highest of ``probs`` (N, C).
+
+    Uses scikit-learn's ``top_k_accuracy_score``; returns a float in [0, 1].
+    """
+    from sklearn.metrics import top_k_accuracy_score
+
+    return float(top_k_accuracy_score(y_true, probs, k=k, labels=np.arange(np.shape(probs)[1])))
+
+
+def write_results(output_dir, name: str, **fields) -> Path:
+    """Write ``output_dir/<name>.json`` (atomically) with ``fields`` plus a timestamp."""
+    record = {"model": name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+    return write_json(Path(output_dir) / f"{name}.json", record)
+
+
+# --------------------------------------------------------------------- plots
+
+
+def _finish(fig, path):
+    """Save ``fig`` to ``path`` (creating its folder) when a path is given; return ``fig``."""
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    return fig
+
+
+def plot_samples(x, y, label_names=FINE_LABEL_NAMES, n: int = 25, seed: int = 0, path=None):
+    """Grid of ``n`` random images (uint8 (N, H, W, 3)) titled with their label names."""
+    import matplotlib.pyplot as plt
+
+    idx = np.random.default_rng(seed).choice(len(x), size=min(n, len(x)), replace=False)
+    cols = int(np.ceil(np.sqrt(len(idx))))
+    rows = int(np.ceil(len(idx) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.75 * rows))
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    for ax, i in zip(np.ravel(axes), idx, strict=False):
+        ax.imshow(x[i])
+        ax.set_title(label_names[int(y[i])], fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_augmentation(image, augment, n: int = 7, path=None):
+    """The original uint8 image (H, W, 3) beside ``n`` augmented versions of it.
+
+    ``augment`` maps a float32 batch in [0, 1] to an augmented batch (e.g.
+    :func:`augmentation_layers`, called with ``training=True``).
+    """
+    import matplotlib.pyplot as plt
+
+    batch = np.repeat(image[None].astype(np.float32) / 255.0, n, axis=0)
+    out = np.clip(np.asarray(augment(batch, training=True)), 0, 1)
+    fig, axes = plt.subplots(1, n + 1, figsize=(1.6 * (n + 1), 1.9))
+    axes[0].imshow(image)
+    axes[0].set_title("original", fontsize=8)
+    for i, ax in enumerate(axes[1:]):
+        ax.imshow(out[i])
+        ax.set_title(f"augmented {i + 1}", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_history(history: dict, title: str = "", path=None):
+    """Training curves: accuracy and loss per epoch, train vs validation.
+
+    ``history`` maps metric names (``accuracy``, ``val_accuracy``, ``loss``,
+    ``val_loss``) to per-epoch lists, as :func:`train` returns in ``state["history"]``.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
+        for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
+            values = history.get(key)
+            if values:
+                ax.plot(np.arange(1, len(values) + 1), values, marker=".", label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _finish(fig, path)
