@@ -318,3 +318,49 @@ def test_join_histories_and_phase_markers():
     fig = cu.plot_history(history, phases=phases)
     dashed = [ln for ln in fig.axes[0].lines if ln.get_linestyle() == "--"]
     assert [ln.get_xdata()[0] for ln in dashed] == [0.5, 2.5]
+
+
+# ------------------------------------------------------------------ notebook
+
+
+@pytest.mark.slow
+def test_notebook_runs_both_phases_and_writes_results(cifar_archive, tmp_path):
+    """Papermill on the synthetic archive: random weights, 32x32 (no upscaling), 1 epoch each."""
+    import json
+    from pathlib import Path
+
+    import papermill as pm
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "outputs"
+    pm.execute_notebook(
+        root / "image_classifier_with_transfer_learning.ipynb",
+        tmp_path / "executed.ipynb",
+        parameters={
+            "DATA_DIR": str(cifar_archive),
+            "OUTPUT_DIR": str(out),
+            "WEIGHTS": None,
+            "IMAGE_SIZE": 32,
+            "BATCH_SIZE": 32,
+            "HEAD_EPOCHS": 1,
+            "FINETUNE_EPOCHS": 1,
+            "VAL_SIZE": 200,
+            "TRAIN_LIMIT": 300,
+        },
+        cwd=str(root),
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    results = json.loads((out / "efficientnet_b0.json").read_text())
+    assert results["params"] == {
+        "total": 4_177_664,
+        "trainable": 4_135_648,
+        "non_trainable": 42_016,
+    }
+    assert 0.0 <= results["test_top1"] <= results["test_top5"] <= 1.0
+    assert results["epochs"] == {"head": 1, "finetune": 1}
+    assert results["train_images"] == 300
+    for phase in ("head", "finetune"):
+        state = json.loads((out / "efficientnet_b0" / phase / "state.json").read_text())
+        assert len(state["history"]["val_accuracy"]) == 1
+    assert (out / "efficientnet_b0" / "curves.png").stat().st_size > 0
