@@ -79,6 +79,10 @@ class CifarDataError(RuntimeError):
     """The CIFAR-100 data could not be found, downloaded or read; the message says how to fix it."""
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a callable outside the numpy-array allow-list."""
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler for untrusted archives: rebuilds numpy arrays and refuses everything else."""
 
@@ -91,7 +95,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(
+            raise _RefusedGlobal(
                 f"refusing to load '{module}.{name}': a CIFAR-100 pickle holds only "
                 "dicts, lists, strings and numpy arrays"
             )
@@ -103,7 +107,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 def _unpickle(blob: bytes, where: str) -> dict:
     try:
         obj = _NumpyOnlyUnpickler(io.BytesIO(blob), encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
+    except _RefusedGlobal as exc:
         raise CifarDataError(
             f"{where} is not a safe CIFAR-100 pickle ({exc}). It may have been tampered with: "
             f"delete it and get the official archive from {CIFAR100_URL}"
