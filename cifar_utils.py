@@ -1329,6 +1329,8 @@ def plot_prediction(model, path_or_array, top_k: int = 5, path=None):
     )
     ax_img.imshow(image)
     ax_img.axis("off")
+    height, width = _model_image_size(model)
+    ax_img.set_title(f"{image.shape[1]}x{image.shape[0]} photo, seen at {width}x{height}")
     names, values = zip(*top, strict=True)
     ax_bar.barh(np.arange(len(top)), values)
     ax_bar.set_yticks(np.arange(len(top)), names)

@@ -294,6 +294,7 @@ def test_misclassified_grid_shows_most_confident_mistakes():
 def test_prediction_figure_shows_top_k(tiny_model):
     fig = cu.plot_prediction(tiny_model, cu.sample_photo(), top_k=3)
     top = cu.predict_image(tiny_model, cu.sample_photo(), top_k=3)
+    assert fig.axes[0].get_title() == "640x427 photo, seen at 32x32"
     bars = fig.axes[1].patches
     assert [b.get_width() for b in bars] == pytest.approx([p for _, p in top])
     assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == [n for n, _ in top]
