@@ -3,7 +3,6 @@
 import os
 
 import pytest
-
 import synthetic_cifar
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
