@@ -680,27 +680,39 @@ def set_base_trainable(model, trainable: bool):
     return model
 
 
-def join_histories(**phases) -> tuple[dict, list]:
-    """Concatenate per-epoch histories of consecutive training phases, e.g. head, fine-tuning.
+def join_runs(**runs) -> dict:
+    """One run state from consecutive training phases, e.g. ``head=..., finetune=...``.
 
     Args:
-        phases: phase name -> history (metric -> list per epoch, as :func:`train` returns in
-            ``state["history"]``), in training order.
+        runs: phase name -> the state :func:`train` returned for it, in training order.
 
     Returns:
-        ``(history, starts)``: the joined history and ``[(name, first epoch (1-based)), ...]``
-        for :func:`plot_history`'s ``phases``.
+        ``{"epoch", "seconds"}`` summed over the phases; ``"history"``: metric -> values
+        per epoch over all phases (NaN where a phase lacks the metric); ``"best"`` and
+        ``"best_epoch"`` of the last phase (whose ``best.weights.h5`` is the final model),
+        counted from the first phase's start; ``"phases"``: ``[(name, first epoch), ...]``
+        (1-based) for :func:`plot_history`. :func:`evaluate_and_save` takes it as ``run``
+        with the last phase's run folder.
     """
-    joined, starts, done = {}, [], 0
-    for name, history in phases.items():
-        starts.append((name, done + 1))
-        length = max((len(v) for v in history.values()), default=0)
-        for key in set(joined) | set(history):
-            joined.setdefault(key, [np.nan] * done)
-            values = list(history.get(key, []))
-            joined[key] += values + [np.nan] * (length - len(values))
-        done += length
-    return joined, starts
+    if not runs:
+        raise ValueError("join_runs needs at least one phase, e.g. join_runs(head=run)")
+    history, phases, done = {}, [], 0
+    for name, run in runs.items():
+        phases.append((name, done + 1))
+        for key in set(history) | set(run["history"]):
+            values = list(run["history"].get(key, []))
+            history.setdefault(key, [np.nan] * done)
+            history[key] += values + [np.nan] * (run["epoch"] - len(values))
+        done += run["epoch"]
+    last = list(runs.values())[-1]
+    return {
+        "epoch": done,
+        "seconds": sum(r["seconds"] for r in runs.values()),
+        "history": history,
+        "best": last.get("best"),
+        "best_epoch": done - last["epoch"] + last["best_epoch"] if "best_epoch" in last else None,
+        "phases": phases,
+    }
 
 
 def albumentations_transform(seed: int | None = None):
@@ -1580,7 +1592,7 @@ def plot_history(history: dict, title: str = "", path=None, phases=()):
     ``history`` maps metric names (``accuracy``, ``val_accuracy``, ``loss``,
     ``val_loss``) to per-epoch lists, as :func:`train` returns in ``state["history"]``.
     ``phases``: ``[(name, first epoch), ...]`` marked by dashed lines, e.g. from
-    :func:`join_histories`.
+    :func:`join_runs`.
     """
     import matplotlib.pyplot as plt
 

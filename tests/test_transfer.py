@@ -308,16 +308,31 @@ def test_tf_data_pipeline_is_repeatable_and_varies_per_epoch():
 # ------------------------------------------------------------------ curves
 
 
-def test_join_histories_and_phase_markers():
-    head = {"accuracy": [0.1, 0.2], "loss": [4.0, 3.0]}
-    fine = {"accuracy": [0.5, 0.6, 0.7], "loss": [2.0, 1.5, 1.2], "lr": [1e-5] * 3}
-    history, phases = cu.join_histories(head=head, finetune=fine)
-    assert history["accuracy"] == [0.1, 0.2, 0.5, 0.6, 0.7]
-    assert np.isnan(history["lr"][:2]).all() and history["lr"][2:] == [1e-5] * 3
-    assert phases == [("head", 1), ("finetune", 3)]
-    fig = cu.plot_history(history, phases=phases)
+def test_join_runs_and_phase_markers():
+    head = {
+        "epoch": 2,
+        "seconds": 10.0,
+        "best_epoch": 2,
+        "best": 0.2,
+        "history": {"accuracy": [0.1, 0.2], "loss": [4.0, 3.0]},
+    }
+    fine = {
+        "epoch": 3,
+        "seconds": 20.0,
+        "best_epoch": 2,
+        "best": 0.6,
+        "history": {"accuracy": [0.5, 0.6, 0.7], "loss": [2.0, 1.5, 1.2], "lr": [1e-5] * 3},
+    }
+    run = cu.join_runs(head=head, finetune=fine)
+    assert run["history"]["accuracy"] == [0.1, 0.2, 0.5, 0.6, 0.7]
+    assert np.isnan(run["history"]["lr"][:2]).all() and run["history"]["lr"][2:] == [1e-5] * 3
+    assert run["phases"] == [("head", 1), ("finetune", 3)]
+    assert (run["epoch"], run["seconds"], run["best_epoch"], run["best"]) == (5, 30.0, 4, 0.6)
+    fig = cu.plot_history(run["history"], phases=run["phases"])
     dashed = [ln for ln in fig.axes[0].lines if ln.get_linestyle() == "--"]
     assert [ln.get_xdata()[0] for ln in dashed] == [0.5, 2.5]
+    with pytest.raises(ValueError, match="at least one phase"):
+        cu.join_runs()
 
 
 # ------------------------------------------------------------------ notebook
@@ -339,6 +354,7 @@ def test_notebook_runs_both_phases_and_writes_results(cifar_archive, tmp_path):
         parameters={
             "DATA_DIR": str(cifar_archive),
             "OUTPUT_DIR": str(out),
+            "IMAGES_DIR": str(tmp_path / "images"),
             "WEIGHTS": None,
             "IMAGE_SIZE": 32,
             "BATCH_SIZE": 32,
@@ -358,9 +374,10 @@ def test_notebook_runs_both_phases_and_writes_results(cifar_archive, tmp_path):
         "non_trainable": 42_016,
     }
     assert 0.0 <= results["test_top1"] <= results["test_top5"] <= 1.0
-    assert results["epochs"] == {"head": 1, "finetune": 1}
-    assert results["train_images"] == 300
+    assert results["phases"] == {"head": 1, "finetune": 1} and results["epochs"] == 2
+    assert len(results["history"]["val_accuracy"]) == 2  # both phases
+    assert results["train_images"] == 300 and results["weights"] == "None"
     for phase in ("head", "finetune"):
         state = json.loads((out / "efficientnet_b0" / phase / "state.json").read_text())
-        assert len(state["history"]["val_accuracy"]) == 1
-    assert (out / "efficientnet_b0" / "curves.png").stat().st_size > 0
+        assert state["epoch"] == 1
+    assert (tmp_path / "images" / "efficientnet_b0_curves.png").stat().st_size > 0
