@@ -579,6 +579,8 @@ def efficientnet_b0_weights_file(*, origin: str = EFFICIENTNET_B0_URL, cache_dir
             file_hash=EFFICIENTNET_B0_SHA256,
         )
     except Exception as exc:  # Keras turns URL errors into a bare Exception
+        with contextlib.suppress(FileNotFoundError):
+            dest.unlink()  # a download that failed its hash check; nothing was there before
         raise WeightsError(
             f"Could not download the EfficientNetB0 ImageNet weights from {origin} "
             f"({type(exc).__name__}: {exc}). " + _weights_howto(dest)

@@ -189,6 +189,29 @@ def test_imagenet_offline_gives_clear_error(tmp_path, monkeypatch):
     assert not dest.exists()
 
 
+def test_download_with_wrong_hash_is_refused_and_removed(tmp_path):
+    """A loopback server hands out the wrong file: a clear error and nothing left in the cache."""
+    import http.server
+    import threading
+
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv" / cu.EFFICIENTNET_B0_WEIGHTS).write_bytes(b"an HTML error page")
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "srv")
+    )
+    handler.log_message = lambda *args: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/{cu.EFFICIENTNET_B0_WEIGHTS}"
+        try:
+            with pytest.raises(cu.WeightsError, match="hash") as err:
+                cu.efficientnet_b0_weights_file(origin=url)
+        finally:
+            server.shutdown()
+    dest = cu.default_cache_dir().parent / "models" / cu.EFFICIENTNET_B0_WEIGHTS
+    assert str(dest) in str(err.value) and not dest.exists()
+
+
 # ------------------------------------------------------------------ albumentations
 
 
@@ -291,6 +314,15 @@ def test_tf_data_pipeline_has_static_shapes_and_fits():
     tiny.compile("sgd", keras.losses.CategoricalCrossentropy(from_logits=True))
     history = tiny.fit(ds, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+
+
+def test_batch_transform_only_in_training():
+    x, y = _textured(16), np.arange(16) % 100
+    ds = cu.make_dataset(
+        x, y, batch_size=16, training=False, batch_transform=cu.albumentations_batch_transform
+    )
+    images, _ = next(iter(ds))
+    np.testing.assert_allclose(images.numpy(), x / 255.0, atol=1e-6)
 
 
 def test_tf_data_pipeline_is_repeatable_and_varies_per_epoch():
