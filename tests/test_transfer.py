@@ -37,6 +37,10 @@ def test_efficientnet_package_builds_no_top_224():
     base = efn.EfficientNetB0(include_top=False, weights=None, input_shape=(224, 224, 3))
     assert base.output_shape == (None, 7, 7, 1280)
     assert base.count_params() == 4_049_564
+    from efficientnet.weights import IMAGENET_WEIGHTS_HASHES, IMAGENET_WEIGHTS_PATH
+
+    assert cu.EFFICIENTNET_B0_URL == IMAGENET_WEIGHTS_PATH + cu.EFFICIENTNET_B0_WEIGHTS
+    assert cu.EFFICIENTNET_B0_SHA256 == IMAGENET_WEIGHTS_HASHES["efficientnet-b0"][1]
 
 
 def test_exact_parameter_counts(model):
