@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -241,7 +242,7 @@ def _download(url: str, dest: Path, md5: str | None, timeout: float) -> None:
                 "corrupt or not the official archive; nothing was kept. Run again to retry"
             )
         os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         raise CifarDataError(
             f"Could not download CIFAR-100 from {url} ({exc}). No local copy was found "
             f"either. Without internet: fetch {CIFAR100_URL} elsewhere, then pass its path as "
