@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -242,7 +243,7 @@ def _download(url: str, dest: Path, md5: str | None, timeout: float) -> None:
                 "corrupt or not the official archive; nothing was kept. Run again to retry"
             )
         os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         raise CifarDataError(
             f"Could not download CIFAR-100 from {url} ({exc}). No local copy was found "
             f"either. Without internet: fetch {CIFAR100_URL} elsewhere, then pass its path as "
@@ -1265,7 +1266,7 @@ def markdown_table(rows: list[dict], columns=None) -> str:
     return "\n".join(lines)
 
 
-def load_image(source) -> np.ndarray:
+def load_image(source, size=None) -> np.ndarray:
     """Read a photo as uint8 RGB ``(H, W, 3)`` in [0, 255], whatever its format and mode.
 
     Args:
@@ -1274,12 +1275,26 @@ def load_image(source) -> np.ndarray:
             ``(H, W, 3)`` or ``(H, W, 4)``: uint8 in [0, 255] or float in [0, 1].
             Transparent pixels are composited onto white; greyscale is repeated over the
             three channels; JPEG EXIF orientation is applied.
+        size: ``(height, width)`` in pixels to resize to (squashed, not cropped, with
+            Pillow's antialiasing Lanczos filter, like Keras' image_dataset_from_directory);
+            ``None`` keeps the original size.
 
     Raises:
         FileNotFoundError: no file at ``source``.
         ValueError: the file is not a readable image (corrupt, truncated, not an image), or
             the array has another shape, dtype or value range.
     """
+    from PIL import Image
+
+    image = _rgb_array(source)
+    if size is not None and image.shape[:2] != tuple(size):
+        resized = Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.LANCZOS)
+        image = np.asarray(resized)
+    return image
+
+
+def _rgb_array(source) -> np.ndarray:
+    """:func:`load_image` without resizing."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(source, str | os.PathLike):
@@ -1356,15 +1371,10 @@ def predict_image(model, path_or_array, top_k: int = 5) -> list[tuple[str, float
         FileNotFoundError, ValueError: see :func:`load_image`; also ``top_k`` outside
             [1, 100] or a model that does not output 100 classes.
     """
-    from PIL import Image
-
     if not 1 <= top_k <= 100:
         raise ValueError(f"top_k must be between 1 and 100, not {top_k}")
-    height, width = _model_image_size(model)
-    image = Image.fromarray(load_image(path_or_array))
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.LANCZOS)
-    probs = predict_proba(model, np.asarray(image)[None])[0]
+    image = load_image(path_or_array, size=_model_image_size(model))
+    probs = predict_proba(model, image[None])[0]
     if probs.shape != (100,):
         raise ValueError(
             f"The model outputs {probs.shape[0]} values; predict_image needs CIFAR-100's 100 "
