@@ -1729,8 +1729,10 @@ if __name__ == "__main__":
     report.add_argument("--readme", default="README.md", help="file holding the results markers")
     args = parser.parse_args()
     try:
+        before = Path(args.readme).read_text(encoding="utf-8")
         table = update_readme_results(args.results_dir, args.readme)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(table)
-    print(f"Updated {args.readme}")
+    changed = Path(args.readme).read_text(encoding="utf-8") != before
+    print(f"Updated {args.readme}" if changed else f"{args.readme} was already up to date")
