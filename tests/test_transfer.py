@@ -414,6 +414,12 @@ def test_notebook_runs_both_phases_and_writes_results(cifar_archive, tmp_path):
         state = json.loads((out / "efficientnet_b0" / phase / "state.json").read_text())
         assert state["epoch"] == 1
     assert {p.name for p in (tmp_path / "images").iterdir()} == {
-        "efficientnet_b0_augmentation.png",
-        "efficientnet_b0_curves.png",
+        f"efficientnet_b0_{n}.png"
+        for n in (
+            "augmentation",
+            "curves",
+            "superclass_confusion",
+            "mistakes",
+            "photo_prediction",
+        )
     }
