@@ -79,6 +79,10 @@ class CifarDataError(RuntimeError):
     """The CIFAR-100 data could not be found, downloaded or read; the message says how to fix it."""
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a callable outside the numpy-array allow-list."""
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler for untrusted archives: rebuilds numpy arrays and refuses everything else."""
 
@@ -91,7 +95,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(
+            raise _RefusedGlobal(
                 f"refusing to load '{module}.{name}': a CIFAR-100 pickle holds only "
                 "dicts, lists, strings and numpy arrays"
             )
@@ -103,7 +107,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 def _unpickle(blob: bytes, where: str) -> dict:
     try:
         obj = _NumpyOnlyUnpickler(io.BytesIO(blob), encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
+    except _RefusedGlobal as exc:
         raise CifarDataError(
             f"{where} is not a safe CIFAR-100 pickle ({exc}). It may have been tampered with: "
             f"delete it and get the official archive from {CIFAR100_URL}"
@@ -473,7 +477,7 @@ def build_simple_cnn(num_classes: int = 100, input_shape=(32, 32, 3)):
         [(64, True, 0.0), (128, True, 0.2), (256, False, 0.3), (512, False, 0.4)], start=1
     ):
         h = keras.layers.Conv2D(width, 3, padding="valid", use_bias=True, name=f"conv{i}")(h)
-        h = keras.layers.BatchNormalization(name=f"bn{i}")(h)
+        h = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(h)
         h = keras.layers.Activation("relu", name=f"relu{i}")(h)
         if pool:
             h = keras.layers.MaxPooling2D(2, name=f"pool{i}")(h)
@@ -679,6 +683,11 @@ class _RunKeeper(keras.callbacks.Callback):
         write_json(self.run_dir / "state.json", self.state)
 
 
+def compile_metrics() -> list:
+    """Fresh metric objects for ``model.compile``: top-1 ``accuracy`` and ``top5_accuracy``."""
+    return ["accuracy", keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy")]
+
+
 def train(
     model,
     train_ds,
@@ -856,6 +865,40 @@ def write_results(output_dir, name: str, **fields) -> Path:
     """Write ``output_dir/<name>.json`` (atomically) with ``fields`` plus a timestamp."""
     record = {"model": name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
     return write_json(Path(output_dir) / f"{name}.json", record)
+
+
+def evaluate_and_save(model, run: dict, run_dir, output_dir, name: str, val, test, **extra) -> dict:
+    """Load the best checkpoint, score it once on validation and test, write the results file.
+
+    Args:
+        model: the trained model; its weights are replaced by ``run_dir/best.weights.h5``.
+        run: the state :func:`train` returned.
+        val, test: ``(x uint8 (N, 32, 32, 3), y int (N,))`` pairs.
+        extra: more JSON-able fields for the record (batch size, data source, ...).
+
+    Returns:
+        The record written to ``output_dir/<name>.json``: parameter counts, epochs,
+        training seconds, history, best epoch and ``val_top1``, ``val_top5``,
+        ``test_top1``, ``test_top5`` (floats in [0, 1]).
+    """
+    model.load_weights(Path(run_dir) / "best.weights.h5")
+    scores = {}
+    for split, (x, y) in (("val", val), ("test", test)):
+        probs = predict_proba(model, x)
+        scores[f"{split}_top1"] = top_k_accuracy(y, probs, 1)
+        scores[f"{split}_top5"] = top_k_accuracy(y, probs, 5)
+        scores[f"{split}_images"] = len(x)
+    record = {
+        "params": parameter_counts(model),
+        "epochs": run["epoch"],
+        "best_epoch": run.get("best_epoch"),
+        "train_seconds": round(run["seconds"], 1),
+        **scores,
+        **extra,
+        "history": run["history"],
+    }
+    write_results(output_dir, name, **record)
+    return record
 
 
 # --------------------------------------------------------------------- plots
