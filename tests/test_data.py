@@ -170,7 +170,9 @@ def test_a_pickle_that_would_run_code_is_refused(cifar_archive, tmp_path):
     assert marker.is_dir()
     marker.rmdir()
     bad = _rewrite(cifar_archive, tmp_path / "cifar-100-python.tar.gz", meta=evil)
-    with pytest.raises(cu.CifarDataError, match=r"not a safe CIFAR-100 pickle .*refusing to load '\w+\.mkdir'"):
+    with pytest.raises(
+        cu.CifarDataError, match=r"not a safe CIFAR-100 pickle .*refusing to load '\w+\.mkdir'"
+    ):
         cu.load_cifar100(bad)
     assert not marker.exists()
 
@@ -246,7 +248,9 @@ def test_label_count_mismatch(cifar_archive, tmp_path):
 
 def test_foreign_label_names(cifar_archive, tmp_path):
     meta = {b"fine_label_names": [b"cat"] * 100, b"coarse_label_names": [b"x"] * 20}
-    bad = _rewrite(cifar_archive, tmp_path / "c.tar.gz", meta=synthetic_cifar.py2_pickle_bytes(meta))
+    bad = _rewrite(
+        cifar_archive, tmp_path / "c.tar.gz", meta=synthetic_cifar.py2_pickle_bytes(meta)
+    )
     with pytest.raises(cu.CifarDataError, match="not a CIFAR-100 archive"):
         cu.load_cifar100(bad)
 
@@ -312,8 +316,9 @@ def test_download_checks_md5_and_fills_the_keras_cache(cifar_archive, tmp_path):
 
 def test_download_with_wrong_checksum_keeps_nothing(cifar_archive, tmp_path):
     cache = tmp_path / "cache"
-    with _Server(cifar_archive.parent) as url, pytest.raises(
-        cu.CifarDataError, match=f"Checksum mismatch .* expected {cu.CIFAR100_MD5}"
+    with (
+        _Server(cifar_archive.parent) as url,
+        pytest.raises(cu.CifarDataError, match=f"Checksum mismatch .* expected {cu.CIFAR100_MD5}"),
     ):
         cu.load_cifar100(url=url, cache_dir=cache)
     assert _leftovers(cache) == []
@@ -321,8 +326,9 @@ def test_download_with_wrong_checksum_keeps_nothing(cifar_archive, tmp_path):
 
 def test_download_cut_short_keeps_nothing(cifar_archive, tmp_path):
     cache = tmp_path / "cache"
-    with _Server(cifar_archive.parent, truncate=True) as url, pytest.raises(
-        cu.CifarDataError, match="stopped after .* bytes"
+    with (
+        _Server(cifar_archive.parent, truncate=True) as url,
+        pytest.raises(cu.CifarDataError, match="stopped after .* bytes"),
     ):
         cu.load_cifar100(url=url, md5=_md5(cifar_archive), cache_dir=cache)
     assert _leftovers(cache) == []
@@ -387,8 +393,9 @@ def test_partial_cache_offline_gives_a_clear_error(cifar_archive, tmp_path):
     cache = tmp_path / "cache"
     folder = _extract(cifar_archive, cache / "cifar-100-python-target")
     (folder / "test").unlink()
-    with pytest.warns(UserWarning, match="incomplete"), pytest.raises(
-        cu.CifarDataError, match="Could not download"
+    with (
+        pytest.warns(UserWarning, match="incomplete"),
+        pytest.raises(cu.CifarDataError, match="Could not download"),
     ):
         cu.load_cifar100(url=_closed_port_url(), cache_dir=cache, timeout=5)
 
