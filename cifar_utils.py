@@ -745,7 +745,7 @@ def train(
     if resume and state_path.exists():
         state = json.loads(state_path.read_text())
         _restore(model, run_dir)
-        if state.get("step", 0) != int(model.optimizer.iterations):
+        if "step" in state and state["step"] != int(model.optimizer.iterations):
             warnings.warn(  # stopped between writing last.weights.h5 and state.json
                 f"{run_dir}: last.weights.h5 is at optimizer step "
                 f"{int(model.optimizer.iterations)} but state.json at step {state.get('step')}; "

@@ -246,3 +246,15 @@ def test_steps_per_epoch_and_schedule_errors():
         cu.exponential_decay(100, 10, 0)
     with pytest.raises(ValueError, match="final_lr"):
         cu.exponential_decay(100, 10, 5, initial_lr=0.1, final_lr=0.2)
+
+
+def test_cut_between_weights_and_state_is_detected_on_resume(tmp_path, data):
+    train_ds, val_ds = data
+    cu.train(tiny_model(), train_ds, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
+    state_after_1 = (tmp_path / "state.json").read_text()
+    cu.train(tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
+    # As if the process died after last.weights.h5 (epoch 2) but before state.json.
+    (tmp_path / "state.json").write_text(state_after_1)
+    with pytest.warns(UserWarning, match=r"step 14 but state.json at step 7"):
+        state = cu.train(tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
+    assert state["initial_epoch"] == 1 and state["step"] == 3 * STEPS
