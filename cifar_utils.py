@@ -21,6 +21,7 @@ import pickle
 import shutil
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -431,6 +432,7 @@ def make_dataset(
     augment=None,
     num_classes: int = 100,
     seed: int = 0,
+    batch_transform=None,
 ):
     """A ``tf.data`` pipeline: (shuffle), batch, (augment), normalise, one-hot, prefetch.
 
@@ -441,6 +443,10 @@ def make_dataset(
         training: shuffle every epoch (seeded) and apply ``augment``.
         augment: a callable on float32 batches in [0, 1], e.g.
             :func:`augmentation_layers`; called with ``training=True``.
+        batch_transform: a callable ``(images, batch_seed) -> images`` on uint8 batches
+            (B, H, W, 3) in [0, 255], applied before normalisation when ``training``, e.g.
+            :func:`albumentations_batch_transform`. ``batch_seed`` is an int64 scalar tensor,
+            new for every batch and epoch, drawn from ``seed`` (so repeatable).
 
     Returns:
         ``tf.data.Dataset`` of ``(images float32 (B, H, W, 3) in [0, 1],
@@ -450,6 +456,12 @@ def make_dataset(
     if training:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
+    if training and batch_transform is not None:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip(ds, seeds).map(
+            lambda batch, s: (batch_transform(batch[0], s), batch[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
 
     def prepare(images, labels):
         images = tf.cast(images, tf.float32) / 255.0
@@ -565,6 +577,304 @@ def build_complex_cnn(
 
 
 # ---------------------------------------------- transfer learning (EfficientNetB0)
+
+#: The no-top ImageNet weights that ``efficientnet`` 1.1.1 downloads for EfficientNetB0.
+EFFICIENTNET_B0_WEIGHTS = "efficientnet-b0_weights_tf_dim_ordering_tf_kernels_autoaugment_notop.h5"
+EFFICIENTNET_B0_URL = (
+    "https://github.com/Callidior/keras-applications/releases/download/efficientnet/"
+    + EFFICIENTNET_B0_WEIGHTS
+)
+#: sha256 the package checks (``efficientnet.weights.IMAGENET_WEIGHTS_HASHES``).
+EFFICIENTNET_B0_SHA256 = "c1421ad80a9fc67c2cc4000f666aa50789ce39eedb4e06d531b0c593890ccff3"
+#: Per-channel RGB mean and standard deviation for images in [0, 1]: what
+#: ``efficientnet.tfkeras.preprocess_input`` (keras_applications mode "torch") applies after
+#: dividing 0-255 pixels by 255, i.e. the normalisation the package's ImageNet weights expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Name of the EfficientNetB0 base inside :func:`build_efficientnet_b0`'s model.
+EFFICIENTNET_BASE = "efficientnet-b0"
+
+
+class WeightsError(RuntimeError):
+    """EfficientNetB0 weights could not be found, downloaded or loaded; the message says how."""
+
+
+def _weights_howto(dest: Path) -> str:
+    return (
+        f"On a machine with internet, download {EFFICIENTNET_B0_URL}, check that its sha256 is "
+        f"{EFFICIENTNET_B0_SHA256} (sha256sum), and put it at {dest}, or pass its path as "
+        "weights (notebook parameter WEIGHTS)."
+    )
+
+
+def efficientnet_b0_weights_file(*, origin: str = EFFICIENTNET_B0_URL, cache_dir=None) -> Path:
+    """Path of EfficientNetB0's no-top ImageNet weights in the Keras cache; download if absent.
+
+    The file is ``cache_dir/`` :data:`EFFICIENTNET_B0_WEIGHTS` (default ``cache_dir``:
+    ``$KERAS_HOME/models`` or ``~/.keras/models``, where the ``efficientnet`` package looks).
+    A file already there must have the sha256 :data:`EFFICIENTNET_B0_SHA256`: the package
+    itself would silently download a mismatching file again, which fails offline.
+
+    Raises:
+        WeightsError: the cached file has another sha256 (says what to do), or the download
+            from ``origin`` failed (no network, wrong hash), with how to install it by hand.
+    """
+    folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir().parent / "models"
+    dest = folder / EFFICIENTNET_B0_WEIGHTS
+    if dest.is_file():
+        with open(dest, "rb") as f:
+            got = hashlib.file_digest(f, "sha256").hexdigest()
+        if got != EFFICIENTNET_B0_SHA256:
+            raise WeightsError(
+                f"{dest} has sha256 {got}, not {EFFICIENTNET_B0_SHA256}: it is truncated or "
+                "another file (e.g. the with-top weights). The efficientnet package would "
+                "silently download it again, which fails offline. Delete or replace it. "
+                + _weights_howto(dest)
+            )
+        return dest
+    try:
+        path = keras.utils.get_file(
+            EFFICIENTNET_B0_WEIGHTS,
+            origin,
+            cache_subdir=folder.name,
+            cache_dir=str(folder.parent),
+            file_hash=EFFICIENTNET_B0_SHA256,
+        )
+    except Exception as exc:  # Keras turns URL errors into a bare Exception
+        with contextlib.suppress(FileNotFoundError):
+            dest.unlink()  # a download that failed its hash check; nothing was there before
+        raise WeightsError(
+            f"Could not download the EfficientNetB0 ImageNet weights from {origin} "
+            f"({type(exc).__name__}: {exc}). " + _weights_howto(dest)
+        ) from None
+    return Path(path)
+
+
+def _load_base_weights(base, path) -> None:
+    """Load a weights file into the EfficientNetB0 base, or raise a WeightsError saying why not."""
+    import h5py
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"No weights file at '{path}'. WEIGHTS must be 'imagenet', None or the path of a "
+            f"file. " + _weights_howto(path.parent / EFFICIENTNET_B0_WEIGHTS)
+        )
+    if path.suffix != ".h5":
+        raise WeightsError(
+            f"'{path}' is not an .h5 weights file: pass {EFFICIENTNET_B0_WEIGHTS} or a file "
+            "written by save_weights('....weights.h5') from this base"
+        )
+    if not h5py.is_hdf5(path):
+        raise WeightsError(
+            f"'{path}' is not a readable HDF5 file (a truncated download or an HTML error page?). "
+            + _weights_howto(path.parent / EFFICIENTNET_B0_WEIGHTS)
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            base.load_weights(path)
+            problem = next((str(w.message) for w in caught if "Skipping" in str(w.message)), None)
+        except (ValueError, KeyError) as exc:
+            problem = str(exc)
+    if problem:
+        problem = problem.strip().splitlines()[0][:300]
+        raise WeightsError(
+            f"'{path}' does not fit EfficientNetB0 without its top ({problem}). Use the no-top "
+            f"file {EFFICIENTNET_B0_WEIGHTS} (sha256 {EFFICIENTNET_B0_SHA256}) or weights saved "
+            "from the base of build_efficientnet_b0"
+        )
+
+
+def build_efficientnet_b0(weights="imagenet", num_classes: int = 100, image_size: int = 224):
+    """EfficientNetB0 (``efficientnet`` 1.1.1, no top) with a new head, for 32x32 images.
+
+    Input float32 (B, 32, 32, 3) in [0, 1] (as :func:`make_dataset` gives) -> Resizing to
+    ``image_size`` (bilinear, inside the model, so the input pipeline never holds 224x224
+    images) -> Normalization with :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD` (the package's
+    own ``preprocess_input``, mode "torch", for [0, 1] input; no weights) -> the base (layer
+    :data:`EFFICIENTNET_BASE`) -> GlobalAveragePooling -> Dropout 0.2 -> Dense ``num_classes``
+    softmax. For 100 classes: 4,177,664 parameters, 4,135,648 trainable, 42,016 non-trainable
+    (BatchNorm moving statistics), the base 4,049,564, as in the seed notebook.
+
+    Args:
+        weights: ``"imagenet"`` (the Keras cache, else downloaded; see
+            :func:`efficientnet_b0_weights_file`), a path to an ``.h5`` file holding the base's
+            weights (the package's no-top file, or a ``.weights.h5`` saved from this base), or
+            ``None`` (random initialisation, for quick checks).
+
+    Raises:
+        WeightsError: weights missing, offline, wrong hash, unreadable or not fitting the base.
+    """
+    import efficientnet.tfkeras as efn
+
+    base = efn.EfficientNetB0(
+        include_top=False, weights=None, input_shape=(image_size, image_size, 3)
+    )
+    if isinstance(weights, str) and weights == "imagenet":
+        _load_base_weights(base, efficientnet_b0_weights_file())
+    elif weights is not None:
+        _load_base_weights(base, weights)
+    inputs = keras.Input((32, 32, 3), name="image")
+    h = keras.layers.Resizing(image_size, image_size, name="resize")(inputs)
+    h = keras.layers.Normalization(
+        mean=IMAGENET_MEAN, variance=np.square(IMAGENET_STD), name="imagenet_normalization"
+    )(h)
+    h = base(h)
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    h = keras.layers.Dropout(0.2, name="top_dropout")(h)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(h)
+    return keras.Model(inputs, outputs, name="efficientnet_b0_transfer")
+
+
+def set_base_trainable(model, trainable: bool):
+    """Freeze (head phase) or unfreeze (fine-tuning) the EfficientNetB0 base of ``model``.
+
+    BatchNormalization layers stay frozen either way, which in Keras 3 also runs them in
+    inference mode (ImageNet statistics), as keras.io's "Image classification via fine-tuning
+    with EfficientNet" recommends. For :func:`build_efficientnet_b0` with 100 classes the
+    trainable count becomes 128,100 (head) or 4,093,632 (fine-tuning). Compile ``model``
+    again afterwards. Returns ``model``.
+    """
+    base = model.get_layer(EFFICIENTNET_BASE)
+    base.trainable = trainable
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    return model
+
+
+def join_runs(**runs) -> dict:
+    """One run state from consecutive training phases, e.g. ``head=..., finetune=...``.
+
+    Args:
+        runs: phase name -> the state :func:`train` returned for it, in training order.
+
+    Returns:
+        ``{"epoch", "seconds"}`` summed over the phases; ``"history"``: metric -> values
+        per epoch over all phases (NaN where a phase lacks the metric); ``"best"`` and
+        ``"best_epoch"`` of the last phase (whose ``best.weights.h5`` is the final model),
+        counted from the first phase's start; ``"phases"``: ``[(name, first epoch), ...]``
+        (1-based) for :func:`plot_history`. :func:`evaluate_and_save` takes it as ``run``
+        with the last phase's run folder.
+    """
+    if not runs:
+        raise ValueError("join_runs needs at least one phase, e.g. join_runs(head=run)")
+    history, phases, done = {}, [], 0
+    for name, run in runs.items():
+        phases.append((name, done + 1))
+        for key in set(history) | set(run["history"]):
+            values = list(run["history"].get(key, []))
+            history.setdefault(key, [np.nan] * done)
+            history[key] += values + [np.nan] * (run["epoch"] - len(values))
+        done += run["epoch"]
+    last = list(runs.values())[-1]
+    return {
+        "epoch": done,
+        "seconds": sum(r["seconds"] for r in runs.values()),
+        "history": history,
+        "best": last.get("best"),
+        "best_epoch": done - last["epoch"] + last["best_epoch"] if "best_epoch" in last else None,
+        "phases": phases,
+    }
+
+
+def albumentations_transform(seed: int | None = None):
+    """The seed's albumentations augmentation for 32x32 uint8 images, as an ``A.Compose``.
+
+    HorizontalFlip (p 0.5); Affine shifting the width by up to 50% (p 0.5; no rotation,
+    scale or shear; the old ShiftScaleRotate's reflect border, ``cv2.BORDER_REFLECT_101``,
+    given explicitly since albumentations 2.x defaults to black); GridDistortion (p 0.2) and
+    ElasticTransform (p 0.2, ``alpha`` 80, ``sigma`` 4: about 1.7 pixels' mean displacement
+    on 32x32, where the default ``alpha`` 1 moves nothing), both with the same border. Written
+    for albumentations 2.0.8. ``seed`` makes the sequence of augmentations repeatable.
+    """
+    import albumentations as A
+    import cv2
+
+    border = cv2.BORDER_REFLECT_101
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.Affine(
+                translate_percent={"x": (-0.5, 0.5), "y": (0.0, 0.0)},
+                scale=1.0,
+                rotate=0.0,
+                shear=0.0,
+                border_mode=border,
+                p=0.5,
+            ),
+            A.GridDistortion(border_mode=border, p=0.2),
+            A.ElasticTransform(alpha=80.0, sigma=4.0, border_mode=border, p=0.2),
+        ],
+        seed=seed,
+    )
+
+
+_AUGMENTERS = threading.local()  # one Compose per tf.data worker thread
+
+
+def albumentations_batch(images, seed: int) -> np.ndarray:
+    """Augment a batch with :func:`albumentations_transform`, repeatably for a given ``seed``.
+
+    Args:
+        images: uint8 (N, H, W, 3) in [0, 255], or float (N, H, W, 3) in [0, 1] (e.g. for
+            :func:`plot_augmentation`), which is rounded to uint8 first: albumentations treats
+            float images as [0, 1], so 0-255 floats would saturate.
+        seed: any int (reduced modulo 2**63); per batch, so parallel calls stay repeatable.
+
+    Returns:
+        uint8 (N, H, W, 3) in [0, 255] for uint8 input, else float32 in [0, 1].
+
+    Raises:
+        ValueError: not (N, H, W, 3), or float values outside [0, 1].
+        TypeError: neither uint8 nor float.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected images (N, H, W, 3), got shape {images.shape}")
+    if np.issubdtype(images.dtype, np.floating):
+        if images.size and (images.min() < 0 or images.max() > 1):
+            raise ValueError(
+                f"float images must be in [0, 1] (albumentations' convention), these span "
+                f"[{images.min():g}, {images.max():g}]; pass 0-255 data as uint8"
+            )
+        batch = np.round(images * 255).astype(np.uint8)
+    elif images.dtype == np.uint8:
+        batch = images
+    else:
+        raise TypeError(f"images must be uint8 in [0, 255] or float in [0, 1], not {images.dtype}")
+    if not hasattr(_AUGMENTERS, "transform"):
+        _AUGMENTERS.transform = albumentations_transform()
+    transform = _AUGMENTERS.transform
+    transform.set_random_seed(int(seed) % 2**63)
+    out = np.stack([transform(image=image)["image"] for image in batch]) if len(batch) else batch
+    return out if images.dtype == np.uint8 else out.astype(np.float32) / 255.0
+
+
+def albumentations_batch_transform(images, seed):
+    """:func:`albumentations_batch` inside ``tf.data``: ``make_dataset(batch_transform=...)``.
+
+    Runs through ``tf.numpy_function`` (Python, so parallel ``map`` calls share the GIL; the
+    OpenCV work inside releases it) and restores the static shape with ``tf.ensure_shape``,
+    which ``numpy_function`` loses and ``fit`` needs.
+
+    Args:
+        images: uint8 tensor (B, H, W, 3) in [0, 255]; seed: int64 scalar tensor.
+
+    Returns:
+        uint8 tensor of ``images``' shape, static shape included.
+
+    Raises:
+        TypeError: ``images`` is not uint8 (augment before normalising).
+    """
+    if images.dtype != tf.uint8:
+        raise TypeError(
+            f"albumentations_batch_transform takes uint8 batches in [0, 255], not {images.dtype}: "
+            "apply it before normalisation (make_dataset's batch_transform does)"
+        )
+    out = tf.numpy_function(albumentations_batch, [images, seed], tf.uint8, stateful=False)
+    return tf.ensure_shape(out, images.shape)
 
 
 # ------------------------------------------------------------ training glue
@@ -1444,11 +1754,13 @@ def plot_augmentation(image, augment, n: int = 7, path=None):
     return _finish(fig, path)
 
 
-def plot_history(history: dict, title: str = "", path=None):
+def plot_history(history: dict, title: str = "", path=None, phases=()):
     """Training curves: accuracy and loss per epoch, train vs validation.
 
     ``history`` maps metric names (``accuracy``, ``val_accuracy``, ``loss``,
     ``val_loss``) to per-epoch lists, as :func:`train` returns in ``state["history"]``.
+    ``phases``: ``[(name, first epoch), ...]`` marked by dashed lines, e.g. from
+    :func:`join_runs`.
     """
     import matplotlib.pyplot as plt
 
@@ -1458,6 +1770,9 @@ def plot_history(history: dict, title: str = "", path=None):
             values = history.get(key)
             if values:
                 ax.plot(np.arange(1, len(values) + 1), values, marker=".", label=label)
+        for name, start in phases:
+            ax.axvline(start - 0.5, color="gray", linestyle="--", linewidth=1)
+            ax.text(start - 0.4, 1, name, transform=ax.get_xaxis_transform(), va="top", fontsize=8)
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
@@ -1570,8 +1885,10 @@ if __name__ == "__main__":
     report.add_argument("--readme", default="README.md", help="file holding the results markers")
     args = parser.parse_args()
     try:
+        before = Path(args.readme).read_text(encoding="utf-8")
         table = update_readme_results(args.results_dir, args.readme)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(table)
-    print(f"Updated {args.readme}")
+    changed = Path(args.readme).read_text(encoding="utf-8") != before
+    print(f"Updated {args.readme}" if changed else f"{args.readme} was already up to date")

@@ -39,12 +39,14 @@ import argparse
 import io
 import pickle
 import struct
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
-import cifar_utils
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import cifar_utils  # noqa: E402
 
 
 class Py2Pickler(pickle._Pickler):
