@@ -69,6 +69,7 @@ class Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_resume_continues_epoch_optimizer_step_schedule_and_history(tmp_path, data):
     train_ds, val_ds = data
     first = tiny_model()
@@ -95,6 +96,7 @@ def test_resume_continues_epoch_optimizer_step_schedule_and_history(tmp_path, da
     assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_from_last_complete_epoch(tmp_path, data):
     train_ds, val_ds = data
     with pytest.raises(KeyboardInterrupt):
@@ -112,6 +114,7 @@ def test_interrupted_run_resumes_from_last_complete_epoch(tmp_path, data):
     assert len(state["history"]["accuracy"]) == 2
 
 
+@pytest.mark.slow
 def test_resume_false_starts_fresh(tmp_path, data):
     train_ds, val_ds = data
     cu.train(tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
@@ -126,6 +129,7 @@ def test_resume_false_starts_fresh(tmp_path, data):
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 1 + 1
 
 
+@pytest.mark.slow
 def test_tensorboard_logs_under_run_dir(tmp_path, data):
     train_ds, val_ds = data
     run = functools.partial(
@@ -141,6 +145,7 @@ def test_tensorboard_logs_under_run_dir(tmp_path, data):
     assert {p.parent.name for p in events} == {"train", "validation"}
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_is_refused(tmp_path, data):
     train_ds, val_ds = data
     cu.train(tiny_model(), train_ds, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
@@ -207,6 +212,7 @@ def _nan_dataset(n=64):
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
 
 
+@pytest.mark.slow
 def test_nan_input_raises_training_diverged_and_keeps_last_good_checkpoint(tmp_path, data):
     train_ds, val_ds = data
     cu.train(tiny_model(), train_ds, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
@@ -220,6 +226,7 @@ def test_nan_input_raises_training_diverged_and_keeps_last_good_checkpoint(tmp_p
     assert all(np.isfinite(w).all() for w in restored.get_weights())
 
 
+@pytest.mark.slow
 def test_nan_in_validation_is_caught_at_epoch_end_with_nothing_saved(tmp_path, data):
     train_ds, _ = data
     with pytest.raises(cu.TrainingDiverged, match=r"epoch 1, the end of the epoch \(val_loss\)"):
@@ -228,6 +235,7 @@ def test_nan_in_validation_is_caught_at_epoch_end_with_nothing_saved(tmp_path, d
     assert not (tmp_path / "state.json").exists()
 
 
+@pytest.mark.slow
 def test_huge_learning_rate_diverges_with_clear_message(tmp_path, data):
     train_ds, val_ds = data
     with pytest.raises(cu.TrainingDiverged, match="Lower the learning rate") as err:
@@ -248,6 +256,7 @@ def test_steps_per_epoch_and_schedule_errors():
         cu.exponential_decay(100, 10, 5, initial_lr=0.1, final_lr=0.2)
 
 
+@pytest.mark.slow
 def test_cut_between_weights_and_state_is_detected_on_resume(tmp_path, data):
     train_ds, val_ds = data
     cu.train(tiny_model(), train_ds, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
