@@ -515,6 +515,67 @@ def parameter_counts(model) -> dict:
     }
 
 
+#: Widths of the complex network's twelve 3x3 'same' convolutions.
+COMPLEX_CONV_WIDTHS = (64, 64, 128, 384, 384, 384, 384, 384, 512, 512, 512, 512)
+#: 1-based conv indices followed by 2x2 max-pooling (32 -> 16 -> 8 -> 4 -> 2 -> 1), mapped to
+#: the Dropout rate after that pool.
+COMPLEX_POOL_DROPOUT = {2: 0.2, 3: 0.3, 5: 0.3, 8: 0.4, 12: 0.4}
+
+
+def build_complex_cnn(
+    num_classes: int = 100, input_shape=(32, 32, 3), l2: float = 5e-4, width_scale: float = 1.0
+):
+    """The seed's complex network: 12 conv layers + Dense 512 + Dense ``num_classes``.
+
+    Twelve 3x3 'same' convolutions of widths :data:`COMPLEX_CONV_WIDTHS` (with bias, the
+    Keras default), each followed by BatchNorm and ReLU; 2x2 max-pooling and Dropout after
+    convs 2, 3, 5, 8 and 12 (:data:`COMPLEX_POOL_DROPOUT`), so 32x32 inputs end at 1x1x512;
+    Flatten, Dense 512 + BatchNorm + ReLU + Dropout 0.5, Dense ``num_classes`` softmax.
+    ``l2`` is the L2 factor on both dense kernels (the convs are unregularised). BatchNorm
+    momentum is 0.9 (as in :func:`build_simple_cnn`), so the inference statistics settle
+    within the first epoch.
+
+    For 100 classes: 15,047,588 parameters, 15,038,116 trainable and 9,472 non-trainable
+    (the moving mean and variance of the 13 BatchNorm layers: 2 x (4,224 + 512)), the
+    figures of the seed notebook. The seed did not print its layer table; these widths
+    are one 12-conv design that reproduces all three counts exactly.
+
+    ``width_scale`` multiplies every conv and dense width (at least 1 unit each); the
+    counts above hold only for 1.0, smaller values keep the depth for quick CPU checks.
+
+    Input: float32 (B, 32, 32, 3) in [0, 1] (other sizes must be divisible by 32).
+    Output: float32 (B, num_classes) probabilities.
+    """
+    if input_shape[0] % 32 or input_shape[1] % 32:
+        raise ValueError(
+            f"input_shape {input_shape}: height and width must be multiples of 32 for the "
+            "five 2x2 poolings (CIFAR images are 32x32)"
+        )
+
+    def scaled(width):
+        return max(1, round(width * width_scale))
+
+    reg = keras.regularizers.L2(l2)
+    inputs = keras.Input(input_shape, name="image")
+    h = inputs
+    for i, width in enumerate(COMPLEX_CONV_WIDTHS, start=1):
+        h = keras.layers.Conv2D(scaled(width), 3, padding="same", name=f"conv{i}")(h)
+        h = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(h)
+        h = keras.layers.Activation("relu", name=f"relu{i}")(h)
+        if i in COMPLEX_POOL_DROPOUT:
+            h = keras.layers.MaxPooling2D(2, name=f"pool{i}")(h)
+            h = keras.layers.Dropout(COMPLEX_POOL_DROPOUT[i], name=f"drop{i}")(h)
+    h = keras.layers.Flatten(name="flatten")(h)
+    h = keras.layers.Dense(scaled(512), kernel_regularizer=reg, name="dense1")(h)
+    h = keras.layers.BatchNormalization(momentum=0.9, name="bn_dense1")(h)
+    h = keras.layers.Activation("relu", name="relu_dense1")(h)
+    h = keras.layers.Dropout(0.5, name="drop_dense1")(h)
+    outputs = keras.layers.Dense(
+        num_classes, activation="softmax", kernel_regularizer=reg, name="predictions"
+    )(h)
+    return keras.Model(inputs, outputs, name="complex_cnn")
+
+
 # ---------------------------------------------- transfer learning (EfficientNetB0)
 
 #: The no-top ImageNet weights that ``efficientnet`` 1.1.1 downloads for EfficientNetB0.
@@ -917,17 +978,25 @@ class _RunKeeper(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(loss):
-            self.diverged = (len(self.state["history"].get("loss", [])) + 1, batch + 1, loss)
+            epoch = len(self.state["history"].get("loss", [])) + 1
+            self.diverged = (epoch, f"batch {batch + 1} (loss)", loss)
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        bad = [k for k in ("loss", "val_loss") if k in logs and not np.isfinite(logs[k])]
+        if bad and not self.diverged:  # e.g. NaN weights after the epoch's last update
+            self.diverged = (epoch + 1, f"the end of the epoch ({bad[0]})", logs[bad[0]])
+            self.model.stop_training = True
         if self.diverged:
             return  # never checkpoint NaN weights
-        logs = {k: float(v) for k, v in (logs or {}).items()}
+        lr = self.model.optimizer.learning_rate  # the schedule's value at the current step
+        logs.setdefault("learning_rate", float(keras.ops.convert_to_numpy(lr)))
         for key, value in logs.items():
             self.state["history"].setdefault(key, []).append(value)
         self.state["seconds"] += time.perf_counter() - self._t0
         self.state["epoch"] = epoch + 1
+        self.state["step"] = int(self.model.optimizer.iterations)
         score = logs.get(self.monitor)
         if score is not None and score > self.state.get("best", -np.inf):
             self.state["best"], self.state["best_epoch"] = score, epoch + 1
@@ -951,6 +1020,7 @@ def train(
     resume: bool = True,
     monitor: str = "val_accuracy",
     callbacks=(),
+    tensorboard: bool = False,
     verbose="auto",
 ) -> dict:
     """Fit a compiled ``model`` with checkpoints, a CSV log and resume after interruption.
@@ -961,15 +1031,22 @@ def train(
     and a ``state.json`` present, the weights, the optimizer state (so its step count
     and learning-rate schedule) and the history are restored and training continues at
     the next epoch; ``resume=False`` starts from scratch and overwrites them.
+    ``tensorboard=True`` adds TensorBoard logs (per-epoch metrics and learning rate) under
+    ``run_dir/tensorboard``; a resumed run continues their epoch axis. It needs the
+    ``tensorboard`` package (ImportError saying so otherwise).
 
     Returns:
         The run state: ``{"epoch", "history" (metric -> list per epoch, all epochs),
         "seconds" (training wall time, all sessions), "best", "best_epoch",
-        "initial_epoch" (where this call started)}``.
+        "initial_epoch" (where this call started), "step" (optimizer steps so far)}``.
+        The history also holds
+        ``learning_rate``: the optimizer's rate at the end of each epoch.
 
     Raises:
-        TrainingDiverged: the loss became NaN/inf; the last good checkpoint is kept.
+        TrainingDiverged: the loss (or val_loss) became NaN/inf; the last good checkpoint
+            is kept and nothing from the diverged epoch is saved.
         ValueError: a saved optimizer state does not fit the model.
+        ImportError: ``tensorboard=True`` without the tensorboard package.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -978,11 +1055,30 @@ def train(
     if resume and state_path.exists():
         state = json.loads(state_path.read_text())
         _restore(model, run_dir)
+        if "step" in state and state["step"] != int(model.optimizer.iterations):
+            warnings.warn(  # stopped between writing last.weights.h5 and state.json
+                f"{run_dir}: last.weights.h5 is at optimizer step "
+                f"{int(model.optimizer.iterations)} but state.json at step {state.get('step')}; "
+                "the run was cut while checkpointing, so the weights are one epoch ahead of "
+                "the history. Continuing from them.",
+                stacklevel=2,
+            )
         print(f"Resuming from {run_dir} after epoch {state['epoch']}.")
     state["initial_epoch"] = state["epoch"]
     keeper = _RunKeeper(run_dir, state, monitor)
     if state["epoch"] < epochs:
         csv = keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=state["epoch"] > 0)
+        if tensorboard:
+            try:
+                import tensorboard as _  # noqa: F401  (TensorFlow no longer installs it)
+            except ImportError:
+                raise ImportError(
+                    "tensorboard=True (notebook parameter TENSORBOARD) needs the tensorboard "
+                    "package: pip install tensorboard, or set it to False"
+                ) from None
+            if state["epoch"] == 0:  # a fresh run replaces old logs, like its checkpoints
+                shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+            callbacks = [*callbacks, keras.callbacks.TensorBoard(str(run_dir / "tensorboard"))]
         model.fit(
             train_ds,
             validation_data=val_ds,
@@ -992,13 +1088,73 @@ def train(
             verbose=verbose,
         )
     if keeper.diverged:
-        epoch, batch, loss = keeper.diverged
+        epoch, where, loss = keeper.diverged
         raise TrainingDiverged(
-            f"Training diverged: loss became {loss} at epoch {epoch}, batch {batch}. Lower the "
+            f"Training diverged: loss became {loss} at epoch {epoch}, {where}. Lower the "
             "learning rate or check the data; the last good checkpoint is "
             f"{run_dir / 'last.weights.h5'}"
         )
     return state
+
+
+def steps_per_epoch(train_size: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch: ``ceil(train_size / batch_size)``.
+
+    :func:`make_dataset` keeps the last, smaller batch, and every batch is one optimizer
+    step: 391 steps for 50,000 images at batch 128, 352 for a 45,000/5,000 split.
+
+    Raises:
+        ValueError: ``train_size`` or ``batch_size`` is not a positive integer.
+    """
+    if train_size < 1 or batch_size < 1:
+        raise ValueError(
+            f"train_size ({train_size}) and batch_size ({batch_size}) must both be >= 1"
+        )
+    return -(-int(train_size) // int(batch_size))
+
+
+def exponential_decay(
+    train_size: int,
+    batch_size: int,
+    epochs: int,
+    initial_lr: float = 0.1,
+    final_lr: float = 1e-3,
+):
+    """The seed's ``ExponentialDecay`` schedule, planned so training ends at ``final_lr``.
+
+    Keras schedules count optimizer steps (batches), not epochs. Here
+    ``decay_steps = steps_per_epoch(train_size, batch_size)`` and
+    ``decay_rate = (final_lr / initial_lr) ** (1 / epochs)``, without staircase: the
+    rate is a per-epoch factor applied smoothly at every step, so step ``s`` trains at
+    ``initial_lr * decay_rate ** (s / decay_steps)``, epoch ``e`` (1-based) starts at
+    ``initial_lr * decay_rate ** (e - 1)`` and the last step is at ``final_lr``. The
+    defaults take SGD from 0.1 (the seed's rate) to 0.001, two decades, the range of the
+    classic step schedules for VGG-style nets on CIFAR; e.g. 100 epochs of 45,000 images at
+    batch 128: 352 steps per epoch, decay_rate 0.955 per epoch, the last epoch at
+    about 0.00105. Use it as ``keras.optimizers.SGD(schedule, momentum=0.9)``; the step
+    counter is part of the optimizer state that :func:`train` checkpoints, so a resumed
+    run continues the schedule (with the same ``epochs``; a new ``epochs`` re-plans the
+    decay from the restored step on).
+
+    Returns:
+        ``keras.optimizers.schedules.ExponentialDecay`` (float32 learning rates).
+
+    Raises:
+        ValueError: ``epochs`` < 1, or rates not with ``0 < final_lr <= initial_lr``.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, not {epochs}")
+    if not 0 < final_lr <= initial_lr:
+        raise ValueError(
+            f"need 0 < final_lr <= initial_lr for a decay, got final_lr={final_lr}, "
+            f"initial_lr={initial_lr}"
+        )
+    return keras.optimizers.schedules.ExponentialDecay(
+        initial_learning_rate=initial_lr,
+        decay_steps=steps_per_epoch(train_size, batch_size),
+        decay_rate=(final_lr / initial_lr) ** (1.0 / epochs),
+        staircase=False,
+    )
 
 
 # ----------------------------------------- performance (precision, XLA, devices)

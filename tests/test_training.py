@@ -1,0 +1,269 @@
+"""The generic training glue: checkpoints, resume, interruption, divergence (field cases 4, 9)."""
+
+import functools
+import importlib.util
+import json
+
+import keras
+import numpy as np
+import pytest
+import synthetic_cifar
+import tensorflow as tf
+
+import cifar_utils as cu
+
+N_TRAIN, BATCH = 200, 32
+STEPS = -(-N_TRAIN // BATCH)  # 7 optimizer steps per epoch
+
+
+def tiny_model(lr=None, epochs=2):
+    """A small BatchNorm CNN compiled with SGD 0.9 and the seed's exponential decay."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(8, 3, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(100, activation="softmax"),
+        ]
+    )
+    rate = lr if lr is not None else cu.exponential_decay(N_TRAIN, BATCH, epochs)
+    model.compile(
+        keras.optimizers.SGD(rate, momentum=0.9), "categorical_crossentropy", metrics=["accuracy"]
+    )
+    return model
+
+
+@pytest.fixture(scope="module")
+def data():
+    y = np.arange(N_TRAIN + 100) % 100
+    x = synthetic_cifar.make_images(y, seed=0)
+    train = cu.make_dataset(x[:N_TRAIN], y[:N_TRAIN], batch_size=BATCH, training=True)
+    val = cu.make_dataset(x[N_TRAIN:], y[N_TRAIN:], batch_size=BATCH, training=False)
+    return train, val
+
+
+class Probe(keras.callbacks.Callback):
+    """Records the optimizer step, learning rate and a weight when training begins."""
+
+    def on_train_begin(self, logs=None):
+        opt = self.model.optimizer
+        self.step = int(opt.iterations)
+        self.lr = float(keras.ops.convert_to_numpy(opt.learning_rate))
+        self.kernel = np.array(self.model.layers[0].kernel)
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt at the given (0-based) epoch and batch, like Ctrl-C."""
+
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.at, self.epoch = (epoch, batch), None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_resume_continues_epoch_optimizer_step_schedule_and_history(tmp_path, data):
+    train_ds, val_ds = data
+    first = tiny_model()
+    s1 = cu.train(first, train_ds, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
+    assert s1["epoch"] == 1 and s1["step"] == STEPS and s1["initial_epoch"] == 0
+    kernel_after_1 = np.array(first.layers[0].kernel)
+
+    probe = Probe()
+    fresh = tiny_model()  # a new model and optimizer object, as after a kernel restart
+    s2 = cu.train(fresh, train_ds, val_ds, epochs=2, run_dir=tmp_path, callbacks=[probe], verbose=0)
+    assert s2["initial_epoch"] == 1  # starts at epoch 2
+    assert probe.step == STEPS  # optimizer step restored
+    np.testing.assert_array_equal(probe.kernel, kernel_after_1)  # weights restored
+    schedule = cu.exponential_decay(N_TRAIN, BATCH, 2)
+    assert probe.lr == pytest.approx(float(schedule(STEPS)))  # the schedule continues
+    assert probe.lr < 0.1
+    assert s2["epoch"] == 2 and s2["step"] == 2 * STEPS
+    assert len(s2["history"]["loss"]) == len(s2["history"]["val_accuracy"]) == 2
+    assert s2["history"]["loss"][0] == s1["history"]["loss"][0]
+    lrs = s2["history"]["learning_rate"]
+    assert lrs == pytest.approx([float(schedule(STEPS)), float(schedule(2 * STEPS))])
+    assert lrs[1] == pytest.approx(1e-3)  # the planned final rate, reached at the last step
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 1 + 2
+    assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_from_last_complete_epoch(tmp_path, data):
+    train_ds, val_ds = data
+    with pytest.raises(KeyboardInterrupt):
+        cu.train(
+            tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path,
+            callbacks=[Interrupt(epoch=1, batch=3)], verbose=0,
+        )  # fmt: skip
+    assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 1
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+    probe = Probe()
+    state = cu.train(
+        tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path, callbacks=[probe], verbose=0
+    )
+    assert (state["initial_epoch"], probe.step, state["step"]) == (1, STEPS, 2 * STEPS)
+    assert len(state["history"]["accuracy"]) == 2
+
+
+@pytest.mark.slow
+def test_resume_false_starts_fresh(tmp_path, data):
+    train_ds, val_ds = data
+    cu.train(tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
+    probe = Probe()
+    state = cu.train(
+        tiny_model(), train_ds, val_ds, epochs=1, run_dir=tmp_path, resume=False,
+        callbacks=[probe], verbose=0,
+    )  # fmt: skip
+    assert (state["initial_epoch"], probe.step, state["step"]) == (0, 0, STEPS)
+    assert probe.lr == pytest.approx(0.1)
+    assert len(state["history"]["loss"]) == 1
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 1 + 1
+
+
+@pytest.mark.slow
+def test_tensorboard_logs_under_run_dir(tmp_path, data):
+    train_ds, val_ds = data
+    run = functools.partial(
+        cu.train, tiny_model(), train_ds, val_ds, epochs=1, run_dir=tmp_path, verbose=0
+    )
+    if importlib.util.find_spec("tensorboard") is None:  # TF 2.21 no longer pulls it in
+        with pytest.raises(ImportError, match="pip install tensorboard"):
+            run(tensorboard=True)
+        assert not (tmp_path / "last.weights.h5").exists()
+        return
+    run(tensorboard=True)
+    events = list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert {p.parent.name for p in events} == {"train", "validation"}
+
+
+@pytest.mark.slow
+def test_resume_with_another_model_is_refused(tmp_path, data):
+    train_ds, val_ds = data
+    cu.train(tiny_model(), train_ds, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
+    other = cu.build_simple_cnn()
+    other.compile(keras.optimizers.SGD(0.1), "categorical_crossentropy")
+    with pytest.raises(ValueError, match="RESUME=False"):
+        cu.train(other, train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    model = tiny_model()
+    path = cu.save_checkpoint(model, tmp_path / "last.weights.h5")
+    before = path.read_bytes()
+    state_path = cu.write_json(tmp_path / "state.json", {"epoch": 1})
+
+    def crash_midway(target, *args, **kwargs):
+        with open(target, "wb") as f:
+            f.write(b"\x89HDF half a file")  # what a crash mid-save leaves behind
+        raise OSError("disk full")
+
+    model.layers[0].kernel.assign(model.layers[0].kernel + 1.0)
+    monkeypatch.setattr(model, "save_weights", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        cu.save_checkpoint(model, path)
+    monkeypatch.setattr(cu.json, "dumps", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cu.write_json(state_path, {"epoch": 2})
+
+    assert path.read_bytes() == before
+    assert json.loads(state_path.read_text()) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.weights.h5", "state.json"]
+    tiny_model().load_weights(path)  # still a whole, loadable file
+
+
+@pytest.mark.parametrize("weights_only", [True, False])
+def test_field_case_4_hdf5_refused_keras_suffixes_accepted(tmp_path, weights_only):
+    with pytest.raises(ValueError, match=r"\.weights\.h5|\.keras"):
+        cu.check_checkpoint_path(tmp_path / "model.hdf5", weights_only)
+    model = tiny_model()
+    with pytest.raises(ValueError):
+        cu.save_checkpoint(model, tmp_path / "model.hdf5", weights_only=weights_only)
+    assert not list(tmp_path.iterdir())  # nothing written
+    # The refusal is Keras' own: ModelCheckpoint rejects .hdf5 in both modes.
+    with pytest.raises(ValueError, match="must end in"):
+        keras.callbacks.ModelCheckpoint(tmp_path / "m.hdf5", save_weights_only=weights_only)
+    good = "model.weights.h5" if weights_only else "model.keras"
+    path = cu.save_checkpoint(model, tmp_path / good, weights_only=weights_only)
+    assert path.stat().st_size > 0
+    if weights_only:
+        with pytest.raises(ValueError, match=r"\.weights\.h5"):
+            model.save_weights(tmp_path / "w.hdf5")  # Keras refuses it too
+        fresh = tiny_model()
+        fresh.load_weights(path)
+    else:
+        fresh = keras.models.load_model(path)
+    for a, b in zip(fresh.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _nan_dataset(n=64):
+    x = np.random.default_rng(0).random((n, 32, 32, 3), dtype=np.float32)
+    x[5, 3, 3, 0] = np.nan  # one bad pixel, e.g. from a broken preprocessing step
+    y = tf.one_hot(np.arange(n) % 100, 100)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+
+
+@pytest.mark.slow
+def test_nan_input_raises_training_diverged_and_keeps_last_good_checkpoint(tmp_path, data):
+    train_ds, val_ds = data
+    cu.train(tiny_model(), train_ds, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
+    saved = {n: (tmp_path / n).read_bytes() for n in ("last.weights.h5", "best.weights.h5")}
+    with pytest.raises(cu.TrainingDiverged, match=r"loss became nan at epoch 2, batch 1"):
+        cu.train(tiny_model(), _nan_dataset(), val_ds, epochs=3, run_dir=tmp_path, verbose=0)
+    assert {n: (tmp_path / n).read_bytes() for n in saved} == saved
+    assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 1
+    restored = tiny_model()
+    restored.load_weights(tmp_path / "last.weights.h5")
+    assert all(np.isfinite(w).all() for w in restored.get_weights())
+
+
+@pytest.mark.slow
+def test_nan_in_validation_is_caught_at_epoch_end_with_nothing_saved(tmp_path, data):
+    train_ds, _ = data
+    with pytest.raises(cu.TrainingDiverged, match=r"epoch 1, the end of the epoch \(val_loss\)"):
+        cu.train(tiny_model(), train_ds, _nan_dataset(), epochs=2, run_dir=tmp_path, verbose=0)
+    assert not (tmp_path / "last.weights.h5").exists()
+    assert not (tmp_path / "state.json").exists()
+
+
+@pytest.mark.slow
+def test_huge_learning_rate_diverges_with_clear_message(tmp_path, data):
+    train_ds, val_ds = data
+    with pytest.raises(cu.TrainingDiverged, match="Lower the learning rate") as err:
+        cu.train(tiny_model(lr=1e6), train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
+    assert "epoch 1" in str(err.value)
+    assert not (tmp_path / "last.weights.h5").exists()  # no NaN checkpoint
+
+
+def test_steps_per_epoch_and_schedule_errors():
+    assert cu.steps_per_epoch(45_000, 128) == 352  # field case 9
+    assert cu.steps_per_epoch(50_000, 128) == 391
+    assert cu.steps_per_epoch(256, 128) == 2
+    with pytest.raises(ValueError, match="batch_size"):
+        cu.steps_per_epoch(100, 0)
+    with pytest.raises(ValueError, match="epochs"):
+        cu.exponential_decay(100, 10, 0)
+    with pytest.raises(ValueError, match="final_lr"):
+        cu.exponential_decay(100, 10, 5, initial_lr=0.1, final_lr=0.2)
+
+
+@pytest.mark.slow
+def test_cut_between_weights_and_state_is_detected_on_resume(tmp_path, data):
+    train_ds, val_ds = data
+    cu.train(tiny_model(), train_ds, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
+    state_after_1 = (tmp_path / "state.json").read_text()
+    cu.train(tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
+    # As if the process died after last.weights.h5 (epoch 2) but before state.json.
+    (tmp_path / "state.json").write_text(state_after_1)
+    with pytest.warns(UserWarning, match=r"step 14 but state.json at step 7"):
+        state = cu.train(tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
+    assert state["initial_epoch"] == 1 and state["step"] == 3 * STEPS
