@@ -1032,8 +1032,8 @@ def train(
     and learning-rate schedule) and the history are restored and training continues at
     the next epoch; ``resume=False`` starts from scratch and overwrites them.
     ``tensorboard=True`` adds TensorBoard logs (per-epoch metrics and learning rate) under
-    ``run_dir/tensorboard``; a resumed run continues their epoch axis. It needs the
-    ``tensorboard`` package (ImportError saying so otherwise).
+    ``run_dir/tensorboard``; a resumed run continues their epoch axis (view them with
+    ``tensorboard --logdir OUTPUT_DIR``).
 
     Returns:
         The run state: ``{"epoch", "history" (metric -> list per epoch, all epochs),
@@ -1046,7 +1046,6 @@ def train(
         TrainingDiverged: the loss (or val_loss) became NaN/inf; the last good checkpoint
             is kept and nothing from the diverged epoch is saved.
         ValueError: a saved optimizer state does not fit the model.
-        ImportError: ``tensorboard=True`` without the tensorboard package.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -1069,13 +1068,6 @@ def train(
     if state["epoch"] < epochs:
         csv = keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=state["epoch"] > 0)
         if tensorboard:
-            try:
-                import tensorboard as _  # noqa: F401  (TensorFlow no longer installs it)
-            except ImportError:
-                raise ImportError(
-                    "tensorboard=True (notebook parameter TENSORBOARD) needs the tensorboard "
-                    "package: pip install tensorboard, or set it to False"
-                ) from None
             if state["epoch"] == 0:  # a fresh run replaces old logs, like its checkpoints
                 shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
             callbacks = [*callbacks, keras.callbacks.TensorBoard(str(run_dir / "tensorboard"))]
@@ -1086,6 +1078,7 @@ def train(
             initial_epoch=state["epoch"],
             callbacks=[keeper, csv, *callbacks],
             verbose=verbose,
+            shuffle=False,  # the tf.data pipeline shuffles; Keras warns otherwise
         )
     if keeper.diverged:
         epoch, where, loss = keeper.diverged
