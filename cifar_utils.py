@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -79,6 +80,10 @@ class CifarDataError(RuntimeError):
     """The CIFAR-100 data could not be found, downloaded or read; the message says how to fix it."""
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a callable outside the numpy-array allow-list."""
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler for untrusted archives: rebuilds numpy arrays and refuses everything else."""
 
@@ -91,7 +96,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(
+            raise _RefusedGlobal(
                 f"refusing to load '{module}.{name}': a CIFAR-100 pickle holds only "
                 "dicts, lists, strings and numpy arrays"
             )
@@ -103,7 +108,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 def _unpickle(blob: bytes, where: str) -> dict:
     try:
         obj = _NumpyOnlyUnpickler(io.BytesIO(blob), encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
+    except _RefusedGlobal as exc:
         raise CifarDataError(
             f"{where} is not a safe CIFAR-100 pickle ({exc}). It may have been tampered with: "
             f"delete it and get the official archive from {CIFAR100_URL}"
@@ -237,7 +242,7 @@ def _download(url: str, dest: Path, md5: str | None, timeout: float) -> None:
                 "corrupt or not the official archive; nothing was kept. Run again to retry"
             )
         os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         raise CifarDataError(
             f"Could not download CIFAR-100 from {url} ({exc}). No local copy was found "
             f"either. Without internet: fetch {CIFAR100_URL} elsewhere, then pass its path as "
@@ -473,7 +478,7 @@ def build_simple_cnn(num_classes: int = 100, input_shape=(32, 32, 3)):
         [(64, True, 0.0), (128, True, 0.2), (256, False, 0.3), (512, False, 0.4)], start=1
     ):
         h = keras.layers.Conv2D(width, 3, padding="valid", use_bias=True, name=f"conv{i}")(h)
-        h = keras.layers.BatchNormalization(name=f"bn{i}")(h)
+        h = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(h)
         h = keras.layers.Activation("relu", name=f"relu{i}")(h)
         if pool:
             h = keras.layers.MaxPooling2D(2, name=f"pool{i}")(h)
@@ -621,6 +626,11 @@ class _RunKeeper(keras.callbacks.Callback):
             save_checkpoint(self.model, self.run_dir / "best.weights.h5")
         save_checkpoint(self.model, self.run_dir / "last.weights.h5")  # with optimizer state
         write_json(self.run_dir / "state.json", self.state)
+
+
+def compile_metrics() -> list:
+    """Fresh metric objects for ``model.compile``: top-1 ``accuracy`` and ``top5_accuracy``."""
+    return ["accuracy", keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy")]
 
 
 def train(
@@ -970,6 +980,521 @@ def write_results(output_dir, name: str, **fields) -> Path:
     return write_json(Path(output_dir) / f"{name}.json", record)
 
 
+def evaluate_and_save(model, run: dict, run_dir, output_dir, name: str, train, val, test, **extra):
+    """Load the best checkpoint, score it once on validation and test, write the results file.
+
+    Args:
+        model: the trained model; its weights are replaced by ``run_dir/best.weights.h5``.
+        run: the state :func:`train` returned.
+        train, val, test: ``(x uint8 (N, 32, 32, 3), y int (N,))`` pairs; ``train`` only
+            counts images (``full_cifar100`` is true for 50,000 train + val and 10,000 test).
+        extra: more JSON-able fields for the record (batch size, data source, ...).
+
+    Returns:
+        ``(record, test_probs)``: the record written to ``output_dir/<name>.json``
+        (parameter counts, epochs, training seconds, history, best epoch, hardware and
+        :func:`evaluation_summary` of validation and test: ``val_top1``, ``test_top5``, ...
+        floats in [0, 1]) and the test-set probabilities, float32 (N, 100).
+    """
+    model.load_weights(Path(run_dir) / "best.weights.h5")
+    val_probs, test_probs = predict_proba(model, val[0]), predict_proba(model, test[0])
+    record = {
+        "params": parameter_counts(model),
+        "epochs": run["epoch"],
+        "best_epoch": run.get("best_epoch"),
+        "seconds": round(run["seconds"], 1),
+        "hardware": describe_hardware(),
+        "train_images": len(train[0]),
+        "full_cifar100": len(train[0]) + len(val[0]) == 50_000 and len(test[0]) == 10_000,
+        **evaluation_summary(val[1], val_probs, "val"),
+        **evaluation_summary(test[1], test_probs, "test"),
+        **extra,
+        "history": run["history"],
+    }
+    write_results(output_dir, name, **record)
+    return record, test_probs
+
+
+def _check_labels(y, num_classes: int, what: str) -> np.ndarray:
+    """``y`` as int64 (N,) in [0, num_classes), else a ValueError saying what is wrong."""
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(
+            f"{what} must be integer class indices of shape (N,), not {y.dtype} {y.shape}; "
+            "for one-hot or probability rows pass `.argmax(axis=1)`"
+        )
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"{what} holds values outside [0, {num_classes - 1}]")
+    return y.astype(np.int64)
+
+
+def _check_pair(y_true, y_pred, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    y_true = _check_labels(y_true, num_classes, "y_true")
+    y_pred = _check_labels(y_pred, num_classes, "y_pred")
+    if len(y_true) != len(y_pred) or not len(y_true):
+        raise ValueError(
+            f"y_true ({len(y_true)}) and y_pred ({len(y_pred)}) must be non-empty and equally long"
+        )
+    return y_true, y_pred
+
+
+def per_class_accuracy(y_true, y_pred, num_classes: int = 100) -> np.ndarray:
+    """Accuracy within each true class (= its recall): float64 ``(num_classes,)`` in [0, 1].
+
+    ``y_true``, ``y_pred``: int labels (N,) in [0, num_classes). A class absent from
+    ``y_true`` gets NaN. Computed with scikit-learn's ``recall_score(average=None)``.
+
+    Raises:
+        ValueError: labels not integer (N,), out of range, or of different lengths.
+    """
+    from sklearn.metrics import recall_score
+
+    y_true, y_pred = _check_pair(y_true, y_pred, num_classes)
+    return recall_score(
+        y_true, y_pred, labels=np.arange(num_classes), average=None, zero_division=np.nan
+    ).astype(np.float64)
+
+
+def to_superclass(fine_labels) -> np.ndarray:
+    """Map fine labels (int (N,) in [0, 99]) to their superclass: int64 (N,) in [0, 19]."""
+    return FINE_TO_COARSE[_check_labels(fine_labels, 100, "fine labels")]
+
+
+def superclass_accuracy(y_true, y_pred) -> tuple[float, np.ndarray]:
+    """Superclass accuracy of fine predictions.
+
+    A prediction counts as right when its fine label's superclass (one of the 20 coarse
+    labels, :data:`FINE_TO_COARSE`) equals the true label's superclass, e.g. true
+    ``beaver``, predicted ``dolphin``: both ``aquatic_mammals``, right.
+
+    Args:
+        y_true, y_pred: fine labels, int (N,) in [0, 99].
+
+    Returns:
+        ``(overall, per_superclass)``: a float in [0, 1] and float64 ``(20,)`` in [0, 1]
+        in :data:`COARSE_LABEL_NAMES` order (NaN for a superclass absent from ``y_true``).
+    """
+    y_true, y_pred = _check_pair(y_true, y_pred, 100)
+    coarse_true, coarse_pred = FINE_TO_COARSE[y_true], FINE_TO_COARSE[y_pred]
+    overall = float(np.mean(coarse_true == coarse_pred))
+    return overall, per_class_accuracy(coarse_true, coarse_pred, num_classes=20)
+
+
+def classification_report(y_true, y_pred, output_dict: bool = False, digits: int = 3):
+    """scikit-learn's ``classification_report`` over the 100 fine classes, with their names.
+
+    Precision, recall (= per-class accuracy), F1 and support per class, plus accuracy and
+    macro/weighted averages. ``y_true``, ``y_pred``: fine labels, int (N,) in [0, 99].
+    Classes never predicted (or absent) score 0 instead of raising warnings.
+
+    Returns:
+        A text table (``output_dict=False``) or scikit-learn's dict of dicts.
+    """
+    from sklearn.metrics import classification_report as sk_report
+
+    y_true, y_pred = _check_pair(y_true, y_pred, 100)
+    return sk_report(
+        y_true,
+        y_pred,
+        labels=np.arange(100),
+        target_names=list(FINE_LABEL_NAMES),
+        digits=digits,
+        output_dict=output_dict,
+        zero_division=0,
+    )
+
+
+def _json_float(value: float):
+    """A float for JSON: rounded to 6 decimals, NaN -> None (JSON has no NaN)."""
+    return None if np.isnan(value) else round(float(value), 6)
+
+
+def evaluation_summary(y_true, probs, prefix: str = "test") -> dict:
+    """The metrics a results file keeps for one split, as a JSON-able dict.
+
+    Args:
+        y_true: fine labels, int (N,) in [0, 99].
+        probs: class probabilities, float (N, 100) (e.g. from :func:`predict_proba`).
+        prefix: the split's name, prepended to every key (``"val"``, ``"test"``).
+
+    Returns:
+        ``{f"{prefix}_top1", f"{prefix}_top5", f"{prefix}_superclass_top1"}`` (floats in
+        [0, 1]), ``f"{prefix}_per_superclass"`` and ``f"{prefix}_per_class"`` (label name ->
+        accuracy, ``None`` for a class absent from ``y_true``) and ``f"{prefix}_images"`` (N).
+        Merge it into :func:`write_results`, e.g. ``write_results(dir, name, **summary)``.
+
+    Raises:
+        ValueError: ``probs`` is not (N, 100) or the labels are invalid.
+    """
+    probs = np.asarray(probs)
+    y_true = _check_labels(y_true, 100, "y_true")
+    if probs.shape != (len(y_true), 100):
+        raise ValueError(
+            f"probs must be (N, 100) = ({len(y_true)}, 100) class probabilities, not {probs.shape}"
+        )
+    y_pred = probs.argmax(axis=1)
+    coarse, per_coarse = superclass_accuracy(y_true, y_pred)
+    per_fine = per_class_accuracy(y_true, y_pred)
+    return {
+        f"{prefix}_images": len(y_true),
+        f"{prefix}_top1": _json_float(top_k_accuracy(y_true, probs, k=1)),
+        f"{prefix}_top5": _json_float(top_k_accuracy(y_true, probs, k=5)),
+        f"{prefix}_superclass_top1": _json_float(coarse),
+        f"{prefix}_per_superclass": {
+            n: _json_float(a) for n, a in zip(COARSE_LABEL_NAMES, per_coarse, strict=True)
+        },
+        f"{prefix}_per_class": {
+            n: _json_float(a) for n, a in zip(FINE_LABEL_NAMES, per_fine, strict=True)
+        },
+    }
+
+
+def most_confused(y_true, y_pred, n: int = 10, label_names=FINE_LABEL_NAMES) -> list[dict]:
+    """The ``n`` most frequent mistakes as (true class -> predicted class) pairs.
+
+    Pairs are directed: ``maple_tree`` taken for ``oak_tree`` and the reverse are two rows.
+    Counts come from scikit-learn's ``confusion_matrix`` with its diagonal zeroed; ties are
+    broken by class index, and pairs that never occur are left out.
+
+    Args:
+        y_true, y_pred: int labels (N,) in [0, len(label_names)).
+        n: how many pairs to return (at most).
+
+    Returns:
+        A list of dicts, most frequent first: ``{"true", "predicted"`` (names), ``"count"``
+        (int), ``"share"`` (count / images of the true class, float in [0, 1])``}``.
+        :func:`markdown_table` prints it.
+    """
+    from sklearn.metrics import confusion_matrix
+
+    num_classes = len(label_names)
+    y_true, y_pred = _check_pair(y_true, y_pred, num_classes)
+    cm = confusion_matrix(y_true, y_pred, labels=np.arange(num_classes))
+    support = cm.sum(axis=1)
+    np.fill_diagonal(cm, 0)
+    flat = np.argsort(-cm, axis=None, kind="stable")[:n]
+    rows = []
+    for t, p in zip(*np.unravel_index(flat, cm.shape), strict=True):
+        if cm[t, p] == 0:
+            break
+        rows.append(
+            {
+                "true": label_names[t],
+                "predicted": label_names[p],
+                "count": int(cm[t, p]),
+                "share": round(float(cm[t, p] / support[t]), 4),
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: list[dict], columns=None) -> str:
+    """A GitHub markdown table of ``rows`` (dicts); ``columns`` picks and orders the keys.
+
+    ``columns`` is a list of keys, or of ``(key, header)`` pairs; default: the first row's
+    keys. Floats print with 3 decimals, missing values as an em dash.
+    """
+    if columns is None:
+        columns = list(rows[0]) if rows else []
+    columns = [c if isinstance(c, tuple) else (c, c) for c in columns]
+
+    def cell(value):
+        if value is None:
+            return "—"
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        return str(value).replace("|", "\\|")
+
+    lines = [
+        "| " + " | ".join(header for _, header in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def load_image(source, size=None) -> np.ndarray:
+    """Read a photo as uint8 RGB ``(H, W, 3)`` in [0, 255], whatever its format and mode.
+
+    Args:
+        source: path of any image Pillow reads (PNG, JPEG, ...; RGB, RGBA, greyscale,
+            16-bit greyscale, palette, CMYK), or an array ``(H, W)``, ``(H, W, 1)``,
+            ``(H, W, 3)`` or ``(H, W, 4)``: uint8 in [0, 255] or float in [0, 1].
+            Transparent pixels are composited onto white; greyscale is repeated over the
+            three channels; JPEG EXIF orientation is applied.
+        size: ``(height, width)`` in pixels to resize to (squashed, not cropped, with
+            Pillow's antialiasing Lanczos filter, like Keras' image_dataset_from_directory);
+            ``None`` keeps the original size.
+
+    Raises:
+        FileNotFoundError: no file at ``source``.
+        ValueError: the file is not a readable image (corrupt, truncated, not an image), or
+            the array has another shape, dtype or value range.
+    """
+    from PIL import Image
+
+    image = _rgb_array(source)
+    if size is not None and image.shape[:2] != tuple(size):
+        resized = Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.LANCZOS)
+        image = np.asarray(resized)
+    return image
+
+
+def _rgb_array(source) -> np.ndarray:
+    """:func:`load_image` without resizing."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"No image file at '{path}'")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(
+                f"'{path}' is not a readable image ({type(exc).__name__}: {exc}). Give a PNG or "
+                "JPEG file (RGB, RGBA or greyscale), or a uint8 array (H, W, 3)"
+            ) from None
+        if im.mode.startswith("I"):  # 16/32-bit greyscale: scale 0..65535 to 0..255
+            array = np.asarray(im, dtype=np.float64) / 257.0
+            return np.repeat(np.clip(array, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+        if "A" in im.mode or "transparency" in im.info:
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(white, rgba)
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+    array = np.asarray(source)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or min(array.shape[:2]) < 1:
+        raise ValueError(
+            f"An image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), not "
+            f"{array.shape}; for a batch, call this once per image"
+        )
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise ValueError("A float image array must hold values in [0, 1]; scale it first")
+        array = np.round(array * 255.0).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ValueError(
+            f"An image array must be uint8 [0, 255] or float [0, 1], not {array.dtype}"
+        )
+    if array.shape[-1] == 4:
+        alpha = array[..., 3:].astype(np.float64) / 255.0
+        array = np.round(array[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array)
+
+
+def _model_image_size(model) -> tuple[int, int]:
+    """(height, width) a single-input image model takes; 32x32 where the model leaves it open."""
+    shape = model.input_shape
+    if isinstance(shape, list | dict) or len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(
+            f"predict_image needs a model taking one batch of RGB images (B, H, W, 3); this "
+            f"model's input_shape is {shape}"
+        )
+    return shape[1] or 32, shape[2] or 32
+
+
+def predict_image(model, path_or_array, top_k: int = 5) -> list[tuple[str, float]]:
+    """Classify one photo of any size into the 100 CIFAR-100 fine classes.
+
+    The image is read with :func:`load_image` (PNG/JPEG/..., RGB/RGBA/greyscale, or an
+    array), resized (squashed, like Keras' ``image_dataset_from_directory``, with Pillow's
+    antialiasing Lanczos filter) to the model's input ``(H, W)`` from ``model.input_shape``
+    (32x32 where it is ``None``), and normalised as in training (float32 [0, 1], see
+    :func:`predict_proba`).
+
+    Returns:
+        ``[(fine_label_name, probability), ...]``: the ``top_k`` classes, most probable
+        first (probabilities are floats in [0, 1] summing to at most 1).
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`load_image`; also ``top_k`` outside
+            [1, 100] or a model that does not output 100 classes.
+    """
+    if not 1 <= top_k <= 100:
+        raise ValueError(f"top_k must be between 1 and 100, not {top_k}")
+    image = load_image(path_or_array, size=_model_image_size(model))
+    probs = predict_proba(model, image[None])[0]
+    if probs.shape != (100,):
+        raise ValueError(
+            f"The model outputs {probs.shape[0]} values; predict_image needs CIFAR-100's 100 "
+            "fine-class probabilities"
+        )
+    best = np.argsort(-probs, kind="stable")[:top_k]
+    return [(FINE_LABEL_NAMES[i], float(probs[i])) for i in best]
+
+
+#: Photos that ship inside scikit-image (``skimage/data``, no download needed):
+#: name -> (file, the CIFAR-100 class it shows or None, description from scikit-image).
+SAMPLE_PHOTOS = {
+    "rocket": ("rocket.jpg", "rocket", "Launch photo of DSCOVR on Falcon 9 by SpaceX"),
+    "coffee": ("coffee.png", "cup", "Coffee cup, courtesy of Pikolo Espresso Bar"),
+    "chelsea": ("chelsea.png", None, "Chelsea the cat (CIFAR-100 has no cat class)"),
+    "astronaut": ("astronaut.png", "woman", "Astronaut Eileen Collins, NASA"),
+}
+
+
+def sample_photo(name: str = "rocket") -> Path:
+    """Path of a real photo shipped with scikit-image (:data:`SAMPLE_PHOTOS`), for demos.
+
+    The default, ``rocket.jpg`` (640x427 RGB JPEG, SpaceX's DSCOVR launch), shows a
+    CIFAR-100 class (``rocket``). Other names: ``coffee`` (a cup), ``chelsea`` (a cat,
+    not a CIFAR-100 class), ``astronaut`` (a woman).
+
+    Raises:
+        ValueError: unknown ``name``. FileNotFoundError: scikit-image lacks the file.
+    """
+    from importlib.resources import files
+
+    if name not in SAMPLE_PHOTOS:
+        raise ValueError(f"Unknown sample photo {name!r}; choose one of {sorted(SAMPLE_PHOTOS)}")
+    path = Path(str(files("skimage.data") / SAMPLE_PHOTOS[name][0]))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall scikit-image (requirements.txt)")
+    return path
+
+
+def describe_hardware() -> str:
+    """One line naming this machine's CPU (model, logical cores) and visible GPUs.
+
+    E.g. ``"AMD EPYC (2 logical CPUs); GPU: NVIDIA H200"``. GPU names come from
+    ``tf.config.experimental.get_device_details``; the CPU model from ``/proc/cpuinfo``
+    (Linux) or ``platform.processor()``. Store it in results files (``hardware=...``).
+    """
+    import platform
+
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    cpu = cpu or platform.processor() or platform.machine() or "unknown CPU"
+    text = f"{cpu} ({os.cpu_count()} logical CPUs)"
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        names = [
+            tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus
+        ]
+        text += "; GPU: " + ", ".join(names)
+    return text
+
+
+#: Test top-1 accuracies published by the seed project's notebooks, keyed by results
+#: ``model`` name. Shown in their own README column only, never mixed with measured runs.
+PUBLISHED_TEST_TOP1 = {"simple_cnn": 0.483, "complex_cnn": 0.629, "efficientnet_b0": 0.797}
+RESULTS_START = "<!-- results:start -->"
+RESULTS_END = "<!-- results:end -->"
+
+
+def _format_seconds(seconds) -> str | None:
+    if seconds is None:
+        return None
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def results_table(results_dir="results") -> str:
+    """Markdown table comparing the runs recorded in ``results_dir/*.json``.
+
+    A results file (from :func:`write_results`) counts when it has ``"model"`` and at least
+    one of ``val_top1``, ``test_top1`` and was trained and tested on all of CIFAR-100
+    (``"full_cifar100": true``, set by :func:`evaluate_and_save`); others (quick runs
+    with ``TRAIN_LIMIT``, runs on other data, ``benchmark.json``) are skipped.
+    Columns come from its fields: ``params`` (int, or the dict of :func:`parameter_counts`),
+    ``epochs``, ``seconds`` (training wall time), ``val_top1``, ``val_top5``, ``test_top1``,
+    ``test_top5``, ``hardware`` (see :func:`describe_hardware`); a missing field shows as
+    an em dash. One more column gives the seed's published test top-1
+    (:data:`PUBLISHED_TEST_TOP1`), clearly labelled; models with a published figure but no
+    run get a row with only that figure.
+
+    Raises:
+        ValueError: a ``.json`` file in ``results_dir`` is not valid JSON.
+    """
+    rows = {}
+    for path in sorted(Path(results_dir).glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); fix or remove it") from None
+        if not isinstance(record, dict) or "model" not in record:
+            continue
+        if "val_top1" not in record and "test_top1" not in record:
+            continue
+        if record.get("full_cifar100") is not True:
+            continue  # a quick run (TRAIN_LIMIT) or other data: not comparable
+        params = record.get("params")
+        if isinstance(params, dict):
+            params = params.get("total")
+        rows[record["model"]] = {
+            "model": record["model"],
+            "params": f"{params:,}" if isinstance(params, int) else None,
+            "epochs": record.get("epochs"),
+            "time": _format_seconds(record.get("seconds")),
+            **{k: record.get(k) for k in ("val_top1", "val_top5", "test_top1", "test_top5")},
+            "hardware": record.get("hardware"),
+        }
+    for model in PUBLISHED_TEST_TOP1:
+        rows.setdefault(model, {"model": model})
+    for row in rows.values():
+        row["published"] = PUBLISHED_TEST_TOP1.get(row["model"])
+    columns = [
+        ("model", "Model"),
+        ("params", "Params"),
+        ("epochs", "Epochs"),
+        ("time", "Train time"),
+        ("val_top1", "Val top-1"),
+        ("val_top5", "Val top-5"),
+        ("test_top1", "Test top-1"),
+        ("test_top5", "Test top-5"),
+        ("hardware", "Hardware"),
+        ("published", "Seed's published test top-1 (not measured here)"),
+    ]
+    return markdown_table(list(rows.values()), columns)
+
+
+def update_readme_results(results_dir="results", readme="README.md") -> str:
+    """Write :func:`results_table` into ``readme`` between the results markers.
+
+    Only the text between ``<!-- results:start -->`` and ``<!-- results:end -->`` changes
+    (the file is rewritten atomically); everything else is kept byte for byte.
+
+    Returns:
+        The table written.
+
+    Raises:
+        FileNotFoundError: no ``readme``.
+        ValueError: the markers are missing, repeated or out of order.
+    """
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+    if text.count(RESULTS_START) != 1 or text.count(RESULTS_END) != 1:
+        raise ValueError(
+            f"{readme} must hold the lines '{RESULTS_START}' and '{RESULTS_END}' exactly once "
+            "each (found them "
+            f"{text.count(RESULTS_START)} and {text.count(RESULTS_END)} times); add them where "
+            "the results table belongs"
+        )
+    start = text.index(RESULTS_START) + len(RESULTS_START)
+    end = text.index(RESULTS_END)
+    if end < start:
+        raise ValueError(f"In {readme}, '{RESULTS_END}' comes before '{RESULTS_START}'")
+    table = results_table(results_dir)
+    with _atomic_path(readme) as tmp:
+        tmp.write_text(text[:start] + "\n" + table + "\n" + text[end:], encoding="utf-8")
+    return table
+
+
 # --------------------------------------------------------------------- plots
 
 
@@ -1041,3 +1566,113 @@ def plot_history(history: dict, title: str = "", path=None):
     fig.suptitle(title)
     fig.tight_layout()
     return _finish(fig, path)
+
+
+def plot_superclass_confusion(y_true, y_pred, normalize: str | None = "true", path=None):
+    """Confusion matrix over the 20 superclasses of fine predictions (scikit-learn display).
+
+    ``y_true``, ``y_pred``: fine labels, int (N,) in [0, 99], mapped to superclasses with
+    :data:`FINE_TO_COARSE`. ``normalize="true"`` shows each row as shares of that
+    superclass's images (rows sum to 1); ``None`` shows counts.
+    """
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    y_true, y_pred = _check_pair(y_true, y_pred, 100)
+    fig, ax = plt.subplots(figsize=(10, 9))
+    ConfusionMatrixDisplay.from_predictions(
+        FINE_TO_COARSE[y_true],
+        FINE_TO_COARSE[y_pred],
+        labels=np.arange(20),
+        display_labels=COARSE_LABEL_NAMES,
+        normalize=normalize,
+        include_values=False,
+        xticks_rotation="vertical",
+        ax=ax,
+    )
+    ax.set_title("Superclass confusion" + (" (share of each true superclass)" if normalize else ""))
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_misclassified(x, y_true, probs, n: int = 16, label_names=FINE_LABEL_NAMES, path=None):
+    """Grid of the ``n`` most confidently misclassified images, titled true / predicted (p).
+
+    Args:
+        x: uint8 images (N, H, W, 3) in [0, 255]; y_true: int labels (N,);
+        probs: class probabilities (N, C), e.g. from :func:`predict_proba`.
+
+    Raises:
+        ValueError: mismatched lengths, or no image is misclassified.
+    """
+    import matplotlib.pyplot as plt
+
+    probs = np.asarray(probs)
+    y_true = _check_labels(y_true, len(label_names), "y_true")
+    if not len(x) == len(y_true) == len(probs):
+        raise ValueError(f"x ({len(x)}), y_true ({len(y_true)}) and probs ({len(probs)}) differ")
+    y_pred = probs.argmax(axis=1)
+    confidence = probs.max(axis=1)
+    wrong = np.flatnonzero(y_pred != y_true)
+    if not len(wrong):
+        raise ValueError("No image is misclassified: nothing to show")
+    idx = wrong[np.argsort(-confidence[wrong], kind="stable")][:n]
+    cols = int(np.ceil(np.sqrt(len(idx))))
+    rows = int(np.ceil(len(idx) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), idx, strict=False):
+        ax.imshow(x[i])
+        ax.set_title(
+            f"true: {label_names[y_true[i]]}\npred: {label_names[y_pred[i]]} ({confidence[i]:.2f})",
+            fontsize=7,
+        )
+    fig.suptitle("Most confident mistakes")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_prediction(model, path_or_array, top_k: int = 5, path=None):
+    """The photo beside a bar chart of the model's ``top_k`` classes (see :func:`predict_image`)."""
+    import matplotlib.pyplot as plt
+
+    image = load_image(path_or_array)
+    top = predict_image(model, image, top_k=top_k)
+    fig, (ax_img, ax_bar) = plt.subplots(
+        1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 1.3]}
+    )
+    ax_img.imshow(image)
+    ax_img.axis("off")
+    height, width = _model_image_size(model)
+    ax_img.set_title(f"{image.shape[1]}x{image.shape[0]} photo, seen at {width}x{height}")
+    names, values = zip(*top, strict=True)
+    ax_bar.barh(np.arange(len(top)), values)
+    ax_bar.set_yticks(np.arange(len(top)), names)
+    ax_bar.invert_yaxis()
+    ax_bar.set_xlim(0, 1)
+    ax_bar.set_xlabel("probability")
+    for i, v in enumerate(values):
+        ax_bar.text(min(v + 0.01, 0.9), i, f"{v:.2f}", va="center", fontsize=8)
+    ax_bar.set_title(f"top-{top_k} of 100 classes")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="CIFAR-100 notebook helpers")
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser(
+        "report", help="write the results/*.json comparison table into README.md"
+    )
+    report.add_argument("--results-dir", default="results", help="folder of results JSON files")
+    report.add_argument("--readme", default="README.md", help="file holding the results markers")
+    args = parser.parse_args()
+    try:
+        table = update_readme_results(args.results_dir, args.readme)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(table)
+    print(f"Updated {args.readme}")

@@ -1,9 +1,9 @@
 """Shared fixtures: a learnable archive in the official cifar-100-python layout."""
 
 import os
+from pathlib import Path
 
 import pytest
-
 import synthetic_cifar
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -20,3 +20,29 @@ def _isolated_home(tmp_path, monkeypatch):
     """Keep every test away from the user's ~/.keras cache and CIFAR100_DIR."""
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
     monkeypatch.delenv("CIFAR100_DIR", raising=False)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_notebook(name, tmp_path, **parameters):
+    """Run notebook ``name`` headless with papermill; returns the executed notebook.
+
+    ``OUTPUT_DIR`` and ``IMAGES_DIR`` default to folders under ``tmp_path``, so runs never
+    touch the repository's ``results/`` or ``images/``.
+    """
+    import papermill
+
+    parameters = {
+        "OUTPUT_DIR": str(tmp_path / "results"),
+        "IMAGES_DIR": str(tmp_path / "images"),
+        **parameters,
+    }
+    return papermill.execute_notebook(
+        str(ROOT / name),
+        str(tmp_path / f"executed-{name}"),
+        parameters=parameters,
+        cwd=str(ROOT),
+        kernel_name="python3",
+        progress_bar=False,
+    )

@@ -1,0 +1,427 @@
+"""Loading CIFAR-100: local copies, the Keras cache, the download path, and every bad input."""
+
+import functools
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import pickletools
+import socket
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+import synthetic_cifar
+
+import cifar_utils as cu
+
+
+def _md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _extract(archive, dest):
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    return dest / "cifar-100-python"
+
+
+def _rewrite(archive, dest, **replace):
+    """Copy ``archive`` to ``dest`` with members replaced (bytes) or dropped (None)."""
+    with tarfile.open(archive) as src, tarfile.open(dest, "w:gz") as out:
+        for info in src.getmembers():
+            name = info.name.split("/")[-1]
+            if name in replace:
+                if replace[name] is None:
+                    continue
+                info.size = len(replace[name])
+                out.addfile(info, io.BytesIO(replace[name]))
+            else:
+                out.addfile(info, src.extractfile(info) if info.isfile() else None)
+    return dest
+
+
+def _member(archive, name):
+    with tarfile.open(archive) as tar:
+        return pickle.loads(tar.extractfile(f"cifar-100-python/{name}").read(), encoding="bytes")
+
+
+# ----------------------------------------------------------------- label names
+
+
+def test_label_names_and_fine_to_coarse_mapping():
+    assert len(cu.FINE_LABEL_NAMES) == 100 and len(set(cu.FINE_LABEL_NAMES)) == 100
+    assert len(cu.COARSE_LABEL_NAMES) == 20
+    assert cu.FINE_LABEL_NAMES[:3] == ("apple", "aquarium_fish", "baby")
+    assert cu.FINE_LABEL_NAMES[-1] == "worm"
+    assert cu.COARSE_LABEL_NAMES[0] == "aquatic_mammals"
+    assert cu.COARSE_LABEL_NAMES[-1] == "vehicles_2"
+    assert np.bincount(cu.FINE_TO_COARSE).tolist() == [5] * 20
+
+    def coarse_of(fine):
+        return cu.COARSE_LABEL_NAMES[cu.FINE_TO_COARSE[cu.FINE_LABEL_NAMES.index(fine)]]
+
+    assert coarse_of("whale") == "aquatic_mammals"
+    assert coarse_of("lawn_mower") == "vehicles_2"
+    assert coarse_of("maple_tree") == "trees"
+    assert coarse_of("sweet_pepper") == "fruit_and_vegetables"
+
+
+# ---------------------------------------------------------- the test archive
+
+
+def test_fixture_is_written_like_the_official_python2_pickles(cifar_archive, tmp_path):
+    with tarfile.open(cifar_archive) as tar:
+        assert sorted(tar.getnames()) == [
+            "cifar-100-python",
+            "cifar-100-python/meta",
+            "cifar-100-python/test",
+            "cifar-100-python/train",
+        ]
+        blob = tar.extractfile("cifar-100-python/train").read()
+    ops = {op.name for op, _, _ in pickletools.genops(blob)}
+    globals_ = {arg for op, arg, _ in pickletools.genops(blob) if op.name == "GLOBAL"}
+    assert blob[:2] == b"\x80\x02"  # protocol 2, as cPickle wrote
+    assert {"SHORT_BINSTRING", "BINSTRING"} <= ops
+    assert not {"BINUNICODE", "SHORT_BINBYTES", "BINBYTES"} & ops
+    assert globals_ == {"numpy.core.multiarray _reconstruct", "numpy ndarray", "numpy dtype"}
+    # Keras' own CIFAR reader (a restricted unpickler) accepts it.
+    from keras.src.datasets.cifar import load_batch
+
+    data, labels = load_batch(_extract(cifar_archive, tmp_path) / "train", "fine_labels")
+    assert data.shape == (3000, 3, 32, 32) and data.dtype == np.uint8
+    assert min(labels) == 0 and max(labels) == 99
+
+    d = _member(cifar_archive, "train")
+    assert set(d) == {b"filenames", b"batch_label", b"fine_labels", b"coarse_labels", b"data"}
+    assert d[b"data"].shape == (3000, 3072) and d[b"data"].dtype == np.uint8
+    meta = _member(cifar_archive, "meta")
+    assert meta[b"fine_label_names"][0] == b"apple"
+
+
+def test_python3_protocol2_bytes_are_not_the_official_stream():
+    ours = synthetic_cifar.py2_pickle_bytes({b"data": b"x"})
+    plain = pickle.dumps({b"data": b"x"}, protocol=2)
+    assert b"_codecs" in plain and b"_codecs" not in ours
+
+
+# --------------------------------------------------------------- local copies
+
+
+def test_load_from_archive_file(cifar_archive):
+    (x_tr, y_tr), (x_te, y_te) = cu.load_cifar100(cifar_archive)
+    assert x_tr.shape == (3000, 32, 32, 3) and x_tr.dtype == np.uint8
+    assert x_te.shape == (1000, 32, 32, 3)
+    assert y_tr.shape == (3000,) and y_tr.dtype == np.int64
+    assert y_tr.min() == 0 and y_tr.max() == 99
+    assert np.bincount(y_tr).tolist() == [30] * 100
+    d = _member(cifar_archive, "train")
+    # channel-first rows become NHWC: red plane first, row-major.
+    assert np.array_equal(x_tr[7, :, :, 0].ravel(), d[b"data"][7, :1024])
+    assert np.array_equal(x_tr[7, :, :, 2].ravel(), d[b"data"][7, 2048:])
+    assert y_tr[:50].tolist() == d[b"fine_labels"][:50]
+
+
+def test_all_local_layouts_and_the_environment_variable(cifar_archive, tmp_path, monkeypatch):
+    expected = cu.load_cifar100(cifar_archive)[1][1]
+    extracted = _extract(cifar_archive, tmp_path / "x")
+    for where in (cifar_archive.parent, extracted, extracted.parent):
+        assert np.array_equal(cu.load_cifar100(where)[1][1], expected), where
+    monkeypatch.setenv("CIFAR100_DIR", str(extracted.parent))
+    assert np.array_equal(cu.load_cifar100()[1][1], expected)
+
+
+def test_coarse_labels_match_the_mapping(cifar_archive):
+    (_, fine), _ = cu.load_cifar100(cifar_archive)
+    (_, coarse), _ = cu.load_cifar100(cifar_archive, label_mode="coarse")
+    assert coarse.max() == 19
+    assert np.array_equal(coarse, cu.FINE_TO_COARSE[fine])
+
+
+def test_unknown_label_mode_is_a_value_error(cifar_archive):
+    with pytest.raises(ValueError, match='"fine" or "coarse"'):
+        cu.load_cifar100(cifar_archive, label_mode="superclass")
+
+
+def test_named_location_without_data(tmp_path):
+    with pytest.raises(cu.CifarDataError, match="No CIFAR-100 copy at .*DATA_DIR"):
+        cu.load_cifar100(tmp_path)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+class _Payload:
+    """Unpickling this would create a folder: the proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_a_pickle_that_would_run_code_is_refused(cifar_archive, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = synthetic_cifar.py2_pickle_bytes({b"fine_label_names": _Payload(marker)})
+    pickle.loads(evil, encoding="bytes")  # a naive load really runs the payload
+    assert marker.is_dir()
+    marker.rmdir()
+    bad = _rewrite(cifar_archive, tmp_path / "cifar-100-python.tar.gz", meta=evil)
+    with pytest.raises(
+        cu.CifarDataError, match=r"not a safe CIFAR-100 pickle .*refusing to load '\w+\.mkdir'"
+    ):
+        cu.load_cifar100(bad)
+    assert not marker.exists()
+
+
+def test_truncated_archive(cifar_archive, tmp_path):
+    bad = tmp_path / "cifar-100-python.tar.gz"
+    bad.write_bytes(cifar_archive.read_bytes()[: cifar_archive.stat().st_size // 2])
+    with pytest.raises(cu.CifarDataError, match="truncated or corrupt"):
+        cu.load_cifar100(bad)
+
+
+def test_not_an_archive(tmp_path):
+    bad = tmp_path / "cifar-100-python.tar.gz"
+    bad.write_text("<html>404</html>")
+    with pytest.raises(cu.CifarDataError, match="truncated or corrupt"):
+        cu.load_cifar100(bad)
+
+
+@pytest.mark.parametrize("member", ["train", "test", "meta"])
+def test_missing_member(cifar_archive, tmp_path, member):
+    bad = _rewrite(cifar_archive, tmp_path / "c.tar.gz", **{member: None})
+    with pytest.raises(cu.CifarDataError, match=f"no \\['{member}'\\] member"):
+        cu.load_cifar100(bad)
+    folder = _extract(bad, tmp_path / "x")
+    with pytest.raises(cu.CifarDataError, match=f"missing \\['{member}'\\].*incomplete"):
+        cu.load_cifar100(folder)
+
+
+def test_truncated_pickle_member(cifar_archive, tmp_path):
+    with tarfile.open(cifar_archive) as tar:
+        blob = tar.extractfile("cifar-100-python/test").read()
+    bad = _rewrite(cifar_archive, tmp_path / "c.tar.gz", test=blob[:5000])
+    with pytest.raises(cu.CifarDataError, match="test is truncated or corrupt"):
+        cu.load_cifar100(bad)
+
+
+def _with_train(cifar_archive, tmp_path, **changes):
+    d = _member(cifar_archive, "train")
+    d.update({k.encode(): v for k, v in changes.items()})
+    blob = synthetic_cifar.py2_pickle_bytes(d)
+    return _rewrite(cifar_archive, tmp_path / "c.tar.gz", train=blob)
+
+
+def test_wrong_array_shape(cifar_archive, tmp_path):
+    d = _member(cifar_archive, "train")
+    bad = _with_train(cifar_archive, tmp_path, data=d[b"data"][:, :3000].copy())
+    with pytest.raises(cu.CifarDataError, match=r"'data' is uint8 \(3000, 3000\)"):
+        cu.load_cifar100(bad)
+
+
+def test_wrong_dtype(cifar_archive, tmp_path):
+    d = _member(cifar_archive, "train")
+    bad = _with_train(cifar_archive, tmp_path, data=d[b"data"][:10].astype(np.float32))
+    with pytest.raises(cu.CifarDataError, match="'data' is float32"):
+        cu.load_cifar100(bad)
+
+
+def test_labels_out_of_range(cifar_archive, tmp_path):
+    labels = _member(cifar_archive, "train")[b"coarse_labels"]
+    labels[3] = 20
+    bad = _with_train(cifar_archive, tmp_path, coarse_labels=labels)
+    cu.load_cifar100(bad)  # fine labels are fine
+    with pytest.raises(cu.CifarDataError, match=r"1 coarse label\(s\) outside \[0, 19\]"):
+        cu.load_cifar100(bad, label_mode="coarse")
+
+
+def test_label_count_mismatch(cifar_archive, tmp_path):
+    labels = _member(cifar_archive, "train")[b"fine_labels"][:-1]
+    bad = _with_train(cifar_archive, tmp_path, fine_labels=labels)
+    with pytest.raises(cu.CifarDataError, match="2999 fine labels for 3000 images"):
+        cu.load_cifar100(bad)
+
+
+def test_foreign_label_names(cifar_archive, tmp_path):
+    meta = {b"fine_label_names": [b"cat"] * 100, b"coarse_label_names": [b"x"] * 20}
+    bad = _rewrite(
+        cifar_archive, tmp_path / "c.tar.gz", meta=synthetic_cifar.py2_pickle_bytes(meta)
+    )
+    with pytest.raises(cu.CifarDataError, match="not a CIFAR-100 archive"):
+        cu.load_cifar100(bad)
+
+
+# -------------------------------------------------- download (loopback server)
+
+
+class _Server:
+    """An HTTP server on 127.0.0.1 serving one folder; ``truncate`` cuts bodies short."""
+
+    def __init__(self, folder, truncate=False):
+        cls = type("Handler", (_Handler,), {"truncate": truncate})
+        handler = functools.partial(cls, directory=str(folder))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return f"http://127.0.0.1:{self.httpd.server_port}/cifar-100-python.tar.gz"
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    truncate = False
+
+    def log_message(self, *args):
+        pass
+
+    def copyfile(self, source, outputfile):
+        data = source.read()
+        outputfile.write(data[: len(data) // 3] if self.truncate else data)
+
+
+def _closed_port_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/cifar-100-python.tar.gz"
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.rglob("*")) if folder.exists() else []
+
+
+def test_download_checks_md5_and_fills_the_keras_cache(cifar_archive, tmp_path):
+    cache = tmp_path / "cache"
+    with _Server(cifar_archive.parent) as url:
+        (x, y), _ = cu.load_cifar100(url=url, md5=_md5(cifar_archive), cache_dir=cache)
+    assert x.shape == (3000, 32, 32, 3)
+    target = cache / "cifar-100-python-target" / "cifar-100-python"
+    assert sorted(p.name for p in target.iterdir()) == ["meta", "test", "train"]
+    assert _leftovers(cache) == sorted(
+        ["cifar-100-python.tar.gz", "cifar-100-python-target", "cifar-100-python"]
+        + ["meta", "test", "train"]
+    )
+    # Second call: served from the cache, no network needed.
+    (x2, _), _ = cu.load_cifar100(url=_closed_port_url(), cache_dir=cache)
+    assert np.array_equal(x, x2)
+
+
+def test_download_with_wrong_checksum_keeps_nothing(cifar_archive, tmp_path):
+    cache = tmp_path / "cache"
+    with (
+        _Server(cifar_archive.parent) as url,
+        pytest.raises(cu.CifarDataError, match=f"Checksum mismatch .* expected {cu.CIFAR100_MD5}"),
+    ):
+        cu.load_cifar100(url=url, cache_dir=cache)
+    assert _leftovers(cache) == []
+
+
+def test_download_cut_short_keeps_nothing(cifar_archive, tmp_path):
+    cache = tmp_path / "cache"
+    with (
+        _Server(cifar_archive.parent, truncate=True) as url,
+        pytest.raises(cu.CifarDataError, match="stopped after .* bytes"),
+    ):
+        cu.load_cifar100(url=url, md5=_md5(cifar_archive), cache_dir=cache)
+    assert _leftovers(cache) == []
+
+
+def test_no_network_and_no_copy_says_where_to_put_the_file(tmp_path):
+    cache = tmp_path / "cache"
+    url = _closed_port_url()
+    with pytest.raises(cu.CifarDataError) as err:
+        cu.load_cifar100(url=url, cache_dir=cache, timeout=5)
+    message = str(err.value)
+    assert f"Could not download CIFAR-100 from {url}" in message
+    assert cu.CIFAR100_URL in message and "DATA_DIR" in message and "CIFAR100_DIR" in message
+    assert str(cache / "cifar-100-python.tar.gz") in message
+    assert _leftovers(cache) == []
+
+
+def test_default_cache_is_under_keras_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
+    assert cu.default_cache_dir() == tmp_path / "kh" / "datasets"
+
+
+# --------------------------------------------- field case 3: the Keras cache
+
+
+def test_existing_keras3_cache_is_found_offline(cifar_archive, tmp_path):
+    cache = tmp_path / "cache"
+    _extract(cifar_archive, cache / "cifar-100-python-target")
+    (x, _), _ = cu.load_cifar100(url=_closed_port_url(), cache_dir=cache)
+    assert x.shape == (3000, 32, 32, 3)
+
+
+def test_existing_keras2_cache_is_found_offline(cifar_archive, tmp_path):
+    cache = tmp_path / "cache"
+    _extract(cifar_archive, cache)
+    (x, _), _ = cu.load_cifar100(url=_closed_port_url(), cache_dir=cache)
+    assert x.shape == (3000, 32, 32, 3)
+
+
+def test_partial_cache_is_rebuilt_from_the_cached_archive(cifar_archive, tmp_path):
+    cache = tmp_path / "cache"
+    folder = _extract(cifar_archive, cache / "cifar-100-python-target")
+    (folder / "meta").unlink()  # an interrupted extraction
+    (cache / "cifar-100-python.tar.gz").write_bytes(cifar_archive.read_bytes())
+    with pytest.warns(UserWarning, match=r"incomplete \(missing \['meta'\]\).*rebuilding"):
+        (x, _), _ = cu.load_cifar100(
+            url=_closed_port_url(), md5=_md5(cifar_archive), cache_dir=cache
+        )
+    assert x.shape == (3000, 32, 32, 3) and (folder / "meta").is_file()
+
+
+def test_partial_cache_is_rebuilt_by_download(cifar_archive, tmp_path):
+    cache = tmp_path / "cache"
+    folder = _extract(cifar_archive, cache / "cifar-100-python-target")
+    (folder / "train").unlink()
+    with _Server(cifar_archive.parent) as url, pytest.warns(UserWarning, match="incomplete"):
+        (x, _), _ = cu.load_cifar100(url=url, md5=_md5(cifar_archive), cache_dir=cache)
+    assert x.shape == (3000, 32, 32, 3)
+
+
+def test_partial_cache_offline_gives_a_clear_error(cifar_archive, tmp_path):
+    cache = tmp_path / "cache"
+    folder = _extract(cifar_archive, cache / "cifar-100-python-target")
+    (folder / "test").unlink()
+    with (
+        pytest.warns(UserWarning, match="incomplete"),
+        pytest.raises(cu.CifarDataError, match="Could not download"),
+    ):
+        cu.load_cifar100(url=_closed_port_url(), cache_dir=cache, timeout=5)
+
+
+# -------------------------------------------------------------------- split
+
+
+def test_stratified_seeded_split(cifar_archive):
+    (x, y), _ = cu.load_cifar100(cifar_archive)
+    (x_tr, y_tr), (x_val, y_val) = cu.train_val_split(x, y, val_size=500, seed=1)
+    assert len(x_tr) == 2500 and len(x_val) == 500
+    assert np.bincount(y_val, minlength=100).tolist() == [5] * 100
+    assert np.bincount(y_tr, minlength=100).tolist() == [25] * 100
+    (_, y_tr2), (x_val2, _) = cu.train_val_split(x, y, val_size=500, seed=1)
+    assert np.array_equal(x_val, x_val2) and np.array_equal(y_tr, y_tr2)
+    train_rows = {row.tobytes() for row in x_tr}
+    assert not any(row.tobytes() in train_rows for row in x_val)
+    (x_lim, y_lim), _ = cu.train_val_split(x, y, val_size=500, seed=1, train_limit=1000)
+    assert len(x_lim) == 1000 and np.bincount(y_lim).tolist() == [10] * 100
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"val_size": 50}, "val_size=50 must be between 100"), ({"train_limit": 10}, "train_limit")],
+)
+def test_split_rejects_sizes_smaller_than_the_classes(cifar_archive, kwargs, match):
+    (x, y), _ = cu.load_cifar100(cifar_archive)
+    with pytest.raises(ValueError, match=match):
+        cu.train_val_split(x, y, **{"val_size": 500, **kwargs})
