@@ -134,9 +134,11 @@ def pipeline_rate(name: str, augment, batch: int, batches: int) -> tuple[float, 
     n = batch * 8
     x = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 100, size=n)
-    if name == "efficientnet" and hasattr(cu, "make_albumentations_dataset"):
-        ds = cu.make_albumentations_dataset(x, y, batch_size=batch, training=True)
-        what = "albumentations (cu.make_albumentations_dataset)"
+    if name == "efficientnet" and hasattr(cu, "albumentations_batch_transform"):
+        ds = cu.make_dataset(
+            x, y, batch_size=batch, training=True, batch_transform=cu.albumentations_batch_transform
+        )
+        what = "albumentations (cu.albumentations_batch_transform)"
     else:
         if name == "efficientnet":
             augment = cu.augmentation_layers(flip=True, shift=0.5)
