@@ -787,7 +787,11 @@ def choose_strategy():
     ``TF_CONFIG='{"cluster": {"worker": ["10.0.0.1:12345", "10.0.0.2:12345"]},
     "task": {"type": "worker", "index": 0}}'`` and ``"index": 1`` on the second. Worker 0
     is the chief; all must reach each other on those ports, read the same data and use
-    the same ``SEED``; training starts when all have joined.
+    the same ``SEED``; training starts when all have joined. Every worker writes its own
+    checkpoints, so give each a local ``OUTPUT_DIR`` (not one shared folder) and keep
+    the chief's. Trainable weights stay identical on all workers; BatchNorm moving
+    statistics are updated from each worker's own batches (Keras 3 does not all-reduce
+    them), so they differ slightly between workers.
 
     Raises:
         ValueError: ``$TF_CONFIG`` is set but is not valid JSON of that form, or this
