@@ -887,7 +887,7 @@ def fast_small_conv_gradients(model, max_output_pixels: int = 16) -> list[str]:
     TensorFlow's CPU kernel for a convolution's input gradient (``Conv2DBackpropInput``,
     oneDNN and Eigen alike, and XLA's) is pathologically slow when the output is a few
     pixels and the channels are many: for the simple network's last conv (4x4x256 ->
-    2x2x512, batch 128) it took 1.0 s against 0.03 s for the same product done as one
+    2x2x512, batch 128) it took 1.0 s against 0.04 s for the same product done as one
     matmul, and it dominated the training step. For every stride-1, undilated,
     ungrouped ``Conv2D`` (nested models included) whose output has at most
     ``max_output_pixels`` pixels, this routes the input gradient through one
@@ -895,7 +895,8 @@ def fast_small_conv_gradients(model, max_output_pixels: int = 16) -> list[str]:
     KH*KW shifted adds (col2im). The forward pass, the kernel gradient, the weights and
     the saved model are unchanged; only the arithmetic order of the input gradient
     differs (float round-off). Larger outputs keep TensorFlow's kernel, which is as
-    fast there. Does nothing when a GPU is visible (cuDNN has no such gap).
+    fast there. Does nothing when a GPU is visible: GPUs use cuDNN's own kernels, and
+    this path was measured on CPUs only.
 
     Call it on a built model, before ``compile``/``fit``. It changes the layer objects
     in place; ``keras.models.clone_model`` and reloading from ``.keras`` give plain
