@@ -1,0 +1,221 @@
+"""Performance switches: strategies, dtype policy, XLA switch, fast small-conv gradients."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import cifar_utils as cu
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def float32_policy_after():
+    """Put Keras' global dtype policy back to float32 whatever the test did."""
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_one_device_strategy_trains_on_the_cpu(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    strategy = cu.choose_strategy()
+    assert isinstance(strategy, tf.distribute.OneDeviceStrategy)
+    assert strategy.num_replicas_in_sync == 1
+    assert strategy.extended.worker_devices[0].endswith("CPU:0")
+    assert cu.global_batch_size(128, strategy) == 128
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 8), dtype=np.float32)
+    y = (x[:, 0] > 0.5).astype(np.int64)
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2, activation="softmax")])
+        model.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy")
+    before = model.get_weights()[0].copy()
+    history = model.fit(x, y, batch_size=cu.global_batch_size(16, strategy), epochs=2, verbose=0)
+    assert history.history["loss"][1] < history.history["loss"][0]
+    assert not np.allclose(before, model.get_weights()[0])
+
+
+@pytest.mark.parametrize(
+    ("tf_config", "message"),
+    [
+        ("{not json", "not valid multi-worker JSON"),
+        ('{"cluster": {"worker": ["a:1", "b:2"]}}', "not valid multi-worker JSON"),
+        (
+            '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}',
+            "not in its cluster",
+        ),
+    ],
+)
+def test_bad_tf_config_is_explained(monkeypatch, tf_config, message):
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(ValueError, match=message):
+        cu.choose_strategy()
+
+
+def test_one_worker_tf_config_stays_on_one_device(monkeypatch):
+    config = {"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(config))
+    assert isinstance(cu.choose_strategy(), tf.distribute.OneDeviceStrategy)
+
+
+class _FourReplicas:
+    num_replicas_in_sync = 4
+
+
+def test_global_batch_size_scales_and_checks():
+    assert cu.global_batch_size(128, _FourReplicas()) == 512
+    for bad in (0, -8, 12.0, True, "128"):
+        with pytest.raises(ValueError, match="positive int"):
+            cu.global_batch_size(bad, _FourReplicas())
+
+
+def test_xla_switch():
+    assert cu.resolve_jit_compile(True) is True
+    assert cu.resolve_jit_compile(False) is False
+    # "auto": XLA only where a GPU is visible (none on the test machines).
+    assert cu.resolve_jit_compile("auto") is bool(tf.config.list_physical_devices("GPU"))
+    with pytest.raises(ValueError, match='True, False or "auto"'):
+        cu.resolve_jit_compile("yes")
+
+
+def test_mixed_precision_policy(float32_policy_after):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cu.configure_precision(True) == "mixed_float16"
+    no_gpu = not tf.config.list_physical_devices("GPU")
+    assert any("CPUs run float16 slower" in str(w.message) for w in caught) == no_gpu
+    model = cu.build_simple_cnn()
+    conv, head = model.get_layer("conv1"), model.get_layer("predictions")
+    assert conv.compute_dtype == "float16" and conv.kernel.dtype == "float32"
+    assert model.get_layer("dense1").compute_dtype == "float16"
+    assert head.compute_dtype == "float32"
+    assert all(w.dtype == "float32" for w in model.weights)
+    probs = model(np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32))
+    assert probs.dtype == "float32"
+    np.testing.assert_allclose(np.sum(np.asarray(probs), axis=1), 1.0, rtol=1e-5)
+    model.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+
+    assert cu.configure_precision(False) == "float32"
+    plain = cu.build_simple_cnn()
+    assert plain.get_layer("conv1").compute_dtype == "float32"
+
+
+def _tiny_convnet(padding: str):
+    inputs = keras.Input((6, 6, 5))
+    h = keras.layers.Conv2D(7, 3, padding=padding, name="small_a")(inputs)
+    h = keras.layers.Conv2D(6, (3, 2), padding=padding, name="small_b")(h)
+    h = keras.layers.Conv2D(4, 1, name="pointwise")(h)
+    return keras.Model(inputs, keras.layers.Flatten()(h))
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_fast_small_conv_gradients_match_tensorflow(padding):
+    keras.utils.set_random_seed(0)
+    native = _tiny_convnet(padding)
+    fast = _tiny_convnet(padding)
+    fast.set_weights(native.get_weights())
+    switched = cu.fast_small_conv_gradients(fast, max_output_pixels=16)
+    # valid: 6x6 -> 4x4 (16 px) -> 2x3; same: 6x6 (36 px) stays on TensorFlow's kernel.
+    assert switched == (["small_a", "small_b"] if padding == "valid" else [])
+    if padding == "same":
+        switched = cu.fast_small_conv_gradients(fast, max_output_pixels=36)
+        assert switched == ["small_a", "small_b"]
+    x = tf.constant(np.random.default_rng(1).normal(size=(3, 6, 6, 5)), tf.float32)
+    grads = []
+    for model in (native, fast):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(model(x) ** 2)
+        grads.append(tape.gradient(loss, [x, *model.trainable_weights]))
+        grads[-1].append(model(x))
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    assert float(tf.reduce_max(tf.abs(grads[1][0]))) > 0
+
+
+def test_fast_small_conv_gradients_on_the_simple_network():
+    model = cu.build_simple_cnn()
+    before = cu.parameter_counts(model)
+    # conv3 (6x6 -> 4x4) and conv4 (4x4 -> 2x2); conv1/conv2 (30x30, 13x13) stay native.
+    assert cu.fast_small_conv_gradients(model) == ["conv3", "conv4"]
+    assert cu.fast_small_conv_gradients(model) == []  # already switched
+    assert cu.parameter_counts(model) == before
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.mark.slow
+def test_two_cpu_workers_agree_on_the_weights(tmp_path):
+    """Two processes on 127.0.0.1 train synchronously under MultiWorkerMirroredStrategy."""
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    procs, logs = [], []
+    try:
+        for index in range(2):
+            env = {
+                **os.environ,
+                "TF_CONFIG": json.dumps(
+                    {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+                ),
+                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                "CUDA_VISIBLE_DEVICES": "-1",
+                "TF_CPP_MIN_LOG_LEVEL": "2",
+            }
+            logs.append(open(tmp_path / f"worker{index}.log", "wb"))  # noqa: SIM115
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(ROOT / "tests" / "multiworker_worker.py"),
+                        str(tmp_path / f"worker{index}.npz"),
+                    ],
+                    env=env,
+                    stdout=logs[-1],
+                    stderr=subprocess.STDOUT,
+                    cwd=tmp_path,
+                )
+            )
+        for proc in procs:
+            proc.wait(timeout=150)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+    for index, proc in enumerate(procs):
+        tail = (tmp_path / f"worker{index}.log").read_text(errors="replace")[-3000:]
+        assert proc.returncode == 0, f"worker {index} failed:\n{tail}"
+    w0, w1 = (np.load(tmp_path / f"worker{i}.npz") for i in range(2))
+    for w in (w0, w1):
+        assert bool(w["multi_worker"])
+        assert int(w["replicas"]) == 2
+    trainable = w0["trainable"]
+    assert trainable.sum() == 22  # 4 conv + 4 BN (gamma, beta) + 3 dense, kernel and bias
+    for i, is_trainable in enumerate(trainable):
+        a, b = w0[f"w{i}"], w1[f"w{i}"]
+        assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+        if a.ndim > 1:  # every kernel took the steps
+            assert np.abs(a - w0[f"init{i}"]).max() > 1e-4, f"kernel {i} did not train"
+        if is_trainable:
+            # Gradients are all-reduced: both workers apply the very same update.
+            np.testing.assert_array_equal(a, b, err_msg=f"trainable weight {i} differs")
