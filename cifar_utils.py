@@ -573,7 +573,11 @@ def build_complex_cnn(
     h = keras.layers.Activation("relu", name="relu_dense1")(h)
     h = keras.layers.Dropout(0.5, name="drop_dense1")(h)
     outputs = keras.layers.Dense(
-        num_classes, activation="softmax", kernel_regularizer=reg, name="predictions"
+        num_classes,
+        activation="softmax",
+        kernel_regularizer=reg,
+        dtype="float32",  # float32 probabilities under mixed precision
+        name="predictions",
     )(h)
     return keras.Model(inputs, outputs, name="complex_cnn")
 
@@ -725,7 +729,9 @@ def build_efficientnet_b0(weights="imagenet", num_classes: int = 100, image_size
     h = base(h)
     h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
     h = keras.layers.Dropout(0.2, name="top_dropout")(h)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(h)
+    outputs = keras.layers.Dense(
+        num_classes, activation="softmax", dtype="float32", name="predictions"
+    )(h)
     return keras.Model(inputs, outputs, name="efficientnet_b0_transfer")
 
 
