@@ -59,18 +59,12 @@ def _simple():
 
 
 def _complex():
-    if not hasattr(cu, "build_complex_cnn"):
-        raise LookupError("cifar_utils.build_complex_cnn is missing (complex notebook not merged)")
     model = cu.build_complex_cnn()
     optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
     return model, optimizer, cu.augmentation_layers(flip=True, shift=0.1, rotation_degrees=15)
 
 
 def _efficientnet():
-    if not hasattr(cu, "build_efficientnet_b0"):
-        raise LookupError(
-            "cifar_utils.build_efficientnet_b0 is missing (transfer notebook not merged)"
-        )
     model = cu.build_efficientnet_b0(weights=None)
     return model, keras.optimizers.Adam(1e-4), None
 
@@ -134,18 +128,14 @@ def pipeline_rate(name: str, augment, batch: int, batches: int) -> tuple[float, 
     n = batch * 8
     x = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 100, size=n)
-    if name == "efficientnet" and hasattr(cu, "albumentations_batch_transform"):
+    if name == "efficientnet":
         ds = cu.make_dataset(
             x, y, batch_size=batch, training=True, batch_transform=cu.albumentations_batch_transform
         )
         what = "albumentations (cu.albumentations_batch_transform)"
     else:
-        if name == "efficientnet":
-            augment = cu.augmentation_layers(flip=True, shift=0.5)
-            what = "Keras layers flip + shift 0.5 (albumentations helper not merged yet)"
-        else:
-            what = "Keras layers (cu.augmentation_layers)"
         ds = cu.make_dataset(x, y, batch_size=batch, training=True, augment=augment)
+        what = "Keras layers (cu.augmentation_layers)"
     iterator = iter(ds.repeat())
     rate = _median_rate(lambda: next(iterator), batch, warmup=3, steps=batches)
     return rate, what
@@ -215,9 +205,6 @@ def table(results: dict, peak: float) -> str:
     )
     rows = []
     for name, r in results.items():
-        if "error" in r:
-            rows.append(f"| {name} | - | {r['error']} | | | | | | |")
-            continue
         rows.append(
             f"| {name} | {r['batch_size']} | {r['train_images_per_s']:.0f} "
             f"| {r['inference_images_per_s']:.0f} | {r['forward_gflops_per_image']:.3f} "
@@ -263,16 +250,11 @@ def main(argv=None) -> dict:
     results = {}
     for name in args.models:
         print(f"benchmarking {name} ...", flush=True)
-        try:
-            results[name] = bench_model(name, args)
-        except LookupError as exc:
-            print(f"  skipped: {exc}")
-            results[name] = {"error": str(exc)}
+        results[name] = bench_model(name, args)
     peaks.append(matmul_peak(args.matmul_size, 5))
     peak = max(peaks)
     for r in results.values():
-        if "error" not in r:
-            r["fraction_of_matmul_peak"] = r["train_gflop_per_s"] / peak
+        r["fraction_of_matmul_peak"] = r["train_gflop_per_s"] / peak
     record = {
         "machine": machine(),
         "settings": {
