@@ -956,7 +956,8 @@ def write_json(path, obj) -> Path:
 def _restore(model, run_dir: Path) -> None:
     """Load the last checkpoint's weights and optimizer state into a compiled ``model``."""
     if not model.optimizer.built:  # else Keras skips the saved optimizer variables
-        model.optimizer.build(model.trainable_variables)
+        with model.distribute_strategy.scope():  # the strategy the model was built under
+            model.optimizer.build(model.trainable_variables)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
