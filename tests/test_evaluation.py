@@ -384,6 +384,8 @@ def test_report_command_writes_the_table(tmp_path):
     assert rows["efficientnet_b0"] == "| efficientnet_b0 | — | — | — | — | — | — | — | — | 0.797 |"
     assert set(rows) == {"simple_cnn", "complex_cnn", "efficientnet_b0"}  # benchmark skipped
     assert "stale" not in text and "Updated" in done.stdout
+    assert "2 run(s) on all of CIFAR-100" in done.stdout
+    assert "not listed: benchmark.json, efficientnet_b0.json" in done.stdout
 
 
 def test_report_refuses_a_readme_without_markers(tmp_path):

@@ -149,6 +149,36 @@ def test_resume_with_another_model_is_refused(tmp_path, data):
         cu.train(other, train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
 
 
+@pytest.mark.slow
+def test_resume_refuses_another_plan_and_warns_about_other_epochs(tmp_path, data, capsys):
+    train_ds, val_ds = data
+    plan = {"data": "abc123", "batch_size": BATCH}
+    run = functools.partial(cu.train, train_ds=train_ds, val_ds=val_ds, run_dir=tmp_path, verbose=0)
+    run(tiny_model(), epochs=1, plan=plan)
+    # Other data (e.g. a regenerated archive or another TRAIN_LIMIT): old checkpoints refused.
+    with pytest.raises(ValueError, match=r"another plan .*abc123.*RESUME=False"):
+        run(tiny_model(), epochs=2, plan={**plan, "data": "def456"})
+    # A finished run trains nothing and says so, instead of passing old scores for new ones.
+    state = run(tiny_model(), epochs=1, plan=plan)
+    assert "already has 1 epoch(s), EPOCHS=1: nothing to train" in capsys.readouterr().out
+    assert (state["initial_epoch"], state["epoch"]) == (1, 1)
+    # More epochs than planned: continues, with a warning about the schedule.
+    with pytest.warns(UserWarning, match="planned for 1 epochs, this run asks for 2"):
+        state = run(tiny_model(), epochs=2, plan=plan)
+    assert (state["initial_epoch"], state["epoch"], state["epochs"]) == (1, 2, 2)
+
+
+def test_data_fingerprint_tells_training_sets_apart():
+    x = np.zeros((4, 32, 32, 3), np.uint8)
+    y = np.arange(4)
+    assert cu.data_fingerprint(x, y) == cu.data_fingerprint(x.copy(), y.copy())
+    assert len(cu.data_fingerprint(x, y)) == 12
+    x2 = x.copy()
+    x2[0, 0, 0, 0] = 1
+    assert cu.data_fingerprint(x2, y) != cu.data_fingerprint(x, y)
+    assert cu.data_fingerprint(x, y[::-1]) != cu.data_fingerprint(x, y)
+
+
 def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     model = tiny_model()
     path = cu.save_checkpoint(model, tmp_path / "last.weights.h5")
