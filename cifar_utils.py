@@ -185,12 +185,10 @@ def _read_members(source: Path) -> dict[str, bytes]:
         ) from None
 
 
-def _file_md5(path: Path) -> str:
-    digest = hashlib.md5()
+def _file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest (``"md5"``, ``"sha256"``, ...) of the file at ``path``, read in chunks."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def _find_local(path: Path) -> Path:
@@ -237,7 +235,7 @@ def _download(url: str, dest: Path, md5: str | None, timeout: float) -> None:
                 f"Download of {url} stopped after {os.path.getsize(tmp)} of {total} bytes; "
                 "run again to retry"
             )
-        if md5 is not None and (got := _file_md5(Path(tmp))) != md5:
+        if md5 is not None and (got := _file_digest(Path(tmp), "md5")) != md5:
             raise CifarDataError(
                 f"Checksum mismatch for {url}: md5 {got}, expected {md5}. The download is "
                 "corrupt or not the official archive; nothing was kept. Run again to retry"
@@ -309,7 +307,7 @@ def locate_cifar100(
         )
         shutil.rmtree(folder)
     archive = cache / ARCHIVE_NAME
-    if archive.is_file() and md5 is not None and _file_md5(archive) != md5:
+    if archive.is_file() and md5 is not None and _file_digest(archive, "md5") != md5:
         warnings.warn(f"{archive} fails its md5 check; downloading it again.", stacklevel=2)
         archive.unlink()
     if not archive.is_file():
@@ -639,8 +637,7 @@ def efficientnet_b0_weights_file(*, origin: str = EFFICIENTNET_B0_URL, cache_dir
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir().parent / "models"
     dest = folder / EFFICIENTNET_B0_WEIGHTS
     if dest.is_file():
-        with open(dest, "rb") as f:
-            got = hashlib.file_digest(f, "sha256").hexdigest()
+        got = _file_digest(dest, "sha256")
         if got != EFFICIENTNET_B0_SHA256:
             raise WeightsError(
                 f"{dest} has sha256 {got}, not {EFFICIENTNET_B0_SHA256}: it is truncated or "
@@ -687,13 +684,7 @@ def _load_base_weights(base, path) -> None:
             f"'{path}' is not a readable HDF5 file (a truncated download or an HTML error page?). "
             + _weights_howto(path.parent / EFFICIENTNET_B0_WEIGHTS)
         )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            base.load_weights(path)
-            problem = next((str(w.message) for w in caught if "Skipping" in str(w.message)), None)
-        except (ValueError, KeyError) as exc:
-            problem = str(exc)
+    problem = _load_weights_strictly(base, path)
     if problem:
         problem = problem.strip().splitlines()[0][:300]
         raise WeightsError(
@@ -964,19 +955,28 @@ def write_json(path, obj) -> Path:
     return path
 
 
+def _load_weights_strictly(model, path) -> str | None:
+    """``model.load_weights(path)``; returns why the file does not fit, else ``None``.
+
+    Keras only warns ("Skipping variable loading ...") when a saved layer or optimizer does
+    not match and leaves those variables as they were: a silent wrong result. Here that
+    warning, like a ValueError/KeyError from a mismatched file, becomes the returned reason.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model.load_weights(path)
+        except (ValueError, KeyError) as exc:
+            return str(exc)
+    return next((str(w.message) for w in caught if "Skipping" in str(w.message)), None)
+
+
 def _restore(model, run_dir: Path) -> None:
     """Load the last checkpoint's weights and optimizer state into a compiled ``model``."""
     if not model.optimizer.built:  # else Keras skips the saved optimizer variables
         with model.distribute_strategy.scope():  # the strategy the model was built under
             model.optimizer.build(model.trainable_variables)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            model.load_weights(run_dir / "last.weights.h5")
-            ok = not any("Skipping variable loading" in str(w.message) for w in caught)
-        except ValueError:
-            ok = False
-    if not ok:
+    if _load_weights_strictly(model, run_dir / "last.weights.h5"):
         raise ValueError(
             f"The checkpoint in {run_dir} was written by a different model or optimizer "
             "and cannot be resumed. Start fresh (RESUME=False) or use another OUTPUT_DIR"
