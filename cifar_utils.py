@@ -12,6 +12,8 @@ int64 ``(N,)`` in [0, 99] (fine) or [0, 19] (coarse).
 from __future__ import annotations
 
 import contextlib
+import difflib
+import gzip
 import hashlib
 import http.client
 import io
@@ -169,6 +171,12 @@ def _read_members(source: Path) -> dict[str, bytes]:
                 f"{ARCHIVE_NAME} again (it holds {FOLDER_NAME}/train, test and meta)"
             )
         return {m: (source / m).read_bytes() for m in ("train", "test", "meta")}
+    with open(source, "rb") as f:
+        is_gzip = f.read(2) == b"\x1f\x8b"  # every gzip stream starts with these two bytes
+    if not is_gzip:
+        raise CifarDataError(_wrong_file(source, "not a gzip/tar archive"))
+    if not _holds_a_tar(source):
+        raise CifarDataError(_wrong_file(source, "a gzip file that holds no tar archive"))
     try:
         with tarfile.open(source, "r:gz") as tar:
             found = {Path(i.name).name: i for i in tar.getmembers() if i.isfile()}
@@ -183,6 +191,28 @@ def _read_members(source: Path) -> dict[str, bytes]:
             f"{source} is truncated or corrupt ({type(exc).__name__}: {exc}). "
             f"Download it again from {CIFAR100_URL}"
         ) from None
+
+
+def _holds_a_tar(archive: Path) -> bool:
+    """Whether a gzip file starts with a tar header (a damaged stream counts as a tar)."""
+    try:
+        with gzip.open(archive) as g:
+            head = g.read(512)
+    except (OSError, EOFError, zlib.error):
+        return True  # damaged: reported as truncated or corrupt by the tar reader
+    try:
+        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
+def _wrong_file(source: Path, what: str) -> str:
+    return (
+        f"{source} is {what}: is this the CIFAR-100 file? Expected {ARCHIVE_NAME} "
+        f"(md5 {CIFAR100_MD5}, from {CIFAR100_URL}), or a folder holding it or its extracted "
+        f"{FOLDER_NAME}/ folder"
+    )
 
 
 def _file_digest(path: Path, algorithm: str) -> str:
@@ -240,6 +270,7 @@ def _download(url: str, dest: Path, md5: str | None, timeout: float) -> None:
                 f"Checksum mismatch for {url}: md5 {got}, expected {md5}. The download is "
                 "corrupt or not the official archive; nothing was kept. Run again to retry"
             )
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600
         os.replace(tmp, dest)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         raise CifarDataError(
@@ -258,6 +289,7 @@ def _extract(archive: Path, target: Path) -> Path:
     members = _read_members(archive)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", suffix=".part", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700
         (tmp / FOLDER_NAME).mkdir()
         for name, blob in members.items():
             (tmp / FOLDER_NAME / name).write_bytes(blob)
@@ -315,7 +347,7 @@ def locate_cifar100(
     return _extract(archive, cache / f"{FOLDER_NAME}-target")
 
 
-def load_cifar100(data_dir=None, label_mode: str = "fine", **locate_kwargs):
+def load_cifar100(data_dir=None, label_mode: str = "fine", *, provenance=False, **locate_kwargs):
     """Load CIFAR-100 as ``(x_train, y_train), (x_test, y_test)``.
 
     Args:
@@ -325,6 +357,8 @@ def load_cifar100(data_dir=None, label_mode: str = "fine", **locate_kwargs):
             (see :func:`locate_cifar100`, which takes ``url``, ``md5``, ``cache_dir`` and
             ``timeout`` as keywords).
         label_mode: ``"fine"`` (100 classes) or ``"coarse"`` (20 superclasses).
+        provenance: also return where the data came from (see :func:`data_provenance`),
+            as a third element.
 
     Returns:
         x: uint8 ``(N, 32, 32, 3)`` in [0, 255] (N = 50,000 train, 10,000 test for the
@@ -333,8 +367,9 @@ def load_cifar100(data_dir=None, label_mode: str = "fine", **locate_kwargs):
 
     Raises:
         ValueError: ``label_mode`` is neither ``"fine"`` nor ``"coarse"``.
-        CifarDataError: see :func:`locate_cifar100`; also a missing ``train``/``test``/
-            ``meta``, an unsafe pickle, wrong array shapes or labels out of range.
+        CifarDataError: see :func:`locate_cifar100`; also a file that is no gzip/tar archive,
+            a missing ``train``/``test``/``meta``, an unsafe pickle, wrong array shapes or
+            labels out of range.
     """
     if label_mode not in ("fine", "coarse"):
         raise ValueError(f'label_mode must be "fine" or "coarse", not {label_mode!r}')
@@ -347,7 +382,56 @@ def load_cifar100(data_dir=None, label_mode: str = "fine", **locate_kwargs):
     for split in ("train", "test"):
         d = _unpickle(members[split], f"{source}:{split}")
         splits.append(_parse_split(d, f"{source}:{split}", label_mode))
-    return splits[0], splits[1]
+    if not provenance:
+        return splits[0], splits[1]
+    info = data_provenance(source, members)
+    info.update(train_images=len(splits[0][1]), test_images=len(splits[1][1]))
+    return splits[0], splits[1], info
+
+
+def _archive_beside(folder: Path) -> Path | None:
+    """The archive an extracted folder came from, where the usual layouts keep it."""
+    for archive in (
+        folder.parent / ARCHIVE_NAME,  # a user's folder holding both
+        folder.parent.parent / ARCHIVE_NAME,  # this module's cache
+        folder.parent.parent / f"{folder.parent.name}_archive",  # Keras 3's cache
+    ):
+        if archive.is_file():
+            return archive
+    return None
+
+
+def data_provenance(source, members=None) -> dict:
+    """Where CIFAR-100 was read from, and whether it is the official archive's content.
+
+    Args:
+        source: the ``.tar.gz`` or extracted folder :func:`locate_cifar100` returned.
+        members: the ``train``/``test``/``meta`` bytes already read from it (read if None).
+
+    Returns:
+        ``{"source", "archive", "md5", "official", "check"}``: the archive checked (the
+        source itself, or for an extracted folder the archive beside it in the usual
+        layouts: a user's folder holding both, this module's or Keras 3's cache), its md5
+        hex digest, ``official`` True only if that md5 is :data:`CIFAR100_MD5` and the data
+        read are that archive's (an extracted folder is compared member by member), and
+        ``check``: what was checked, in words. A folder with no archive beside it is not
+        official: it cannot be checked.
+    """
+    source = Path(source)
+    members = _read_members(source) if members is None else members
+    archive = _archive_beside(source) if source.is_dir() else source
+    info = {"source": str(source), "archive": None, "md5": None, "official": False}
+    if archive is None:
+        info["check"] = "an extracted folder with no archive beside it: md5 not checked"
+        return info
+    info.update(archive=str(archive), md5=_file_digest(archive, "md5"))
+    if info["md5"] != CIFAR100_MD5:
+        info["check"] = f"md5 {info['md5']} is not the official archive's {CIFAR100_MD5}"
+    elif archive != source and _read_members(archive) != members:
+        info["check"] = f"the extracted folder differs from the official archive {archive}"
+    else:
+        info.update(official=True, check=f"md5 {CIFAR100_MD5}: the official archive")
+    return info
 
 
 def train_val_split(x, y, val_size: int = 5000, seed: int = 0, train_limit: int | None = None):
@@ -400,6 +484,36 @@ def data_fingerprint(x, y) -> str:
 # --------------------------------------------------------------- pipelines
 
 
+def derive_seed(seed: int, *names) -> int:
+    """An independent seed for one random source of a run, from the run's ``seed``.
+
+    Each source (the shuffle, every augmentation layer, albumentations, ...) gets its own
+    stream: ``derive_seed(SEED, "shuffle")`` and ``derive_seed(SEED, "augment", 0)`` are
+    unrelated numbers (numpy's ``SeedSequence`` mixes ``seed`` with a CRC-32 of each name),
+    so two sources never draw in lockstep, as two layers given the same seed would.
+
+    Returns:
+        An int in [0, 2**31), the range every Keras and TensorFlow seed accepts.
+    """
+    words = [int(seed) % 2**32, *(zlib.crc32(str(n).encode()) for n in names)]
+    return int(np.random.SeedSequence(words).generate_state(1)[0] >> 1)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, numpy and TensorFlow (``keras.utils.set_random_seed``); op determinism.
+
+    With ``deterministic=True`` TensorFlow's ops also run deterministically
+    (``tf.config.experimental.enable_op_determinism``): the same ``seed`` on the same
+    machine then gives the same weights, history and scores (on a GPU, at some cost in
+    speed). With ``False`` the seed still fixes the initialisation, the split, the data
+    order and the augmentation, but GPU kernels may add floats in a varying order, so two
+    runs drift apart by round-off. Call it before building the model.
+    """
+    keras.utils.set_random_seed(int(seed))
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
 def augmentation_layers(
     flip: bool = True,
     shift: float = 0.1,
@@ -413,23 +527,97 @@ def augmentation_layers(
         shift: maximum width/height shift as a fraction of the image size (0.1 = 3 px
             on 32x32); 0 disables it.
         rotation_degrees: maximum rotation either way, in degrees; 0 disables it.
-        seed: seeds each layer, for repeatable augmentation.
+        seed: the run's seed; each layer gets its own stream from it (:func:`derive_seed`),
+            so flips, shifts and rotations are drawn independently of each other.
 
     Returns:
         ``keras.Sequential`` mapping float32 batches (B, H, W, C) to the same shape;
         it only augments when called with ``training=True``. Borders are filled with
-        the nearest pixel, as Keras' old ``ImageDataGenerator`` did.
+        the nearest pixel, as Keras' old ``ImageDataGenerator`` did. Inside
+        :func:`make_dataset` the layers draw from seeds given per batch instead, so the
+        augmentation of every batch is fixed by the seed, the epoch and the batch index.
     """
     steps = []
     if flip:
-        steps.append(keras.layers.RandomFlip("horizontal", seed=seed))
+        steps.append(lambda s: keras.layers.RandomFlip("horizontal", seed=s))
     if shift:
-        steps.append(keras.layers.RandomTranslation(shift, shift, fill_mode="nearest", seed=seed))
+        steps.append(
+            lambda s: keras.layers.RandomTranslation(shift, shift, fill_mode="nearest", seed=s)
+        )
     if rotation_degrees:
         steps.append(
-            keras.layers.RandomRotation(rotation_degrees / 360.0, fill_mode="nearest", seed=seed)
+            lambda s: keras.layers.RandomRotation(
+                rotation_degrees / 360.0, fill_mode="nearest", seed=s
+            )
         )
-    return keras.Sequential(steps, name="augmentation")
+    own = [None if seed is None else derive_seed(seed, "augment", i) for i in range(len(steps))]
+    return keras.Sequential(
+        [make(s) for make, s in zip(steps, own, strict=True)], name="augmentation"
+    )
+
+
+class _BatchSeeds(keras.random.SeedGenerator):
+    """Stateless seeds for one call of a Keras random layer inside ``tf.data``.
+
+    Keras' random layers draw from a ``SeedGenerator`` whose state variable advances at
+    each call: in a parallel ``tf.data`` map the calls race for it, and a restarted run
+    starts it again. This one holds no state (``SeedGenerator.__init__`` is skipped on
+    purpose): its ``k``-th draw is ``seed`` folded with ``k``, ``seed`` being given per batch.
+    """
+
+    def __init__(self, seed):  # no super().__init__: it would create the state variable
+        self._seed, self._draws = seed, 0
+
+    def next(self, ordered=True):
+        self._draws += 1
+        return tf.random.experimental.stateless_fold_in(self._seed, self._draws)
+
+
+def _fold(seed: int, *data):
+    """A stateless seed, int64 (2,), from an int seed folded with int tensors ``data``."""
+    out = tf.constant([seed, 0], tf.int64)
+    for d in data:
+        out = tf.random.experimental.stateless_fold_in(out, tf.cast(d, tf.int64))
+    return out
+
+
+def _augment_with_seeds(augment, images, seed: int, batch_key):
+    """Apply Keras image layers ``augment`` with draws fixed by ``seed`` and ``batch_key``."""
+    layers = augment.layers if isinstance(augment, keras.Sequential) else [augment]
+    for i, layer in enumerate(layers):
+        if not hasattr(layer, "get_random_transformation"):
+            raise TypeError(
+                f"augment must be Keras image preprocessing layers (e.g. "
+                f"cu.augmentation_layers()), not {type(layer).__name__}"
+            )
+        draws = _BatchSeeds(_fold(derive_seed(seed, "augment", i), *batch_key))
+        transformation = layer.get_random_transformation(images, training=True, seed=draws)
+        images = layer.transform_images(images, transformation, training=True)
+    return images
+
+
+def _check_images(x) -> tuple[np.ndarray, float]:
+    """Images (N, H, W, 3) as given and the divisor that maps them to [0, 1]."""
+    x = np.asarray(x)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"images must be (N, H, W, 3), not shape {x.shape}")
+    if x.dtype == np.uint8:
+        return x, 255.0
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"images must be uint8 in [0, 255] or float in [0, 1], not {x.dtype}")
+    bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise ValueError(
+            f"images hold {bad} NaN or infinite value(s) (first at index "
+            f"{tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])}); fix the preprocessing "
+            "that produced them, or pass the uint8 images from load_cifar100"
+        )
+    if x.size and (x.min() < 0 or x.max() > 1):
+        raise ValueError(
+            f"float images must be in [0, 1], these span [{x.min():g}, {x.max():g}]; "
+            "pass 0-255 data as uint8"
+        )
+    return x.astype(np.float32, copy=False), 1.0
 
 
 def make_dataset(
@@ -446,39 +634,104 @@ def make_dataset(
     """A ``tf.data`` pipeline: (shuffle), batch, (augment), normalise, one-hot, prefetch.
 
     Args:
-        x: uint8 ``(N, H, W, 3)`` in [0, 255]; y: int labels ``(N,)`` in
-            [0, num_classes).
-        batch_size: images per batch (the last batch may be smaller).
-        training: shuffle every epoch (seeded) and apply ``augment``.
-        augment: a callable on float32 batches in [0, 1], e.g.
-            :func:`augmentation_layers`; called with ``training=True``.
+        x: images ``(N, H, W, 3)``: uint8 in [0, 255] (as loaded), or float in [0, 1];
+            y: int labels ``(N,)`` in [0, num_classes).
+        batch_size: images per batch (the last batch of an epoch may be smaller).
+        training: shuffle every epoch and apply ``augment`` / ``batch_transform``.
+        augment: Keras image preprocessing layers (e.g. :func:`augmentation_layers`), on
+            float32 batches in [0, 1].
+        seed: the run's seed; the shuffle, each augmentation layer and ``batch_transform``
+            each draw from their own stream of it (:func:`derive_seed`).
         batch_transform: a callable ``(images, batch_seed) -> images`` on uint8 batches
             (B, H, W, 3) in [0, 255], applied before normalisation when ``training``, e.g.
-            :func:`albumentations_batch_transform`. ``batch_seed`` is an int64 scalar tensor,
-            new for every batch and epoch, drawn from ``seed`` (so repeatable).
+            :func:`albumentations_batch_transform`; ``batch_seed`` is an int64 scalar tensor.
 
     Returns:
         ``tf.data.Dataset`` of ``(images float32 (B, H, W, 3) in [0, 1],
-        labels float32 one-hot (B, num_classes))``.
+        labels float32 one-hot (B, num_classes))``. A training dataset is one epoch; each
+        iteration of it is a new epoch, as ``model.fit(ds, epochs=...)`` expects. Its order
+        and augmentation depend only on ``seed``, the epoch and the batch index, never on
+        how the parallel map happens to run, so a run repeats exactly. It also carries
+        ``steps_per_epoch`` (``ceil(N / batch_size)``), ``plan`` (what :func:`train`
+        records: data fingerprint, batch size, seed, augmentation) and
+        ``from_epoch(first, last)``: epochs ``first`` to ``last - 1`` (0-based) as one
+        dataset, the same batches whichever run asks for them. :func:`train` uses it, so
+        a resumed run trains on the batches an uninterrupted one would have seen.
+
+    Raises:
+        ValueError: images not (N, H, W, 3), float images with NaN/inf or outside [0, 1],
+            labels invalid or not one per image, ``batch_transform`` with float images.
     """
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    if training:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
-    if training and batch_transform is not None:
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        ds = tf.data.Dataset.zip(ds, seeds).map(
-            lambda batch, s: (batch_transform(batch[0], s), batch[1]),
-            num_parallel_calls=tf.data.AUTOTUNE,
+    x, scale = _check_images(x)
+    y = _check_labels(y, num_classes, "labels")
+    if len(x) != len(y) or not len(x):
+        raise ValueError(
+            f"need one label per image and at least one image, got {len(x)} "
+            f"images and {len(y)} labels"
         )
+    steps = steps_per_epoch(len(x), batch_size)
 
     def prepare(images, labels):
-        images = tf.cast(images, tf.float32) / 255.0
-        if training and augment is not None:
-            images = augment(images, training=True)
-        return images, tf.one_hot(labels, num_classes)
+        return tf.cast(images, tf.float32) / scale, tf.one_hot(labels, num_classes)
 
-    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    if not training:
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+        return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    if batch_transform is not None and x.dtype != np.uint8:
+        raise ValueError("batch_transform takes uint8 batches: pass the uint8 images")
+    images, labels = tf.constant(x), tf.constant(y)
+    order_seed = derive_seed(seed, "shuffle")
+    transform_seed = derive_seed(seed, "batch_transform")
+
+    def one_epoch(epoch):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(len(x), dtype=tf.int64), seed=_fold(order_seed, epoch)
+        )
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+        return batches.map(lambda b, idx: (epoch, b, idx))
+
+    def load(epoch, b, idx):
+        batch = tf.gather(images, idx)
+        if batch_transform is not None:
+            batch = batch_transform(batch, _fold(transform_seed, epoch, b)[0])
+        batch, onehot = prepare(batch, tf.gather(labels, idx))
+        if augment is not None:
+            batch = _augment_with_seeds(augment, batch, seed, (epoch, b))
+        return batch, onehot
+
+    def stream(epochs):
+        ds = epochs.flat_map(one_epoch)
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    epoch_keys = tf.data.Dataset.random(
+        seed=derive_seed(seed, "epochs"), rerandomize_each_iteration=True
+    )
+    ds = stream(epoch_keys.take(1))  # a new epoch at every iteration, for model.fit
+    ds.steps_per_epoch = steps
+    ds.from_epoch = lambda first, last: stream(tf.data.Dataset.range(first, last))
+    ds.plan = {
+        "data": data_fingerprint(x, y),
+        "images": len(x),
+        "batch_size": int(batch_size),
+        "seed": int(seed),
+        "augmentation": _describe_augmentation(augment, batch_transform),
+    }
+    return ds
+
+
+def _describe_augmentation(augment, batch_transform) -> list:
+    """JSON-able description of a pipeline's augmentation, for a run's plan."""
+    described = []
+    layers = [] if augment is None else getattr(augment, "layers", [augment])
+    for layer in layers:
+        config = {
+            k: v for k, v in layer.get_config().items() if k not in ("name", "dtype", "trainable")
+        }
+        described.append({"layer": type(layer).__name__, **config})
+    if batch_transform is not None:
+        described.append({"batch_transform": getattr(batch_transform, "__name__", "?")})
+    return json.loads(json.dumps(described, default=str))
 
 
 # ------------------------------------------------------------------ models
@@ -737,6 +990,15 @@ def build_efficientnet_b0(weights="imagenet", num_classes: int = 100, image_size
     return keras.Model(inputs, outputs, name="efficientnet_b0_transfer")
 
 
+def describe_weights(weights) -> str | None:
+    """What a ``WEIGHTS`` value means, for a run's plan: ``"imagenet"``, ``None``, or for a
+    file ``"sha256:<first 16 hex digits>"`` of its content (so a copied file is the same)."""
+    if weights is None or (isinstance(weights, str) and weights == "imagenet"):
+        return weights
+    path = Path(weights).expanduser()
+    return f"sha256:{_file_digest(path, 'sha256')[:16]}" if path.is_file() else str(weights)
+
+
 def set_base_trainable(model, trainable: bool):
     """Freeze (head phase) or unfreeze (fine-tuning) the EfficientNetB0 base of ``model``.
 
@@ -762,17 +1024,22 @@ def join_runs(**runs) -> dict:
 
     Returns:
         ``{"epoch", "seconds"}`` summed over the phases; ``"history"``: metric -> values
-        per epoch over all phases (NaN where a phase lacks the metric); ``"best"`` and
-        ``"best_epoch"`` of the last phase (whose ``best.weights.h5`` is the final model),
-        counted from the first phase's start; ``"phases"``: ``[(name, first epoch), ...]``
-        (1-based) for :func:`plot_history`. :func:`evaluate_and_save` takes it as ``run``
-        with the last phase's run folder.
+        per epoch over all phases (NaN where a phase lacks the metric); ``"best"``,
+        ``"best_epoch"`` (counted from the first phase's start), ``"params"`` and
+        ``"run_dir"`` of the last phase (whose ``best.weights.h5`` is the final model);
+        ``"phases"``: ``[{"name", "first_epoch" (1-based), "epochs", "trainable_params"},
+        ...]`` for :func:`plot_history` and the results file. :func:`evaluate_and_save`
+        takes it as ``run``.
     """
     if not runs:
         raise ValueError("join_runs needs at least one phase, e.g. join_runs(head=run)")
     history, phases, done = {}, [], 0
     for name, run in runs.items():
-        phases.append((name, done + 1))
+        trainable = run["params"]["trainable"] if "params" in run else None
+        phases.append(
+            {"name": name, "first_epoch": done + 1, "epochs": run["epoch"],
+             "trainable_params": trainable}
+        )  # fmt: skip
         for key in set(history) | set(run["history"]):
             values = list(run["history"].get(key, []))
             history.setdefault(key, [np.nan] * done)
@@ -785,6 +1052,8 @@ def join_runs(**runs) -> dict:
         "history": history,
         "best": last.get("best"),
         "best_epoch": done - last["epoch"] + last["best_epoch"] if "best_epoch" in last else None,
+        "params": last.get("params"),
+        "run_dir": last.get("run_dir"),
         "phases": phases,
     }
 
@@ -891,7 +1160,65 @@ def albumentations_batch_transform(images, seed):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message says where and what to try."""
+    """Training produced NaN/inf (loss, weights, optimizer state) or outputs that are no
+    probabilities; the message says where and what to try."""
+
+
+class NotProbabilities(ValueError):
+    """A model's outputs are not probability rows (NaN/inf, or rows not summing to 1)."""
+
+
+def check_probabilities(probs, what: str = "the model's output", atol: float = 1e-3):
+    """Return ``probs`` (float (N, C)) as a numpy array if every row is a distribution.
+
+    A row passes when all its values are finite, none is below ``-atol`` and it sums to 1
+    within ``atol``. NaN weights give NaN rows on some CPUs and rows of zeros on others
+    (oneDNN's softmax maps NaN to 0), so both are refused here rather than read as a top-1.
+
+    Raises:
+        NotProbabilities: names the first bad row and what is wrong with it.
+    """
+    p = np.asarray(probs)
+    if p.ndim != 2 or not np.issubdtype(p.dtype, np.floating):
+        raise NotProbabilities(f"{what} must be float rows (N, classes), not {p.dtype} {p.shape}")
+    finite = np.isfinite(p).all(axis=1)
+    sums = np.where(finite, p.sum(axis=1, dtype=np.float64), np.nan)
+    good = finite & (np.abs(sums - 1.0) <= atol) & (np.where(finite[:, None], p, 0) >= -atol).all(1)
+    if good.all():
+        return p
+    i = int(np.flatnonzero(~good)[0])
+    why = "holds NaN or inf" if not finite[i] else f"sums to {sums[i]:.6g}, not 1"
+    raise NotProbabilities(
+        f"{what} is not a probability distribution: {int((~good).sum())} of {len(p)} rows "
+        f"are bad (row {i} {why}). The weights are probably NaN (a diverged run: NaN becomes "
+        "zeros in some CPUs' softmax) or the model has no softmax output. Retrain with a lower "
+        "learning rate, or load another checkpoint"
+    )
+
+
+def _float_variables(model) -> list:
+    """The model's and its optimizer's floating-point variables (weights, statistics, slots)."""
+    optimizer = getattr(model, "optimizer", None)
+    variables = list(model.variables) + (list(optimizer.variables) if optimizer else [])
+    return [v for v in variables if "float" in str(v.dtype)]
+
+
+def nonfinite_variables(model, variables=None) -> list[str]:
+    """Paths of the model's (and its optimizer's) variables holding NaN or inf; ``[]`` if none.
+
+    Decided from the values themselves (``tf.math.is_finite``), not from the loss: with
+    oneDNN a NaN weight can leave the loss finite. Works on distributed variables.
+    """
+    variables = _float_variables(model) if variables is None else variables
+    flags = _all_finite_flags(variables)
+    return [v.path for v, ok in zip(variables, flags, strict=True) if not ok]
+
+
+def _all_finite_flags(variables) -> np.ndarray:
+    if not variables:
+        return np.ones(0, bool)
+    flags = tf.stack([tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in variables])
+    return keras.ops.convert_to_numpy(flags)
 
 
 def check_checkpoint_path(path, weights_only: bool) -> Path:
@@ -916,14 +1243,25 @@ def check_checkpoint_path(path, weights_only: bool) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _atomic_path(path: Path):
-    """Yield a temporary path beside ``path`` (same suffixes); move it over ``path`` on success."""
+    """Yield a temporary path beside ``path`` (same suffixes); move it over ``path`` on success.
+
+    The file gets the permissions of any new file of the user (0666 less the umask), not the
+    0600 of the temporary file.
+    """
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".weights.h5") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -981,53 +1319,207 @@ def _restore(model, run_dir: Path) -> None:
             f"The checkpoint in {run_dir} was written by a different model or optimizer "
             "and cannot be resumed. Start fresh (RESUME=False) or use another OUTPUT_DIR"
         ) from None
+    bad = nonfinite_variables(model)
+    if bad:
+        raise ValueError(
+            f"{run_dir / 'last.weights.h5'} holds NaN or inf ({len(bad)} variable(s), e.g. "
+            f"'{bad[0]}'): that run diverged and cannot be resumed. Start over with "
+            f"RESUME=False (or another OUTPUT_DIR), or evaluate its {run_dir / 'best.weights.h5'}"
+        )
+
+
+def _seed_states(model) -> list:
+    """The state variables of the model's random layers (Dropout's seed generators)."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+def _staged(run_dir: Path, epoch: int, name: str) -> Path:
+    return run_dir / f".epoch-{epoch:05d}.{name}"
+
+
+def _settle_checkpoints(run_dir: Path, committed_epoch: int) -> None:
+    """Finish or undo staged checkpoint files after ``state.json`` says ``committed_epoch``.
+
+    An epoch's files are written as ``.epoch-NNNNN.<name>`` first, then ``state.json`` (the
+    commit), then renamed into place; a crash leaves them staged. Those of the committed
+    epoch are moved into place, those of an epoch that never committed are removed.
+    """
+    for staged in run_dir.glob(".epoch-*.*.weights.h5"):
+        epoch, name = staged.name[len(".epoch-") :].split(".", 1)
+        if epoch.isdigit() and int(epoch) == committed_epoch:
+            os.replace(staged, run_dir / name)
+        else:
+            staged.unlink()
+
+
+def _mode(monitor: str, mode: str) -> str:
+    if mode in ("min", "max"):
+        return mode
+    if mode != "auto":
+        raise ValueError(f'mode must be "auto", "min" or "max", not {mode!r}')
+    if "loss" in monitor or "error" in monitor:
+        return "min"
+    if "acc" in monitor or "top" in monitor or "auc" in monitor:
+        return "max"
+    raise ValueError(
+        f"Cannot tell whether a higher or lower {monitor!r} is better: pass mode='min' or 'max'"
+    )
 
 
 class _RunKeeper(keras.callbacks.Callback):
-    """Each epoch: atomic last checkpoint (weights, optimizer, state.json) and best checkpoint."""
+    """Guards the run and commits each good epoch (checkpoints, then ``state.json``).
 
-    def __init__(self, run_dir: Path, state: dict, monitor: str):
+    Every ``check_every`` batches and at each epoch's end, before anything is written: every
+    model and optimizer variable must be finite and the model's outputs on a fixed probe
+    batch must be probabilities; with the loss checked at every batch. Otherwise training
+    stops and nothing of that epoch is written.
+    """
+
+    def __init__(self, run_dir, state, monitor, mode, probe, check_every):
         super().__init__()
-        self.run_dir, self.state, self.monitor = run_dir, state, monitor
+        self.run_dir, self.state, self.monitor, self.mode = run_dir, state, monitor, mode
+        self.probe, self.check_every = probe, check_every
         self.diverged = None
-        self._t0 = None
+        self._t0 = self._variables = None
+
+    def on_train_begin(self, logs=None):
+        self._variables = _float_variables(self.model)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()
+        self._epoch = epoch + 1
+
+    def _stop(self, where: str, what: str) -> None:
+        self.diverged = (self._epoch, where, what)
+        self.model.stop_training = True
+
+    def _check_state(self, where: str) -> None:
+        """Stop if a variable is non-finite or the probe's outputs are no distribution."""
+        bad = [v.path for v, ok in zip(self._variables, _all_finite_flags(self._variables),
+                                       strict=True) if not ok]  # fmt: skip
+        what = f"variable '{bad[0]}' holds NaN or inf" if bad else None
+        if not what and self.probe is not None:
+            try:
+                outputs = self.model(self.probe, training=False)
+                check_probabilities(to_numpy(outputs), "the output")
+            except NotProbabilities as exc:
+                what = str(exc).split(". ")[0]
+        if _any_worker(self.model.distribute_strategy, what is not None) and not what:
+            what = "another worker's weights or outputs hold NaN or inf"
+        if what:
+            self._stop(where, what)
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(loss):
-            epoch = len(self.state["history"].get("loss", [])) + 1
-            self.diverged = (epoch, f"batch {batch + 1} (loss)", loss)
-            self.model.stop_training = True
+            self._stop(f"batch {batch + 1}", f"loss became {float(loss)}")
+        elif self.check_every and (batch + 1) % self.check_every == 0:
+            self._check_state(f"batch {batch + 1} (state check)")
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items()}
         bad = [k for k in ("loss", "val_loss") if k in logs and not np.isfinite(logs[k])]
-        if bad and not self.diverged:  # e.g. NaN weights after the epoch's last update
-            self.diverged = (epoch + 1, f"the end of the epoch ({bad[0]})", logs[bad[0]])
-            self.model.stop_training = True
+        if bad and not self.diverged:
+            self._stop(f"the end of the epoch ({bad[0]})", f"loss became {logs[bad[0]]}")
+        if not self.diverged:
+            self._check_state("the end of the epoch")
         if self.diverged:
-            return  # never checkpoint NaN weights
-        lr = self.model.optimizer.learning_rate  # the schedule's value at the current step
-        logs.setdefault("learning_rate", float(keras.ops.convert_to_numpy(lr)))
+            return  # nothing of this epoch is written
+        opt = self.model.optimizer
+        logs.setdefault("learning_rate", float(to_numpy(opt.learning_rate)))
+        state = self.state
         for key, value in logs.items():
-            self.state["history"].setdefault(key, []).append(value)
-        self.state["seconds"] += time.perf_counter() - self._t0
-        self.state["epoch"] = epoch + 1
-        self.state["step"] = int(self.model.optimizer.iterations)
+            state["history"].setdefault(key, []).append(value)
+        state["seconds"] += time.perf_counter() - self._t0
+        state["epoch"], state["step"] = epoch + 1, int(to_numpy(opt.iterations))
+        state["seed_states"] = [to_numpy(v).tolist() for v in _seed_states(self.model)]
         score = logs.get(self.monitor)
-        if score is not None and score > self.state.get("best", -np.inf):
-            self.state["best"], self.state["best_epoch"] = score, epoch + 1
-            save_checkpoint(self.model, self.run_dir / "best.weights.h5")
-        save_checkpoint(self.model, self.run_dir / "last.weights.h5")  # with optimizer state
-        write_json(self.run_dir / "state.json", self.state)
+        best = state.get("best")
+        if score is not None and (
+            best is None or (score < best if self.mode == "min" else score > best)
+        ):
+            state["best"], state["best_epoch"] = score, epoch + 1
+            save_checkpoint(self.model, _staged(self.run_dir, epoch + 1, "best.weights.h5"))
+        elif epoch == 0:  # a fresh run: a best checkpoint left by an older run is not ours
+            with contextlib.suppress(FileNotFoundError):
+                (self.run_dir / "best.weights.h5").unlink()
+        save_checkpoint(self.model, _staged(self.run_dir, epoch + 1, "last.weights.h5"))
+        write_json(self.run_dir / "state.json", state)  # the commit point
+        _settle_checkpoints(self.run_dir, epoch + 1)
+
+
+class _CommittedCSVLogger(keras.callbacks.CSVLogger):
+    """Keras' CSVLogger, writing only the epochs ``keeper`` committed.
+
+    A fresh log replaces an old one only when its first epoch commits, like the
+    checkpoints, so a run that diverges at once leaves the older run's log as it was.
+    """
+
+    def __init__(self, keeper: _RunKeeper, filename: str, append: bool):
+        super().__init__(filename, append=append)
+        self.keeper, self._opened = keeper, False
+
+    def on_train_begin(self, logs=None):
+        pass  # opened at the first committed epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.keeper.diverged:
+            return
+        if not self._opened:
+            super().on_train_begin()
+            self._opened = True
+        super().on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        if self._opened:
+            super().on_train_end(logs)
 
 
 def compile_metrics() -> list:
     """Fresh metric objects for ``model.compile``: top-1 ``accuracy`` and ``top5_accuracy``."""
     return ["accuracy", keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy")]
+
+
+def _flatten(obj, prefix: str = "") -> dict:
+    """``{"a.b": value}`` for nested dicts (JSON-normalised), for comparing run plans."""
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def _optimizer_plan(optimizer) -> dict:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # under mixed precision
+    config = {k: v for k, v in inner.get_config().items() if k != "name"}
+    return {"class": type(inner).__name__, **config}
+
+
+def run_plan(model, train_ds, plan: dict | None = None) -> dict:
+    """What a checkpoint of ``model`` trained on ``train_ds`` means, as JSON-able dict.
+
+    The model (parameter counts, and a digest of its variables' shapes), its optimizer
+    and learning-rate schedule (class and config), the data pipeline's ``plan`` from
+    :func:`make_dataset` (data fingerprint, image count, batch size, seed, augmentation),
+    and ``plan``: what the code cannot see (e.g. ``{"weights": "imagenet", "image_size":
+    224}``), whose keys replace those above.
+    """
+    shapes = ";".join(f"{tuple(v.shape)}" for v in model.weights)
+    described = {
+        "model": {
+            "params": parameter_counts(model),
+            "shapes": hashlib.md5(shapes.encode()).hexdigest()[:12],
+        },
+        "optimizer": _optimizer_plan(model.optimizer),
+        "data": getattr(train_ds, "plan", None),
+        **(plan or {}),
+    }
+    return json.loads(json.dumps(described, default=str))
+
+
+#: Plan entries that follow from the epoch count: a new ``epochs`` re-plans them.
+_REPLANNED_WITH_EPOCHS = ("optimizer.learning_rate.config.decay_rate",)
 
 
 def train(
@@ -1039,103 +1531,151 @@ def train(
     run_dir,
     resume: bool = True,
     monitor: str = "val_accuracy",
+    mode: str = "auto",
     callbacks=(),
     tensorboard: bool = False,
     plan: dict | None = None,
+    check_every: int = 50,
     verbose="auto",
 ) -> dict:
-    """Fit a compiled ``model`` with checkpoints, a CSV log and resume after interruption.
+    """Fit a compiled ``model`` with checkpoints, a CSV log, divergence guards and resume.
 
-    Writes into ``run_dir``: ``best.weights.h5`` (best ``monitor`` so far),
-    ``last.weights.h5`` (weights and optimizer state) + ``state.json`` (after every
-    epoch, each written atomically) and ``log.csv`` (one row per epoch). With ``resume=True``
-    and a ``state.json`` present, the weights, the optimizer state (so its step count
-    and learning-rate schedule) and the history are restored and training continues at
-    the next epoch; ``resume=False`` starts from scratch and overwrites them.
-    ``tensorboard=True`` adds TensorBoard logs (per-epoch metrics and learning rate) under
-    ``run_dir/tensorboard``; a resumed run continues their epoch axis (view them with
-    ``tensorboard --logdir OUTPUT_DIR``).
+    Writes into ``run_dir`` (under a multi-worker run, workers other than the chief write
+    into ``run_dir/worker-<index>``, see :func:`worker_run_dir`): ``last.weights.h5``
+    (weights and optimizer state), ``best.weights.h5`` (best ``monitor`` so far),
+    ``state.json`` (history, step, plan, random-layer states) and ``log.csv`` (one row per
+    epoch). An epoch commits together: its checkpoints are staged, ``state.json`` is
+    written (the commit point), then they are moved into place; a crash in between is
+    settled at the next start, so a best checkpoint never comes from an epoch the history
+    lacks. ``tensorboard=True`` adds TensorBoard logs under ``run_dir/tensorboard``.
 
-    ``plan`` (JSON-able, e.g. ``{"data": data_fingerprint(x, y), "batch_size": 128}``) is
-    stored with the run; resuming a run whose plan differs (other data, ``TRAIN_LIMIT`` or
-    batch size) is refused, so old checkpoints never pass for a new run. Resuming with
-    another ``epochs`` continues with a warning (a schedule planned from ``epochs`` is then
-    re-planned from the restored step); a run that already has ``epochs`` epochs trains
-    nothing and says so.
+    Resume (``resume=True`` and a ``state.json``): weights, optimizer state (so its step
+    and learning-rate schedule), history and the random layers' states are restored and
+    training continues at the next epoch. With ``train_ds`` from :func:`make_dataset` the
+    resumed epochs get the batches, order and augmentation an uninterrupted run would
+    have, so (with :func:`seed_everything`'s op determinism) an interrupted and resumed
+    run ends with the same weights and history as one that never stopped. A plain
+    ``tf.data.Dataset`` is iterated anew each epoch instead (its epochs restart).
+
+    The run's plan (:func:`run_plan`: model, optimizer and schedule, data pipeline, and
+    ``plan``) is stored; resuming a run with another plan is refused with the entries that
+    differ; another ``epochs`` continues with a warning (a schedule planned from the epoch
+    count is re-planned); a run that already has ``epochs`` epochs trains nothing.
+
+    Divergence: the loss is checked after every batch; every ``check_every`` batches
+    (0: only at epoch ends) and at each epoch's end all model and optimizer variables must
+    be finite and the model's outputs on a probe batch (the first 8 validation images)
+    must be probabilities. The best checkpoint follows ``monitor`` with ``mode``: "auto"
+    (lower is better for losses, higher for accuracies), "min" or "max".
 
     Returns:
-        The run state: ``{"epoch", "history" (metric -> list per epoch, all epochs),
-        "seconds" (training wall time, all sessions), "best", "best_epoch",
-        "initial_epoch" (where this call started), "step" (optimizer steps so far)}``.
-        The history also holds
-        ``learning_rate``: the optimizer's rate at the end of each epoch.
+        The run state: ``{"epoch", "history" (metric -> list per epoch, all epochs, with
+        ``learning_rate`` at each epoch's end), "seconds" (training wall time, all
+        sessions), "best", "best_epoch", "initial_epoch" (where this call started),
+        "step" (optimizer steps so far), "params" (counts while training, e.g. the
+        trainable ones of a phase), "run_dir", "plan"}``.
 
     Raises:
-        TrainingDiverged: the loss (or val_loss) became NaN/inf; the last good checkpoint
-            is kept and nothing from the diverged epoch is saved.
-        ValueError: a saved optimizer state does not fit the model, or the saved run's
-            ``plan`` differs from this one.
+        TrainingDiverged: NaN/inf in the loss, a variable, or outputs that are no
+            probabilities; the last good checkpoint is kept and nothing of that epoch saved.
+        ValueError: the saved checkpoint does not fit the model, holds NaN/inf, or its
+            plan differs; ``epochs`` < 1; ``mode`` unknown or undecidable for ``monitor``.
     """
-    run_dir = Path(run_dir)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an int >= 1, not {epochs!r}")
+    mode = _mode(monitor, mode)
+    run_dir = worker_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / "state.json"
-    state = {"epoch": 0, "history": {}, "seconds": 0.0, "plan": plan, "epochs": epochs}
+    full_plan = run_plan(model, train_ds, plan)
+    state = {"epoch": 0, "history": {}, "seconds": 0.0, "plan": full_plan, "epochs": epochs}
     if resume and state_path.exists():
-        saved = json.loads(state_path.read_text())
-        if saved.get("plan") != plan:
-            raise ValueError(
-                f"{run_dir} holds a run with another plan ({saved.get('plan')}) than this one "
-                f"({plan}): other data, TRAIN_LIMIT or batch size. Start over with "
-                "RESUME=False, or use another OUTPUT_DIR to keep that run"
-            )
-        if saved.get("epochs", epochs) != epochs:
-            warnings.warn(
-                f"{run_dir} was planned for {saved.get('epochs')} epochs, this run asks for "
-                f"{epochs}: continuing, with any learning-rate schedule re-planned from the "
-                f"restored step.",
-                stacklevel=2,
-            )
-        state = {**saved, "epochs": epochs}
-        _restore(model, run_dir)
-        if "step" in state and state["step"] != int(model.optimizer.iterations):
-            warnings.warn(  # stopped between writing last.weights.h5 and state.json
-                f"{run_dir}: last.weights.h5 is at optimizer step "
-                f"{int(model.optimizer.iterations)} but state.json at step {state.get('step')}; "
-                "the run was cut while checkpointing, so the weights are one epoch ahead of "
-                "the history. Continuing from them.",
-                stacklevel=2,
-            )
-        print(f"Resuming from {run_dir} after epoch {state['epoch']}.")
-        if state["epoch"] >= epochs:
-            print(
-                f"That run already has {state['epoch']} epoch(s), EPOCHS={epochs}: nothing to "
-                "train. Set RESUME=False (or another OUTPUT_DIR) to train again."
-            )
-    state["initial_epoch"] = state["epoch"]
-    keeper = _RunKeeper(run_dir, state, monitor)
+        state = _resume(model, run_dir, json.loads(state_path.read_text()), full_plan, epochs)
+    else:
+        _settle_checkpoints(run_dir, -1)  # staged files of an older run that never committed
+    state.update(
+        initial_epoch=state["epoch"],
+        monitor=monitor,
+        mode=mode,
+        params=parameter_counts(model),
+        run_dir=str(run_dir),
+    )
+    probe = None if val_ds is None else next(iter(val_ds.map(lambda x, _: x[:8]).take(1)), None)
+    keeper = _RunKeeper(run_dir, state, monitor, mode, probe, check_every)
     if state["epoch"] < epochs:
-        csv = keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=state["epoch"] > 0)
+        csv = _CommittedCSVLogger(keeper, str(run_dir / "log.csv"), append=state["epoch"] > 0)
         if tensorboard:
             if state["epoch"] == 0:  # a fresh run replaces old logs, like its checkpoints
                 shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
             callbacks = [*callbacks, keras.callbacks.TensorBoard(str(run_dir / "tensorboard"))]
+        exact = hasattr(train_ds, "from_epoch")
         model.fit(
-            train_ds,
+            train_ds.from_epoch(state["epoch"], epochs) if exact else train_ds,
             validation_data=val_ds,
             epochs=epochs,
             initial_epoch=state["epoch"],
+            steps_per_epoch=train_ds.steps_per_epoch if exact else None,
             callbacks=[keeper, csv, *callbacks],
             verbose=verbose,
             shuffle=False,  # the tf.data pipeline shuffles; Keras warns otherwise
         )
     if keeper.diverged:
-        epoch, where, loss = keeper.diverged
+        epoch, where, what = keeper.diverged
         raise TrainingDiverged(
-            f"Training diverged: loss became {loss} at epoch {epoch}, {where}. Lower the "
-            "learning rate or check the data; the last good checkpoint is "
-            f"{run_dir / 'last.weights.h5'}"
+            f"Training diverged: {what} at epoch {epoch}, {where}. Lower the learning rate "
+            f"or check the data. Nothing of epoch {epoch} was saved; the last good checkpoint "
+            f"is {run_dir / 'last.weights.h5'}"
+            + (
+                f" (epoch {state['epoch']})"
+                if state["epoch"]
+                else " (none: it diverged in epoch 1)"
+            )
         )
     return state
+
+
+def _resume(model, run_dir: Path, saved: dict, plan: dict, epochs: int) -> dict:
+    """The saved run state of ``run_dir``, restored into ``model``, or why it cannot be."""
+    _settle_checkpoints(run_dir, saved["epoch"])
+    old, new = _flatten(saved.get("plan")), _flatten(plan)
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    replanned = [k for k in differ if k in _REPLANNED_WITH_EPOCHS]
+    if saved.get("epochs", epochs) != epochs:
+        differ = [k for k in differ if k not in replanned]
+    if differ:
+        shown = "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in differ[:6])
+        raise ValueError(
+            f"{run_dir} holds a run with another plan: {shown}"
+            + (f" (and {len(differ) - 6} more)" if len(differ) > 6 else "")
+            + ". Its checkpoints mean something else. Start over with RESUME=False, or use "
+            "another OUTPUT_DIR to keep that run"
+        )
+    if saved.get("epochs", epochs) != epochs:
+        warnings.warn(
+            f"{run_dir} was planned for {saved.get('epochs')} epochs, this run asks for "
+            f"{epochs}: continuing, with any learning-rate schedule re-planned from the "
+            f"restored step.",
+            stacklevel=3,
+        )
+    _restore(model, run_dir)
+    step = int(to_numpy(model.optimizer.iterations))
+    if "step" in saved and saved["step"] != step:
+        raise ValueError(
+            f"{run_dir}: last.weights.h5 is at optimizer step {step} but state.json at step "
+            f"{saved['step']}: they do not belong together (a file copied or restored by hand?). "
+            "Start over with RESUME=False, or put back the pair written together"
+        )
+    seed_vars = _seed_states(model)
+    if len(saved.get("seed_states", [])) == len(seed_vars):
+        for var, value in zip(seed_vars, saved.get("seed_states", []), strict=True):
+            var.assign(np.asarray(value, dtype=str(var.dtype)))
+    print(f"Resuming from {run_dir} after epoch {saved['epoch']}.")
+    if saved["epoch"] >= epochs:
+        print(
+            f"That run already has {saved['epoch']} epoch(s), EPOCHS={epochs}: nothing to "
+            "train. Set RESUME=False (or another OUTPUT_DIR) to train again."
+        )
+    return {**saved, "epochs": epochs, "plan": plan}
 
 
 def steps_per_epoch(train_size: int, batch_size: int) -> int:
@@ -1228,11 +1768,14 @@ def configure_precision(mixed: bool) -> str:
     return name
 
 
-def _tf_config_workers() -> int:
-    """Number of worker tasks (chief included) that ``$TF_CONFIG`` names; 0 if it is unset."""
+def _tf_config() -> tuple[int, str, int] | None:
+    """``(workers, task type, task index)`` from ``$TF_CONFIG``; ``None`` if it is unset.
+
+    ``workers`` counts the worker tasks, chief included.
+    """
     raw = os.environ.get("TF_CONFIG", "").strip()
     if not raw:
-        return 0
+        return None
     try:
         config = json.loads(raw)
         cluster, task = config["cluster"], config["task"]
@@ -1250,7 +1793,51 @@ def _tf_config_workers() -> int:
             f"TF_CONFIG's task {task_type!r} #{task_index} is not in its cluster "
             f"{sorted(cluster)}; give each machine its own index into the worker list"
         )
-    return n
+    if "chief" not in cluster and task_type == "worker" and task_index == 0:
+        task_type = "chief"  # worker 0 is the chief when the cluster names none
+    return n, task_type, task_index
+
+
+def is_chief() -> bool:
+    """Whether this process writes the shared results of a run.
+
+    True on one machine, and under a multi-worker ``$TF_CONFIG`` for the chief (the task
+    of type ``"chief"``, else worker 0). Only the chief writes results files, figures and
+    exported models; every worker keeps its own checkpoints (:func:`worker_run_dir`).
+    """
+    config = _tf_config()
+    return config is None or config[1] == "chief"
+
+
+def worker_run_dir(run_dir) -> Path:
+    """The checkpoint folder of this worker: ``run_dir`` itself, or for a non-chief worker of a
+    multi-worker run ``run_dir/worker-<index>``, so workers sharing a folder never write the
+    same file and each resumes from its own checkpoints."""
+    config = _tf_config()
+    run_dir = Path(run_dir)
+    if config is None or config[1] == "chief":
+        return run_dir
+    return run_dir / f"worker-{config[2]}"
+
+
+def to_numpy(value) -> np.ndarray:
+    """A variable or tensor as a numpy array, also under ``tf.distribute`` strategies.
+
+    ``int(optimizer.iterations)`` fails on a ``MirroredVariable``; this reads the value
+    (all replicas of a mirrored variable hold the same), and the first local replica's
+    value of a per-replica result.
+    """
+    if isinstance(value, tf.distribute.DistributedValues):
+        value = value.values[0]
+    return np.asarray(tf.convert_to_tensor(getattr(value, "value", value)))
+
+
+def _any_worker(strategy, flag: bool) -> bool:
+    """``flag`` or-ed over all workers of a multi-worker run (a collective: all must call it)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return flag
+    votes = strategy.run(lambda: tf.constant(1.0 if flag else 0.0))
+    return float(strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)) > 0
 
 
 class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
@@ -1274,39 +1861,72 @@ class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         return tf.nest.map_structure(one, value)
 
 
-def choose_strategy():
+def _split_cpu(n: int) -> list[str]:
+    """Split the CPU into ``n`` logical devices (before TensorFlow starts); their names."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    if len(tf.config.get_logical_device_configuration(cpu) or []) != n:
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)]
+            )
+        except RuntimeError:
+            raise RuntimeError(
+                f"CIFAR_CPU_DEVICES={n} must take effect before TensorFlow starts: restart "
+                "the kernel (or process) and call choose_strategy() before any other "
+                "TensorFlow work"
+            ) from None
+    return [f"/cpu:{i}" for i in range(n)]
+
+
+def choose_strategy(cpu_devices: int | None = None):
     """The ``tf.distribute`` strategy for the devices and machines at hand.
 
     - ``MultiWorkerMirroredStrategy`` when ``$TF_CONFIG`` names two or more workers:
       synchronous data-parallel training across machines (all-reduce of gradients;
       every worker ends with the same weights).
     - ``MirroredStrategy`` over all visible GPUs when there are two or more.
+    - ``MirroredStrategy`` over ``cpu_devices`` logical CPU devices when that is 2 or more
+      and there is no GPU: the same code path as several GPUs, testable on a laptop
+      (default: the environment variable ``CIFAR_CPU_DEVICES``, else 1).
     - Else ``OneDeviceStrategy`` on the one GPU, or on the CPU.
 
     Build and compile the model inside ``with strategy.scope():`` and batch the data at
     :func:`global_batch_size`. Call this first, before any other TensorFlow work:
-    multi-worker collectives can only be set up at program start.
+    multi-worker collectives and logical CPU devices can only be set up at program start.
 
     Multi-worker launch: start the same notebook or script on every machine, each with
     ``TF_CONFIG`` listing all workers and its own index, e.g. on the first machine
     ``TF_CONFIG='{"cluster": {"worker": ["10.0.0.1:12345", "10.0.0.2:12345"]},
     "task": {"type": "worker", "index": 0}}'`` and ``"index": 1`` on the second. Worker 0
     is the chief; all must reach each other on those ports, read the same data and use
-    the same ``SEED``; training starts when all have joined. Every worker writes its own
-    checkpoints, so give each a local ``OUTPUT_DIR`` (not one shared folder) and keep
-    the chief's. Trainable weights stay identical on all workers; BatchNorm moving
-    statistics are updated from each worker's own batches (Keras 3 does not all-reduce
-    them), so they differ slightly between workers.
+    the same ``SEED``; training starts when all have joined. Only the chief writes the
+    results file, figures and exported model (:func:`is_chief`); every worker writes its
+    own checkpoints (:func:`worker_run_dir`) and resumes from them. Trainable weights stay
+    identical on all workers; BatchNorm moving statistics are updated from each worker's
+    own batches (Keras 3 does not all-reduce them), so they differ slightly between workers.
 
     Raises:
         ValueError: ``$TF_CONFIG`` is set but is not valid JSON of that form, or this
-            machine's task is not in its cluster.
+            machine's task is not in its cluster; ``cpu_devices`` (or
+            ``CIFAR_CPU_DEVICES``) is not an int >= 1.
+        RuntimeError: logical CPU devices asked for after TensorFlow started.
     """
-    if _tf_config_workers() > 1:
+    if cpu_devices is None:
+        raw = os.environ.get("CIFAR_CPU_DEVICES", "").strip() or "1"
+        cpu_devices = int(raw) if raw.isdigit() else raw
+    if isinstance(cpu_devices, bool) or not isinstance(cpu_devices, int) or cpu_devices < 1:
+        raise ValueError(
+            f"CIFAR_CPU_DEVICES / cpu_devices must be an int >= 1, not {cpu_devices!r}"
+        )
+    config = _tf_config()
+    cpus = _split_cpu(cpu_devices) if cpu_devices > 1 else []
+    if config is not None and config[0] > 1:
         return _MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy([g.name for g in gpus])
+    if cpus and not gpus:
+        return tf.distribute.MirroredStrategy(cpus)
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
 
 
@@ -1465,13 +2085,24 @@ def _small_conv_op(layer, max_output_pixels: int):
 
 
 def predict_proba(model, x, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities for uint8 images ``x`` (N, 32, 32, 3) in [0, 255].
+    """Class probabilities for images ``x`` (N, H, W, 3): uint8 in [0, 255] or float in [0, 1].
 
     Images go through the same normalisation as :func:`make_dataset` (no augmentation).
-    Returns float32 ``(N, num_classes)``, rows summing to 1.
+    The model runs batch by batch on this process's first device, in order, so the rows
+    match ``x`` under every ``tf.distribute`` strategy (a multi-worker ``model.predict``
+    would shard the data between workers).
+
+    Returns:
+        float32 ``(N, num_classes)``, each row a probability distribution.
+
+    Raises:
+        NotProbabilities: a row holds NaN/inf or does not sum to 1 (e.g. NaN weights).
+        ValueError: bad images (see :func:`make_dataset`).
     """
     ds = make_dataset(x, np.zeros(len(x), np.int64), batch_size=batch_size, training=False)
-    return model.predict(ds.map(lambda images, _: images), verbose=0)
+    forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+    rows = [to_numpy(forward(images)).astype(np.float32) for images, _ in ds]
+    return check_probabilities(np.concatenate(rows), f"{model.name}'s output")
 
 
 def top_k_accuracy(y_true, probs, k: int = 1) -> float:
@@ -1485,37 +2116,69 @@ def top_k_accuracy(y_true, probs, k: int = 1) -> float:
 
 
 def write_results(output_dir, name: str, **fields) -> Path:
-    """Write ``output_dir/<name>.json`` (atomically) with ``fields`` plus a timestamp."""
+    """Write ``output_dir/<name>.json`` (atomically) with ``fields`` plus a timestamp.
+
+    Only the chief of a multi-worker run writes (:func:`is_chief`); the path is returned
+    either way.
+    """
     record = {"model": name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
-    return write_json(Path(output_dir) / f"{name}.json", record)
+    path = Path(output_dir) / f"{name}.json"
+    return write_json(path, record) if is_chief() else path
 
 
-def evaluate_and_save(model, run: dict, run_dir, output_dir, name: str, train, val, test, **extra):
+def evaluate_and_save(
+    model, run: dict, output_dir, name: str, train, val, test, *, data=None, settings=None, **extra
+):
     """Load the best checkpoint, score it once on validation and test, write the results file.
 
     Args:
-        model: the trained model; its weights are replaced by ``run_dir/best.weights.h5``.
-        run: the state :func:`train` returned.
+        model: the trained model; its weights are replaced by ``best.weights.h5`` from
+            ``run["run_dir"]``.
+        run: the state :func:`train` returned (or :func:`join_runs` of several phases).
         train, val, test: ``(x uint8 (N, 32, 32, 3), y int (N,))`` pairs; ``train`` only
-            counts images (``full_cifar100`` is true for 50,000 train + val and 10,000 test).
-        extra: more JSON-able fields for the record (batch size, data source, ...).
+            counts images.
+        data: the provenance from ``load_cifar100(..., provenance=True)``. The record is
+            ``full_cifar100`` only if the data are the official archive's (md5 checked)
+            and the run trained on all its training images (train + validation: no
+            ``TRAIN_LIMIT``) and tested on all its test images. Without ``data``: never.
+        settings: the notebook's checked parameters (:func:`check_parameters`), recorded
+            whole and as the ones that differ from the notebook's defaults.
+        extra: more JSON-able fields for the record (batch size, weights source, ...).
 
     Returns:
-        ``(record, test_probs)``: the record written to ``output_dir/<name>.json``
-        (parameter counts, epochs, training seconds, history, best epoch, hardware and
-        :func:`evaluation_summary` of validation and test: ``val_top1``, ``test_top5``, ...
-        floats in [0, 1]) and the test-set probabilities, float32 (N, 100).
+        ``(record, test_probs)``: the record written to ``output_dir/<name>.json`` (by the
+        chief only: :func:`is_chief`): parameter counts while training (``params``; its
+        ``trainable`` is the last phase's), ``phases`` (name, epochs and trainable
+        parameters of each), epochs, training seconds, history, best epoch, hardware, data
+        provenance, settings and :func:`evaluation_summary` of validation and test
+        (``val_top1``, ``test_top5``, ... floats in [0, 1]), and the test-set probabilities,
+        float32 (N, 100).
+
+    Raises:
+        NotProbabilities: the model's outputs are no probabilities (a diverged model).
     """
-    model.load_weights(Path(run_dir) / "best.weights.h5")
+    model.load_weights(Path(run["run_dir"]) / "best.weights.h5")
     val_probs, test_probs = predict_proba(model, val[0]), predict_proba(model, test[0])
+    n_train, n_val, n_test = len(train[0]), len(val[0]), len(test[0])
+    whole = data is not None and (n_train + n_val, n_test) == (
+        data.get("train_images"),
+        data.get("test_images"),
+    )
+    phases = run.get("phases") or [
+        {"name": "train", "epochs": run["epoch"], "trainable_params": run["params"]["trainable"]}
+    ]
     record = {
-        "params": parameter_counts(model),
+        "params": run.get("params") or parameter_counts(model),
+        "phases": phases,
         "epochs": run["epoch"],
         "best_epoch": run.get("best_epoch"),
         "seconds": round(run["seconds"], 1),
         "hardware": describe_hardware(),
-        "train_images": len(train[0]),
-        "full_cifar100": len(train[0]) + len(val[0]) == 50_000 and len(test[0]) == 10_000,
+        "train_images": n_train,
+        "full_cifar100": bool(whole and data.get("official")),
+        "data": data,
+        "settings": dict(settings) if settings is not None else None,
+        "settings_changed": settings.changed() if hasattr(settings, "changed") else None,
         **evaluation_summary(val[1], val_probs, "val"),
         **evaluation_summary(test[1], test_probs, "test"),
         **extra,
@@ -1914,13 +2577,42 @@ def _format_seconds(seconds) -> str | None:
     return f"{seconds / 3600:.1f} h"
 
 
-def full_runs(results_dir="results") -> tuple[list[dict], list[str]]:
-    """The results records of runs on all of CIFAR-100 in ``results_dir``, and what was skipped.
+def _why_not_full(record) -> str | None:
+    """Why a results record may not stand in the README table; ``None`` if it may."""
+    if not isinstance(record, dict) or "model" not in record:
+        return "not a model's results file (no 'model' field)"
+    if "val_top1" not in record and "test_top1" not in record:
+        return "holds no val_top1 or test_top1"
+    data = record.get("data")
+    if not isinstance(data, dict):
+        return "records no data provenance, so nothing shows it ran on CIFAR-100"
+    if not data.get("official") or data.get("md5") != CIFAR100_MD5:
+        return f"not the official CIFAR-100 archive ({data.get('check', 'md5 not checked')})"
+    seen = record.get("train_images", 0) + record.get("val_images", 0)
+    if seen != data.get("train_images"):
+        return (
+            f"trained on {seen:,} of the {data.get('train_images'):,} training images (TRAIN_LIMIT)"
+        )
+    if record.get("test_images") != data.get("test_images"):
+        return f"tested on {record.get('test_images')} of {data.get('test_images')} test images"
+    if record.get("full_cifar100") is not True:
+        return "not marked full_cifar100"
+    return None
+
+
+def full_runs(results_dir="results") -> tuple[list[dict], list[tuple[str, str]]]:
+    """The results records of runs on all of official CIFAR-100 in ``results_dir``.
+
+    A record counts when it has ``"model"``, a ``val_top1`` or ``test_top1``, data
+    provenance showing the official archive (md5 :data:`CIFAR100_MD5`, see
+    :func:`data_provenance`) and image counts showing all of its training and test images
+    were used (no ``TRAIN_LIMIT``), and ``"full_cifar100": true`` (written by
+    :func:`evaluate_and_save`). Nothing else reaches the README table.
 
     Returns:
-        ``(records, skipped)``: the dicts of ``*.json`` files with ``"model"``, a ``val_top1``
-        or ``test_top1`` and ``"full_cifar100": true``; the names of the other ``.json`` files
-        (quick runs with ``TRAIN_LIMIT``, runs on other data, ``benchmark.json``).
+        ``(records, skipped)``: the dicts of the ``*.json`` files that count, and
+        ``(file name, why it does not count)`` for every other ``.json`` file (quick runs,
+        runs on other data such as the generated archive, ``benchmark.json``).
 
     Raises:
         ValueError: a ``.json`` file in ``results_dir`` is not valid JSON.
@@ -1931,29 +2623,35 @@ def full_runs(results_dir="results") -> tuple[list[dict], list[str]]:
             record = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON ({exc}); fix or remove it") from None
-        full = (
-            isinstance(record, dict)
-            and "model" in record
-            and ("val_top1" in record or "test_top1" in record)
-            and record.get("full_cifar100") is True
-        )
-        (records if full else skipped).append(record if full else path.name)
+        why = _why_not_full(record)
+        if why:
+            skipped.append((path.name, why))
+        else:
+            records.append(record)
     return records, skipped
 
 
-def results_table(results_dir="results") -> str:
-    """Markdown table comparing the runs recorded in ``results_dir/*.json``.
+#: Notebook parameters that say where files go or how to watch a run, not what is trained.
+RUN_ONLY_PARAMETERS = ("DATA_DIR", "OUTPUT_DIR", "RESUME", "TENSORBOARD", "PHOTO")
 
-    A results file (from :func:`write_results`) counts when it has ``"model"`` and at least
-    one of ``val_top1``, ``test_top1`` and was trained and tested on all of CIFAR-100
-    (``"full_cifar100": true``, set by :func:`evaluate_and_save`); others (quick runs
-    with ``TRAIN_LIMIT``, runs on other data, ``benchmark.json``) are skipped.
-    Columns come from its fields: ``params`` (int, or the dict of :func:`parameter_counts`),
-    ``epochs``, ``seconds`` (training wall time), ``val_top1``, ``val_top5``, ``test_top1``,
-    ``test_top5``, ``hardware`` (see :func:`describe_hardware`); a missing field shows as
-    an em dash. One more column gives the seed's published test top-1
-    (:data:`PUBLISHED_TEST_TOP1`), clearly labelled; models with a published figure but no
-    run get a row with only that figure.
+
+def _settings_cell(record: dict) -> str | None:
+    changed = record.get("settings_changed") or {}
+    shown = [f"{k}={v}" for k, v in sorted(changed.items()) if k not in RUN_ONLY_PARAMETERS]
+    return ", ".join(shown) if shown else "defaults"
+
+
+def results_table(results_dir="results") -> str:
+    """Markdown table comparing the full CIFAR-100 runs recorded in ``results_dir/*.json``.
+
+    Only records that :func:`full_runs` accepts count. Columns come from their fields:
+    ``params`` (int, or the dict of :func:`parameter_counts`), ``epochs``, ``seconds``
+    (training wall time), ``val_top1``, ``val_top5``, ``test_top1``, ``test_top5``,
+    ``hardware`` (see :func:`describe_hardware`), and the notebook settings that differ
+    from its defaults (``settings_changed``, without where files went: "defaults" if
+    none); a missing field shows as an em dash. One more column gives the seed's
+    published test top-1 (:data:`PUBLISHED_TEST_TOP1`), clearly labelled; models with a
+    published figure but no run get a row with only that figure.
 
     Raises:
         ValueError: a ``.json`` file in ``results_dir`` is not valid JSON.
@@ -1970,6 +2668,7 @@ def results_table(results_dir="results") -> str:
             "time": _format_seconds(record.get("seconds")),
             **{k: record.get(k) for k in ("val_top1", "val_top5", "test_top1", "test_top5")},
             "hardware": record.get("hardware"),
+            "settings": _settings_cell(record),
         }
     for model in PUBLISHED_TEST_TOP1:
         rows.setdefault(model, {"model": model})
@@ -1985,6 +2684,7 @@ def results_table(results_dir="results") -> str:
         ("test_top1", "Test top-1"),
         ("test_top5", "Test top-5"),
         ("hardware", "Hardware"),
+        ("settings", "Settings (not the notebook's defaults)"),
         ("published", "Seed's published test top-1 (not measured here)"),
     ]
     return markdown_table(list(rows.values()), columns)
@@ -2022,12 +2722,202 @@ def update_readme_results(results_dir="results", readme="README.md") -> str:
     return table
 
 
+# ------------------------------------------------------------ notebook parameters
+
+
+class ParameterError(ValueError):
+    """A notebook parameter is unknown or has a bad value; the message names each one."""
+
+
+class NotebookParameters(dict):
+    """The checked parameters of a notebook run (name -> value), with the notebook's defaults."""
+
+    def __init__(self, values: dict, defaults: dict):
+        super().__init__(values)
+        self.defaults = dict(defaults)
+
+    def changed(self) -> dict:
+        """The parameters whose value differs from the notebook's default (JSON-able)."""
+        return {k: _jsonable(v) for k, v in self.items() if v != self.defaults.get(k)}
+
+
+def _jsonable(value):
+    return value if isinstance(value, bool | int | float | str | type(None)) else str(value)
+
+
+def _notebook_cells(notebook) -> list[dict]:
+    path = Path(notebook)
+    if not path.is_absolute() and not path.exists():
+        path = Path(__file__).resolve().parent / path
+    return [c for c in json.loads(path.read_text(encoding="utf-8"))["cells"]
+            if c["cell_type"] == "code"]  # fmt: skip
+
+
+def _source(cell) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def notebook_defaults(notebook) -> dict:
+    """The parameters of ``notebook`` (name -> default), read from its cell tagged "parameters".
+
+    Each ``NAME = literal`` line of that cell is a parameter; papermill's ``-p NAME VALUE``
+    overrides it in the cell it injects after.
+
+    Raises:
+        ValueError: the notebook has no cell tagged "parameters", or a default is no literal.
+    """
+    import ast
+
+    cells = [c for c in _notebook_cells(notebook) if "parameters" in c["metadata"].get("tags", [])]
+    if not cells:
+        raise ValueError(f"{notebook} has no code cell tagged 'parameters'")
+    defaults = {}
+    for node in ast.parse(_source(cells[0])).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            defaults[node.targets[0].id] = ast.literal_eval(node.value)
+    return defaults
+
+
+def _assigned_names(notebook) -> set[str]:
+    """Every name a code cell of ``notebook`` assigns, imports or defines."""
+    import ast
+
+    names = set()
+    for cell in _notebook_cells(notebook):
+        for node in ast.walk(ast.parse(_source(cell))):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.alias):
+                names.add((node.asname or node.name).split(".")[0])
+            elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+                names.add(node.name)
+    return names
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and np.isfinite(v)
+
+
+def _existing_file(v) -> bool:
+    return isinstance(v, str | os.PathLike) and Path(v).expanduser().is_file()
+
+
+#: (test on the name, test on the value, what the value must be), first match wins.
+_PARAMETER_RULES = (
+    (lambda n: n.endswith("EPOCHS"), lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    (lambda n: n == "LR" or n.endswith("_LR"), lambda v: _is_real(v) and v > 0, "a number > 0"),
+    (lambda n: n == "BATCH_SIZE", lambda v: _is_int(v) and 1 <= v <= 50_000,
+     "an int in [1, 50000] (images per batch and device)"),
+    (lambda n: n == "VAL_SIZE", lambda v: _is_int(v) and 100 <= v <= 49_900,
+     "an int in [100, 49900]: at least one image per class, at most all but 100 of the 50,000"),
+    (lambda n: n.endswith("_LIMIT"), lambda v: v is None or (_is_int(v) and 100 <= v <= 49_900),
+     "None (all images) or an int in [100, 49900]: at least one image per class"),
+    (lambda n: n == "SEED", lambda v: _is_int(v) and 0 <= v < 2**32, "an int in [0, 2**32)"),
+    (lambda n: n == "IMAGE_SIZE", lambda v: _is_int(v) and 32 <= v <= 1024,
+     "an int in [32, 1024] (pixels; 224 is EfficientNet's ImageNet size)"),
+    (lambda n: n == "XLA", lambda v: v is True or v is False or v == "auto",
+     'True, False or "auto"'),
+    (lambda n: n == "WEIGHTS", lambda v: v is None or v == "imagenet" or _existing_file(v),
+     '"imagenet", None (random weights) or the path of an existing .h5 weights file'),
+    (lambda n: n == "PHOTO", lambda v: v is None or _existing_file(v),
+     "None (the sample photo) or the path of an existing image file"),
+    (lambda n: n == "DATA_DIR", lambda v: v is None or Path(str(v)).expanduser().exists(),
+     "None (CIFAR100_DIR, the Keras cache, or a download) or an existing file or folder"),
+    (lambda n: n.endswith("_DIR"), lambda v: isinstance(v, str | os.PathLike) and str(v) != "",
+     "a folder path"),
+)  # fmt: skip
+
+
+def _expected(name: str, default) -> tuple:
+    """(value test, description) of parameter ``name`` from its name, else its default's type."""
+    for applies, test, what in _PARAMETER_RULES:
+        if applies(name):
+            return test, what
+    if isinstance(default, bool):
+        return (lambda v: isinstance(v, bool)), "True or False"
+    if _is_int(default):
+        return _is_int, "an int"
+    if isinstance(default, float):
+        return _is_real, "a number"
+    if isinstance(default, str):
+        return (lambda v: isinstance(v, str)), "a string"
+    return (lambda v: True), "anything"
+
+
+_IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+
+
+def check_parameters(namespace: dict, notebook) -> NotebookParameters:
+    """Check a notebook run's parameters before anything is read or written.
+
+    The parameters and their defaults come from the notebook's own cell tagged
+    "parameters" (:func:`notebook_defaults`), so a new parameter is checked without more
+    code. Call it first thing after that cell: ``cu.check_parameters(globals(),
+    "simple_image_clasifier.ipynb")``.
+
+    - Unknown names (``-p EPOCH 2``: papermill only warns and runs on) are refused with the
+      closest known name ("EPOCH: no such parameter; did you mean EPOCHS?"): any global
+      in ``namespace`` written like a parameter (upper case) or close to one, that no
+      cell of the notebook assigns.
+    - Values by name: ``*EPOCHS`` ints >= 1; ``*_LR`` numbers > 0; ``BATCH_SIZE``,
+      ``VAL_SIZE``, ``*_LIMIT``, ``SEED``, ``IMAGE_SIZE`` ints in range for CIFAR-100
+      (50,000 training images; the loaded data are checked again by
+      :func:`train_val_split`); ``XLA`` True/False/"auto"; ``WEIGHTS`` "imagenet", None or
+      an existing file; ``PHOTO`` None or an existing file; ``DATA_DIR`` None or an
+      existing path; other ``*_DIR`` paths; any other parameter must have its default's
+      type (bool, int, number, string). ``TRAIN_LIMIT`` must leave ``VAL_SIZE`` out.
+
+    Args:
+        namespace: the notebook's globals (``globals()``).
+        notebook: the notebook's file name (relative to this module's folder) or path.
+
+    Returns:
+        :class:`NotebookParameters`: name -> value, with ``.defaults`` and ``.changed()``.
+
+    Raises:
+        ParameterError: every problem found, one per line, each naming the parameter.
+    """
+    defaults = notebook_defaults(notebook)
+    known = _assigned_names(notebook)
+    problems = []
+    for name in namespace:
+        if name.startswith("_") or name in known or name in _IPYTHON_NAMES:
+            continue
+        close = difflib.get_close_matches(name.upper(), defaults, n=1, cutoff=0.6)
+        if name.isupper() or close:
+            hint = f"; did you mean {close[0]}?" if close else ""
+            problems.append(
+                f"{name}: no such parameter{hint} The parameters are {', '.join(defaults)}"
+            )
+    values = {name: namespace.get(name, default) for name, default in defaults.items()}
+    for name, value in values.items():
+        test, what = _expected(name, defaults[name])
+        if not test(value):
+            problems.append(f"{name} = {value!r}: must be {what}")
+    limit, val = values.get("TRAIN_LIMIT"), values.get("VAL_SIZE")
+    if _is_int(limit) and _is_int(val) and limit + val > 50_000:
+        problems.append(
+            f"TRAIN_LIMIT = {limit} with VAL_SIZE = {val}: together more than CIFAR-100's "
+            "50,000 training images"
+        )
+    if problems:
+        raise ParameterError("Bad notebook parameters:\n  " + "\n  ".join(problems))
+    return NotebookParameters(values, defaults)
+
+
 # --------------------------------------------------------------------- plots
 
 
 def _finish(fig, path):
-    """Save ``fig`` to ``path`` (creating its folder) when a path is given; return ``fig``."""
-    if path is not None:
+    """Save ``fig`` to ``path`` (creating its folder) when a path is given; return ``fig``.
+
+    Under a multi-worker run only the chief saves (:func:`is_chief`).
+    """
+    if path is not None and is_chief():
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100, bbox_inches="tight")
     return fig
@@ -2077,10 +2967,12 @@ def plot_history(history: dict, title: str = "", path=None, phases=()):
 
     ``history`` maps metric names (``accuracy``, ``val_accuracy``, ``loss``,
     ``val_loss``) to per-epoch lists, as :func:`train` returns in ``state["history"]``.
-    ``phases``: ``[(name, first epoch), ...]`` marked by dashed lines, e.g. from
-    :func:`join_runs`.
+    ``phases``: ``[{"name", "first_epoch"}, ...]`` (1-based epochs, e.g. from
+    :func:`join_runs`), each marked by a dashed line and its name inside the axes.
+    Epoch ticks are whole numbers; values are printed without an offset.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
@@ -2088,13 +2980,24 @@ def plot_history(history: dict, title: str = "", path=None, phases=()):
             values = history.get(key)
             if values:
                 ax.plot(np.arange(1, len(values) + 1), values, marker=".", label=label)
-        for name, start in phases:
+        for phase in phases:
+            start = phase["first_epoch"]
             ax.axvline(start - 0.5, color="gray", linestyle="--", linewidth=1)
-            ax.text(start - 0.4, 1, name, transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+            ax.annotate(
+                phase["name"],
+                (start - 0.5, 1),
+                xycoords=ax.get_xaxis_transform(),
+                xytext=(3, -3),
+                textcoords="offset points",
+                va="top",
+                fontsize=8,
+            )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="center right")
     fig.suptitle(title)
     fig.tight_layout()
     return _finish(fig, path)
@@ -2211,8 +3114,8 @@ if __name__ == "__main__":
     runs, skipped = full_runs(args.results_dir)
     print(
         f"{len(runs)} run(s) on all of CIFAR-100 in '{args.results_dir}'"
-        + (f"; not listed: {', '.join(skipped)}" if skipped else "")
         + ("" if Path(args.results_dir).is_dir() else " (the folder does not exist yet)")
+        + "".join(f"\n  not listed: {name}: {why}" for name, why in skipped)
     )
     changed = Path(args.readme).read_text(encoding="utf-8") != before
     print(f"Updated {args.readme}" if changed else f"{args.readme} was already up to date")

@@ -184,11 +184,30 @@ def test_truncated_archive(cifar_archive, tmp_path):
         cu.load_cifar100(bad)
 
 
-def test_not_an_archive(tmp_path):
-    bad = tmp_path / "cifar-100-python.tar.gz"
-    bad.write_text("<html>404</html>")
-    with pytest.raises(cu.CifarDataError, match="truncated or corrupt"):
-        cu.load_cifar100(bad)
+def test_the_wrong_file_is_told_apart_from_a_damaged_archive(cifar_archive, tmp_path):
+    import gzip
+
+    text = tmp_path / "notes.txt"
+    text.write_text("my notes, not a dataset\n")
+    wrong_file = (
+        "is not a gzip/tar archive: is this the CIFAR-100 file\\? "
+        f"Expected {cu.ARCHIVE_NAME} \\(md5 {cu.CIFAR100_MD5}"
+    )
+    page = tmp_path / "cifar-100-python.tar.gz"  # an HTML error page saved as the archive
+    page.write_text("<html>404</html>")
+    for bad in (text, page):
+        with pytest.raises(cu.CifarDataError, match=wrong_file) as err:
+            cu.load_cifar100(bad)
+        assert "truncated" not in str(err.value)
+    other_gzip = tmp_path / "other.tar.gz"
+    other_gzip.write_bytes(gzip.compress(b"a gzip file, but no tar inside" * 40))
+    with pytest.raises(cu.CifarDataError, match="a gzip file that holds no tar archive"):
+        cu.load_cifar100(other_gzip)
+    cut = tmp_path / "cut.tar.gz"  # a real archive, cut at 5% and at 50%
+    for share in (20, 2):
+        cut.write_bytes(cifar_archive.read_bytes()[: cifar_archive.stat().st_size // share])
+        with pytest.raises(cu.CifarDataError, match="truncated or corrupt"):
+            cu.load_cifar100(cut)
 
 
 @pytest.mark.parametrize("member", ["train", "test", "meta"])
@@ -425,3 +444,64 @@ def test_split_rejects_sizes_smaller_than_the_classes(cifar_archive, kwargs, mat
     (x, y), _ = cu.load_cifar100(cifar_archive)
     with pytest.raises(ValueError, match=match):
         cu.train_val_split(x, y, **{"val_size": 500, **kwargs})
+
+
+# ------------------------------------------------------------------ provenance
+
+
+def test_provenance_of_an_archive_that_is_not_the_official_one(cifar_archive):
+    *_, info = cu.load_cifar100(cifar_archive, provenance=True)
+    assert info["official"] is False and info["md5"] == _md5(cifar_archive)
+    assert info["source"] == str(cifar_archive) and info["archive"] == str(cifar_archive)
+    assert f"not the official archive's {cu.CIFAR100_MD5}" in info["check"]
+    assert (info["train_images"], info["test_images"]) == (3000, 1000)
+
+
+def test_provenance_of_each_local_layout(cifar_archive, tmp_path, monkeypatch):
+    # Pretend the generated archive is the official one, to reach the checks that follow.
+    monkeypatch.setattr(cu, "CIFAR100_MD5", _md5(cifar_archive))
+    assert cu.load_cifar100(cifar_archive, provenance=True)[2]["official"] is True
+    both = tmp_path / "both"  # a user's folder holding the archive and its extraction
+    both.mkdir()
+    (both / cu.ARCHIVE_NAME).write_bytes(cifar_archive.read_bytes())
+    folder = _extract(cifar_archive, both)
+    info = cu.load_cifar100(folder, provenance=True)[2]
+    assert info["official"] is True and info["archive"] == str(both / cu.ARCHIVE_NAME)
+    keras3 = tmp_path / "keras3" / "cifar-100-python-target"  # Keras 3's own cache layout
+    _extract(cifar_archive, keras3)
+    (keras3.parent / "cifar-100-python-target_archive").write_bytes(cifar_archive.read_bytes())
+    assert cu.load_cifar100(keras3 / "cifar-100-python", provenance=True)[2]["official"] is True
+    alone = _extract(cifar_archive, tmp_path / "alone")  # nothing to check it against
+    info = cu.load_cifar100(alone, provenance=True)[2]
+    assert info["official"] is False and "no archive beside it" in info["check"]
+    train = folder / "train"  # the extracted files edited beside an official archive
+    d = _member(cifar_archive, "train")
+    d[b"fine_labels"] = [(label + 1) % 100 for label in d[b"fine_labels"]]
+    train.write_bytes(synthetic_cifar.py2_pickle_bytes(d))
+    info = cu.load_cifar100(folder, provenance=True)[2]
+    assert info["official"] is False and "differs from the official archive" in info["check"]
+
+
+def test_download_then_cache_is_official_and_new_files_follow_the_umask(
+    cifar_archive, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(cu, "CIFAR100_MD5", _md5(cifar_archive))
+    cache = tmp_path / "cache"
+    old = os.umask(0o002)  # a group-writable umask, as on shared machines
+    try:
+        with _Server(cifar_archive.parent) as url:
+            md5 = _md5(cifar_archive)
+            info = cu.load_cifar100(url=url, md5=md5, cache_dir=cache, provenance=True)[2]
+        json_file = cu.write_json(tmp_path / "out" / "state.json", {"epoch": 1})
+    finally:
+        os.umask(old)
+    assert info["official"] is True  # read from the extracted cache, checked against its archive
+    assert info["source"].endswith("cifar-100-python-target/cifar-100-python")
+    target = cache / "cifar-100-python-target"
+    for path, mode in [
+        (cache / cu.ARCHIVE_NAME, 0o664),  # written through mkstemp (0600) and renamed
+        (target, 0o775),  # extracted into a mkdtemp folder (0700) and renamed
+        (target / "cifar-100-python" / "train", 0o664),
+        (json_file, 0o664),
+    ]:
+        assert path.stat().st_mode & 0o777 == mode, path
