@@ -699,17 +699,18 @@ def make_dataset(
             batch = _augment_with_seeds(augment, batch, seed, (epoch, b))
         return batch, onehot
 
-    def stream(epochs):
+    def stream(epochs, count):
         ds = epochs.flat_map(one_epoch)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(count * steps))  # for Keras
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     epoch_keys = tf.data.Dataset.random(
         seed=derive_seed(seed, "epochs"), rerandomize_each_iteration=True
     )
-    ds = stream(epoch_keys.take(1))  # a new epoch at every iteration, for model.fit
+    ds = stream(epoch_keys.take(1), 1)  # a new epoch at every iteration, for model.fit
     ds.steps_per_epoch = steps
-    ds.from_epoch = lambda first, last: stream(tf.data.Dataset.range(first, last))
+    ds.from_epoch = lambda first, last: stream(tf.data.Dataset.range(first, last), last - first)
     ds.plan = {
         "data": data_fingerprint(x, y),
         "images": len(x),
@@ -1328,6 +1329,22 @@ def _restore(model, run_dir: Path) -> None:
         )
 
 
+def _align_replicas(model) -> None:
+    """Give every local replica of a mirrored variable the first replica's value.
+
+    Under ``MirroredStrategy`` BatchNorm's moving statistics are kept per replica (each
+    from its own share of the batch) and a checkpoint holds the first replica's. Aligning
+    them at each epoch's start makes an uninterrupted run continue from exactly what a
+    resumed one restores. Nothing to do on one device or with one replica per worker.
+    """
+    for variable in model.variables:
+        value = getattr(variable, "value", variable)
+        if isinstance(value, tf.distribute.DistributedValues) and len(value.values) > 1:
+            first = value.values[0].read_value()
+            for replica in value.values[1:]:
+                replica.assign(first)
+
+
 def _seed_states(model) -> list:
     """The state variables of the model's random layers (Dropout's seed generators)."""
     return [v for v in model.variables if v.path.endswith("seed_generator_state")]
@@ -1388,6 +1405,7 @@ class _RunKeeper(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()
         self._epoch = epoch + 1
+        _align_replicas(self.model)
 
     def _stop(self, where: str, what: str) -> None:
         self.diverged = (self._epoch, where, what)

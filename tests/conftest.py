@@ -28,16 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_notebook(name, tmp_path, **parameters):
     """Run notebook ``name`` headless with papermill; returns the executed notebook.
 
-    ``OUTPUT_DIR`` and ``IMAGES_DIR`` default to folders under ``tmp_path``, so runs never
-    touch the repository's ``results/`` or ``images/``.
+    ``OUTPUT_DIR`` defaults to a folder under ``tmp_path`` (figures go to its ``figures/``),
+    so runs never touch the repository's ``results/`` or ``images/``.
     """
     import papermill
 
-    parameters = {
-        "OUTPUT_DIR": str(tmp_path / "results"),
-        "IMAGES_DIR": str(tmp_path / "images"),
-        **parameters,
-    }
+    parameters = {"OUTPUT_DIR": str(tmp_path / "results"), **parameters}
     return papermill.execute_notebook(
         str(ROOT / name),
         str(tmp_path / f"executed-{name}"),

@@ -320,6 +320,11 @@ Footer text.
 """
 
 
+OFFICIAL = {"md5": cu.CIFAR100_MD5, "official": True, "check": "md5 ...: the official archive",
+            "train_images": 50_000, "test_images": 10_000}  # fmt: skip
+WHOLE = {"train_images": 45_000, "val_images": 5_000, "test_images": 10_000, "data": OFFICIAL}
+
+
 def _sample_results(folder: Path) -> None:
     cu.write_results(
         folder,
@@ -333,6 +338,8 @@ def _sample_results(folder: Path) -> None:
         test_top5=0.4987,
         hardware="AMD EPYC (2 logical CPUs)",
         full_cifar100=True,
+        settings_changed={"EPOCHS": 3, "DATA_DIR": "/data", "MIXED_PRECISION": True},
+        **WHOLE,
     )
     cu.write_results(
         folder,
@@ -342,9 +349,12 @@ def _sample_results(folder: Path) -> None:
         seconds=30.4,
         test_top1=0.05,
         full_cifar100=True,
+        settings_changed={},
+        **WHOLE,
     )
     # A quick run on part of the data (or on the synthetic archive) never reaches the table.
-    cu.write_results(folder, "efficientnet_b0", epochs=1, test_top1=0.9, full_cifar100=False)
+    cu.write_results(folder, "efficientnet_b0", epochs=1, test_top1=0.9, full_cifar100=True,
+                     **{**WHOLE, "train_images": 4_000})  # fmt: skip
     cu.write_json(folder / "benchmark.json", {"images_per_second": 1234.5})  # not a model run
 
 
@@ -371,21 +381,30 @@ def test_report_command_writes_the_table(tmp_path):
     lines = block.strip().splitlines()
     assert lines[0] == (
         "| Model | Params | Epochs | Train time | Val top-1 | Val top-5 | Test top-1 | "
-        "Test top-5 | Hardware | Seed's published test top-1 (not measured here) |"
+        "Test top-5 | Hardware | Settings (not the notebook's defaults) | "
+        "Seed's published test top-1 (not measured here) |"
     )
     rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
     assert rows["complex_cnn"] == (
-        "| complex_cnn | 15,047,588 | 1 | 30 s | — | — | 0.050 | — | — | 0.629 |"
+        "| complex_cnn | 15,047,588 | 1 | 30 s | — | — | 0.050 | — | — | defaults | 0.629 |"
     )
     assert rows["simple_cnn"] == (
         "| simple_cnn | 1,777,636 | 3 | 2.1 min | 0.247 | 0.501 | 0.239 | 0.499 | "
-        "AMD EPYC (2 logical CPUs) | 0.483 |"
+        "AMD EPYC (2 logical CPUs) | EPOCHS=3, MIXED_PRECISION=True | 0.483 |"
     )
-    assert rows["efficientnet_b0"] == "| efficientnet_b0 | — | — | — | — | — | — | — | — | 0.797 |"
+    assert rows["efficientnet_b0"] == (
+        "| efficientnet_b0 | — | — | — | — | — | — | — | — | — | 0.797 |"
+    )
     assert set(rows) == {"simple_cnn", "complex_cnn", "efficientnet_b0"}  # benchmark skipped
     assert "stale" not in text and "Updated" in done.stdout
     assert "2 run(s) on all of CIFAR-100" in done.stdout
-    assert "not listed: benchmark.json, efficientnet_b0.json" in done.stdout
+    assert "not listed: benchmark.json: not a model's results file (no 'model' field)" in (
+        done.stdout
+    )
+    assert (
+        "not listed: efficientnet_b0.json: trained on 9,000 of the 50,000 training images "
+        "(TRAIN_LIMIT)" in done.stdout
+    )
 
 
 def test_report_refuses_a_readme_without_markers(tmp_path):

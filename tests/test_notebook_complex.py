@@ -10,11 +10,13 @@ SEED_COUNTS = {"total": 15_047_588, "trainable": 15_038_116, "non_trainable": 9_
 
 
 @pytest.mark.slow
-def test_complex_notebook_resumes_a_stopped_run(tmp_path):
+def test_complex_notebook_on_two_replicas_resumes_a_stopped_run(tmp_path, monkeypatch):
     # A smaller archive than the session one: the 15M-parameter net costs ~20x the simple
-    # one per image on CPU, so 100 training, 100 validation and 100 test images.
+    # one per image on CPU, so 100 training, 100 validation and 100 test images. Two
+    # logical CPU devices under MirroredStrategy, 16 images each: global batch 32.
+    monkeypatch.setenv("CIFAR_CPU_DEVICES", "2")
     archive = synthetic_cifar.write_archive(tmp_path / "data", 300, 100, seed=1)
-    quick = dict(DATA_DIR=str(archive), TRAIN_LIMIT=100, VAL_SIZE=100, BATCH_SIZE=32)
+    quick = dict(DATA_DIR=str(archive), TRAIN_LIMIT=100, VAL_SIZE=100, BATCH_SIZE=16)
     run_notebook("complex_image_clasifier.ipynb", tmp_path, EPOCHS=1, **quick)
     run_dir = tmp_path / "results" / "complex_cnn"
     first = json.loads((run_dir / "state.json").read_text())
@@ -37,6 +39,7 @@ def test_complex_notebook_resumes_a_stopped_run(tmp_path):
         out.get("text", "") for cell in executed.cells for out in cell.get("outputs", [])
     )
     assert "Resuming from" in outputs and "trained epochs 2-2 now" in outputs
+    assert "MirroredStrategy: 2 replica(s), global batch 32" in outputs
     assert (record["train_images"], record["test_images"]) == (100, 100)
     # Accuracy is not asserted: 8 SGD steps of this net stay at chance (0.01) on CPU budgets;
     # tests/test_complex.py checks that the deep net learns, on a slimmer copy.

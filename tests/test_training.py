@@ -7,7 +7,6 @@ import keras
 import numpy as np
 import pytest
 import synthetic_cifar
-import tensorflow as tf
 
 import cifar_utils as cu
 
@@ -156,7 +155,9 @@ def test_resume_refuses_another_plan_and_warns_about_other_epochs(tmp_path, data
     run = functools.partial(cu.train, train_ds=train_ds, val_ds=val_ds, run_dir=tmp_path, verbose=0)
     run(tiny_model(), epochs=1, plan=plan)
     # Other data (e.g. a regenerated archive or another TRAIN_LIMIT): old checkpoints refused.
-    with pytest.raises(ValueError, match=r"another plan .*abc123.*RESUME=False"):
+    with pytest.raises(
+        ValueError, match=r"another plan: data: 'abc123' then, 'def456' now.*RESUME=False"
+    ):
         run(tiny_model(), epochs=2, plan={**plan, "data": "def456"})
     # A finished run trains nothing and says so, instead of passing old scores for new ones.
     state = run(tiny_model(), epochs=1, plan=plan)
@@ -229,45 +230,6 @@ def test_field_case_4_hdf5_refused_keras_suffixes_accepted(tmp_path, weights_onl
         np.testing.assert_array_equal(a, b)
 
 
-def _nan_dataset(n=64):
-    x = np.random.default_rng(0).random((n, 32, 32, 3), dtype=np.float32)
-    x[5, 3, 3, 0] = np.nan  # one bad pixel, e.g. from a broken preprocessing step
-    y = tf.one_hot(np.arange(n) % 100, 100)
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
-
-
-@pytest.mark.slow
-def test_nan_input_raises_training_diverged_and_keeps_last_good_checkpoint(tmp_path, data):
-    train_ds, val_ds = data
-    cu.train(tiny_model(), train_ds, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
-    saved = {n: (tmp_path / n).read_bytes() for n in ("last.weights.h5", "best.weights.h5")}
-    with pytest.raises(cu.TrainingDiverged, match=r"loss became nan at epoch 2, batch 1"):
-        cu.train(tiny_model(), _nan_dataset(), val_ds, epochs=3, run_dir=tmp_path, verbose=0)
-    assert {n: (tmp_path / n).read_bytes() for n in saved} == saved
-    assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 1
-    restored = tiny_model()
-    restored.load_weights(tmp_path / "last.weights.h5")
-    assert all(np.isfinite(w).all() for w in restored.get_weights())
-
-
-@pytest.mark.slow
-def test_nan_in_validation_is_caught_at_epoch_end_with_nothing_saved(tmp_path, data):
-    train_ds, _ = data
-    with pytest.raises(cu.TrainingDiverged, match=r"epoch 1, the end of the epoch \(val_loss\)"):
-        cu.train(tiny_model(), train_ds, _nan_dataset(), epochs=2, run_dir=tmp_path, verbose=0)
-    assert not (tmp_path / "last.weights.h5").exists()
-    assert not (tmp_path / "state.json").exists()
-
-
-@pytest.mark.slow
-def test_huge_learning_rate_diverges_with_clear_message(tmp_path, data):
-    train_ds, val_ds = data
-    with pytest.raises(cu.TrainingDiverged, match="Lower the learning rate") as err:
-        cu.train(tiny_model(lr=1e6), train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
-    assert "epoch 1" in str(err.value)
-    assert not (tmp_path / "last.weights.h5").exists()  # no NaN checkpoint
-
-
 def test_steps_per_epoch_and_schedule_errors():
     assert cu.steps_per_epoch(45_000, 128) == 352  # field case 9
     assert cu.steps_per_epoch(50_000, 128) == 391
@@ -281,13 +243,12 @@ def test_steps_per_epoch_and_schedule_errors():
 
 
 @pytest.mark.slow
-def test_cut_between_weights_and_state_is_detected_on_resume(tmp_path, data):
+def test_a_checkpoint_that_does_not_belong_to_its_state_is_refused(tmp_path, data):
     train_ds, val_ds = data
     cu.train(tiny_model(), train_ds, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
     state_after_1 = (tmp_path / "state.json").read_text()
     cu.train(tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
-    # As if the process died after last.weights.h5 (epoch 2) but before state.json.
+    # As if state.json had been put back by hand from epoch 1 beside epoch 2's weights.
     (tmp_path / "state.json").write_text(state_after_1)
-    with pytest.warns(UserWarning, match=r"step 14 but state.json at step 7"):
-        state = cu.train(tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
-    assert state["initial_epoch"] == 1 and state["step"] == 3 * STEPS
+    with pytest.raises(ValueError, match=r"step 14 but state.json at step 7: they do not belong"):
+        cu.train(tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)

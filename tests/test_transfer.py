@@ -350,6 +350,8 @@ def test_join_runs_and_phase_markers():
         "seconds": 10.0,
         "best_epoch": 2,
         "best": 0.2,
+        "params": {"total": 10, "trainable": 3, "non_trainable": 7},
+        "run_dir": "r/head",
         "history": {"accuracy": [0.1, 0.2], "loss": [4.0, 3.0]},
     }
     fine = {
@@ -357,16 +359,38 @@ def test_join_runs_and_phase_markers():
         "seconds": 20.0,
         "best_epoch": 2,
         "best": 0.6,
+        "params": {"total": 10, "trainable": 8, "non_trainable": 2},
+        "run_dir": "r/finetune",
         "history": {"accuracy": [0.5, 0.6, 0.7], "loss": [2.0, 1.5, 1.2], "lr": [1e-5] * 3},
     }
     run = cu.join_runs(head=head, finetune=fine)
     assert run["history"]["accuracy"] == [0.1, 0.2, 0.5, 0.6, 0.7]
     assert np.isnan(run["history"]["lr"][:2]).all() and run["history"]["lr"][2:] == [1e-5] * 3
-    assert run["phases"] == [("head", 1), ("finetune", 3)]
+    assert run["phases"] == [
+        {"name": "head", "first_epoch": 1, "epochs": 2, "trainable_params": 3},
+        {"name": "finetune", "first_epoch": 3, "epochs": 3, "trainable_params": 8},
+    ]
     assert (run["epoch"], run["seconds"], run["best_epoch"], run["best"]) == (5, 30.0, 4, 0.6)
+    assert run["run_dir"] == "r/finetune" and run["params"]["trainable"] == 8
     fig = cu.plot_history(run["history"], phases=run["phases"])
     dashed = [ln for ln in fig.axes[0].lines if ln.get_linestyle() == "--"]
     assert [ln.get_xdata()[0] for ln in dashed] == [0.5, 2.5]
+    for ax in fig.axes:  # whole epochs, no offset, phase names inside the axes
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+        assert ax.yaxis.get_major_formatter().get_offset() == ""
+        fig.canvas.draw()
+        box = ax.get_window_extent()
+        for text in ax.texts:
+            inner = text.get_window_extent()
+            assert (
+                box.y0 <= inner.y0
+                and inner.y1 <= box.y1
+                and text.get_text() in ("head", "finetune")
+            )
+    flat = cu.plot_history({"loss": [4.6051, 4.60515, 4.6052], "accuracy": [0.01] * 3})
+    flat.canvas.draw()  # values this close made matplotlib print "+4.605" beside the axis
+    assert all(ax.yaxis.get_major_formatter().get_offset() == "" for ax in flat.axes)
     with pytest.raises(ValueError, match="at least one phase"):
         cu.join_runs()
 
@@ -375,45 +399,60 @@ def test_join_runs_and_phase_markers():
 
 
 @pytest.mark.slow
-def test_notebook_runs_both_phases_and_writes_results(cifar_archive, tmp_path):
-    """Papermill on the synthetic archive: random weights, 32x32 (no upscaling), 1 epoch each."""
+def test_notebook_on_two_replicas_runs_both_phases_resumes_and_writes_results(
+    cifar_archive, tmp_path, monkeypatch
+):
+    """Papermill on the synthetic archive: random weights, 32x32 (no upscaling), under
+    MirroredStrategy on two logical CPU devices; stopped after the first fine-tuning epoch."""
     import json
 
     from conftest import run_notebook
 
-    run_notebook(
-        "image_classifier_with_transfer_learning.ipynb",
-        tmp_path,
+    monkeypatch.setenv("CIFAR_CPU_DEVICES", "2")
+    quick = dict(
         DATA_DIR=str(cifar_archive),
         WEIGHTS=None,
         IMAGE_SIZE=32,  # resizing has no weights: the counts stay those of the 224 model
-        BATCH_SIZE=50,
+        BATCH_SIZE=25,  # per replica: global batch 50
         HEAD_EPOCHS=1,
-        FINETUNE_EPOCHS=1,
         VAL_SIZE=100,
         TRAIN_LIMIT=100,  # the least train_val_split allows; tracing dominates anyway
     )
+    nb = "image_classifier_with_transfer_learning.ipynb"
+    first = run_notebook(nb, tmp_path, FINETUNE_EPOCHS=1, **quick)
+    outputs = "".join(o.get("text", "") for c in first.cells for o in c.get("outputs", []))
+    assert "MirroredStrategy: 2 replica(s), global batch 50" in outputs
     out = tmp_path / "results"
+    again = run_notebook(nb, tmp_path, FINETUNE_EPOCHS=2, **quick)  # each phase resumes
+    outputs = "".join(o.get("text", "") for c in again.cells for o in c.get("outputs", []))
+    assert "That run already has 1 epoch(s), EPOCHS=1: nothing to train" in outputs  # head
     results = json.loads((out / "efficientnet_b0.json").read_text())
+    # What trained: the head alone, then everything but BatchNorm (frozen, in inference mode).
+    assert results["phases"] == [
+        {"name": "head", "first_epoch": 1, "epochs": 1, "trainable_params": 128_100},
+        {"name": "finetune", "first_epoch": 2, "epochs": 2, "trainable_params": 4_093_632},
+    ]
     assert results["params"] == {
         "total": 4_177_664,
-        "trainable": 4_135_648,
-        "non_trainable": 42_016,
+        "trainable": 4_093_632,
+        "non_trainable": 84_032,
     }
     assert 0.0 <= results["test_top1"] <= results["test_top5"] <= 1.0
     assert 0.0 <= results["val_top1"] <= results["val_top5"] <= 1.0
-    assert results["phases"] == {"head": 1, "finetune": 1} and results["epochs"] == 2
-    assert len(results["history"]["val_accuracy"]) == 2  # both phases
+    assert results["epochs"] == 3 and len(results["history"]["val_accuracy"]) == 3
     assert (results["train_images"], results["val_images"], results["test_images"]) == (
         100,
         100,
         1000,
     )
-    assert results["weights"] == "None" and results["image_size"] == 32
-    for phase in ("head", "finetune"):
-        state = json.loads((out / "efficientnet_b0" / phase / "state.json").read_text())
-        assert state["epoch"] == 1
-    assert {p.name for p in (tmp_path / "images").iterdir()} == {
+    assert results["weights"] is None and results["image_size"] == 32
+    assert results["settings"]["FINETUNE_EPOCHS"] == 2 and results["full_cifar100"] is False
+    head = json.loads((out / "efficientnet_b0" / "head" / "state.json").read_text())
+    fine = json.loads((out / "efficientnet_b0" / "finetune" / "state.json").read_text())
+    assert (head["epoch"], head["initial_epoch"]) == (1, 0)  # written by the first run only
+    assert (fine["epoch"], fine["initial_epoch"], fine["step"]) == (2, 1, 4)
+    assert fine["plan"]["image_size"] == 32 and fine["plan"]["weights"] is None
+    assert {p.name for p in (out / "figures").iterdir()} == {
         f"efficientnet_b0_{n}.png"
         for n in (
             "augmentation",

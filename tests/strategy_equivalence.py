@@ -1,0 +1,69 @@
+"""Trains the same small nets on one device (batch 2B) and on two replicas (B each).
+
+Not a test itself: ``tests/test_distributed.py`` runs it with ``CIFAR_CPU_DEVICES=2``
+(logical CPU devices must exist before TensorFlow starts) and reads the JSON it prints:
+per model, the per-epoch training losses of both runs, and whether resume and evaluation
+worked under the mirrored strategy.
+"""
+
+import json
+import sys
+import tempfile
+
+import keras
+import numpy as np
+import synthetic_cifar
+import tensorflow as tf
+
+import cifar_utils as cu
+
+B, N, EPOCHS = 16, 256, 2
+
+
+def build(batch_norm: bool):
+    layers = [keras.Input((32, 32, 3)), keras.layers.Conv2D(8, 3, activation="relu")]
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization())
+    layers += [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(100, activation="softmax")]
+    return keras.Sequential(layers)
+
+
+def fit(strategy, batch_norm, x, y, run_dir, epochs=EPOCHS):
+    cu.seed_everything(0)
+    with strategy.scope():
+        model = build(batch_norm)
+        model.compile(keras.optimizers.SGD(0.1), "categorical_crossentropy", metrics=["accuracy"])
+    batch = 2 * B  # one device: batch 2B; two replicas: B each (cu.global_batch_size(B, ...))
+    train = cu.make_dataset(x[:N], y[:N], batch_size=batch, training=True, seed=0)
+    val = cu.make_dataset(x[N:], y[N:], batch_size=batch, training=False)
+    state = cu.train(model, train, val, epochs=epochs, run_dir=run_dir, verbose=0)
+    return model, state
+
+
+def main() -> None:
+    mirrored = cu.choose_strategy()  # CIFAR_CPU_DEVICES=2: MirroredStrategy over 2 CPUs
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    y = np.arange(N + 64) % 100
+    x = synthetic_cifar.make_images(y, seed=0)
+    out = {"strategy": type(mirrored).__name__, "replicas": mirrored.num_replicas_in_sync}
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch_norm in (False, True):
+            key = "batch_norm" if batch_norm else "plain"
+            _, single = fit(one, batch_norm, x, y, f"{tmp}/{key}-one")
+            model, multi = fit(mirrored, batch_norm, x, y, f"{tmp}/{key}-mirrored")
+            out[key] = {"one_device": single["history"]["loss"],
+                        "two_replicas": multi["history"]["loss"]}  # fmt: skip
+        # Resume under the mirrored strategy: epoch 3 from the checkpoint of epoch 2.
+        model, resumed = fit(mirrored, True, x, y, f"{tmp}/batch_norm-mirrored", epochs=3)
+        probs = cu.predict_proba(model, x[N:])
+        out["resumed"] = {"initial_epoch": resumed["initial_epoch"], "step": resumed["step"],
+                          "epochs": len(resumed["history"]["loss"])}  # fmt: skip
+        out["predict_rows"] = float(np.abs(probs.sum(1) - 1).max())
+        out["predict_matches_model"] = float(
+            np.abs(probs - model.predict(x[N:] / 255, verbose=0)).max()
+        )
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Several devices and several machines, simulated on the CPU: logical CPU devices under
+MirroredStrategy, and two worker processes on 127.0.0.1 under MultiWorkerMirroredStrategy."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import synthetic_cifar
+from conftest import ROOT, run_notebook
+
+import cifar_utils as cu
+
+
+def _env(**extra):
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        **extra,
+    }
+
+
+@pytest.mark.slow
+def test_two_replicas_match_one_device_with_twice_the_batch():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "strategy_equivalence.py")],
+        env=_env(CIFAR_CPU_DEVICES="2"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert (result["strategy"], result["replicas"]) == ("MirroredStrategy", 2)
+    # Same data, same seed, same initial weights; per-replica batch 16 against batch 32.
+    plain = result["plain"]  # no BatchNorm: the same computation up to float round-off
+    for a, b in zip(plain["one_device"], plain["two_replicas"], strict=True):
+        assert abs(a - b) / a < 1e-5  # measured 1e-7
+    bn = result["batch_norm"]  # BatchNorm normalises each replica's 16 images on their own
+    for a, b in zip(bn["one_device"], bn["two_replicas"], strict=True):
+        assert abs(a - b) / a < 1e-3  # measured 1.5e-4 and 1.1e-4 (epochs 1 and 2)
+    assert result["resumed"] == {"initial_epoch": 2, "step": 24, "epochs": 3}
+    assert result["predict_rows"] < 1e-5 and result["predict_matches_model"] < 1e-5
+
+
+def test_cpu_devices_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("CIFAR_CPU_DEVICES", "two")
+    with pytest.raises(ValueError, match="CIFAR_CPU_DEVICES / cpu_devices must be an int >= 1"):
+        cu.choose_strategy()
+    monkeypatch.setenv("CIFAR_CPU_DEVICES", "1")
+    assert cu.choose_strategy().num_replicas_in_sync == 1
+    # TensorFlow has long started in this test process: too late to split the CPU.
+    with pytest.raises(RuntimeError, match="restart the kernel"):
+        cu.choose_strategy(cpu_devices=3)
+
+
+def test_chief_and_worker_folders(monkeypatch, tmp_path):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert cu.is_chief() and cu.worker_run_dir(tmp_path) == tmp_path
+    cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    for index, chief in ((0, True), (1, False)):
+        config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        monkeypatch.setenv("TF_CONFIG", json.dumps(config))
+        assert cu.is_chief() is chief
+        assert cu.worker_run_dir(tmp_path) == (tmp_path if chief else tmp_path / "worker-1")
+        (tmp_path / "m.json").unlink(missing_ok=True)
+        path = cu.write_results(tmp_path, "m", test_top1=0.5)  # only the chief writes
+        assert path == tmp_path / "m.json" and path.exists() is chief
+    config = {"cluster": {"chief": ["h:1"], **cluster}, "task": {"type": "worker", "index": 0}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(config))
+    assert not cu.is_chief()  # a cluster that names a chief: worker 0 is not it
+
+
+SMALL = dict(TRAIN_LIMIT=300, VAL_SIZE=200, BATCH_SIZE=16)
+
+
+@pytest.fixture(scope="module")
+def small_archive(tmp_path_factory):
+    return synthetic_cifar.write_archive(tmp_path_factory.mktemp("data"), 500, 200, seed=2)
+
+
+def _outputs(executed) -> str:
+    return "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+
+
+@pytest.mark.slow
+def test_simple_notebook_on_two_replicas_resumes_exactly_and_repeats(
+    small_archive, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("CIFAR_CPU_DEVICES", "2")
+    quick = dict(DATA_DIR=str(small_archive), **SMALL)
+    nb = "simple_image_clasifier.ipynb"
+    first = run_notebook(nb, tmp_path, EPOCHS=1, **quick)
+    assert "MirroredStrategy: 2 replica(s), global batch 32" in _outputs(first)
+    results = tmp_path / "results"
+    state = json.loads((results / "simple_cnn" / "state.json").read_text())
+    assert (state["epoch"], state["step"]) == (1, 10)  # 300 images at 32 a step
+    resumed = run_notebook(nb, tmp_path, EPOCHS=2, **quick)  # a stopped run, started again
+    assert "Resuming from" in _outputs(resumed)
+    record = json.loads((results / "simple_cnn.json").read_text())
+    assert (record["epochs"], record["history"]["loss"][0]) == (2, state["history"]["loss"][0])
+    # The same command from scratch, same SEED: the very same run, resumed or not.
+    run_notebook(nb, tmp_path, EPOCHS=2, RESUME=False, **quick)
+    again = json.loads((results / "simple_cnn.json").read_text())
+    assert again["history"] == record["history"]
+    for key in ("val_top1", "test_top1", "test_top5", "test_per_class"):
+        assert again[key] == record[key], key
+    assert json.loads((results / "simple_cnn" / "state.json").read_text())["initial_epoch"] == 0
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _two_workers(tmp_path, archive, epochs, tag):
+    """The simple notebook in two papermill processes forming one two-worker cluster."""
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    procs = []
+    for index in range(2):
+        config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        log = open(tmp_path / f"{tag}-worker{index}.log", "wb")  # noqa: SIM115
+        command = [
+            sys.executable,
+            "-m",
+            "papermill",
+            "simple_image_clasifier.ipynb",
+            str(tmp_path / f"{tag}-{index}.ipynb"),
+            "-p",
+            "DATA_DIR",
+            str(archive),
+            "-p",
+            "OUTPUT_DIR",
+            str(tmp_path / "results"),
+            "-p",
+            "EPOCHS",
+            str(epochs),
+        ]
+        command += [a for k, v in SMALL.items() for a in ("-p", k, str(v))]  # fmt: skip
+        procs.append((subprocess.Popen(command, cwd=ROOT, env=_env(TF_CONFIG=json.dumps(config)),
+                                       stdout=log, stderr=subprocess.STDOUT), log))  # fmt: skip
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=400)
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    for index, (proc, _) in enumerate(procs):
+        tail = (tmp_path / f"{tag}-worker{index}.log").read_text(errors="replace")[-3000:]
+        assert proc.returncode == 0, f"worker {index} failed:\n{tail}"
+
+
+@pytest.mark.slow
+def test_simple_notebook_as_two_workers_writes_results_once_and_resumes(small_archive, tmp_path):
+    _two_workers(tmp_path, small_archive, epochs=1, tag="first")
+    results = tmp_path / "results"
+    files = sorted(str(p.relative_to(results)) for p in results.rglob("*") if p.is_file())
+    run_files = ["best.weights.h5", "last.weights.h5", "log.csv", "state.json"]
+    assert files == sorted(
+        ["simple_cnn.json"]  # the results file and the figures: the chief's, once
+        + [f"figures/simple_cnn_{n}.png" for n in ("samples", "augmentation", "curves",
+           "superclass_confusion", "mistakes", "photo_prediction")]
+        + [f"simple_cnn/{f}" for f in run_files]  # every worker's own checkpoints
+        + [f"simple_cnn/worker-1/{f}" for f in run_files]
+    )  # fmt: skip
+    _two_workers(tmp_path, small_archive, epochs=2, tag="resumed")
+    chief = json.loads((results / "simple_cnn" / "state.json").read_text())
+    other = json.loads((results / "simple_cnn" / "worker-1" / "state.json").read_text())
+    for state in (chief, other):
+        assert (state["initial_epoch"], state["epoch"], state["step"]) == (1, 2, 20)
+    assert chief["history"]["loss"] == other["history"]["loss"]  # all-reduced: one run
+    record = json.loads((results / "simple_cnn.json").read_text())
+    assert record["epochs"] == 2 and record["history"]["loss"] == chief["history"]["loss"]
+    assert "Resuming from" in (tmp_path / "resumed-1.ipynb").read_text()
