@@ -2217,7 +2217,8 @@ def load_exported_model(path) -> tuple:
     except Exception as exc:  # Keras raises many types for a file it cannot read
         detail = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ValueError(
-            f"'{path}' is not a Keras model file ({type(exc).__name__}: {detail}). Give a "
+            f"'{path}' is not a Keras model file that plain Keras can load "
+            f"({type(exc).__name__}: {detail}). Give a "
             ".keras file written by cu.export_model (the notebooks write "
             "OUTPUT_DIR/<model>.keras)"
         ) from None
