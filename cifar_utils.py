@@ -2,7 +2,9 @@
 
 Sections: data (loading, label names, splits), pipelines (``tf.data`` and
 augmentation), models, training glue (checkpoints, resume, results), evaluation,
-plots. Every notebook imports this module as ``cu``; the heavy lifting lives here.
+plots, export of a trained model, and the command line (``python cifar_utils.py --help``:
+``report``, ``curves``, ``export``, ``predict``). Every notebook imports this module as
+``cu``; the heavy lifting lives here.
 
 Image conventions: uint8 NHWC ``(N, 32, 32, 3)`` in [0, 255] as loaded; the
 pipelines hand the models float32 in [0, 1] unless stated otherwise. Labels are
@@ -12,6 +14,7 @@ int64 ``(N,)`` in [0, 99] (fine) or [0, 19] (coarse).
 from __future__ import annotations
 
 import contextlib
+import csv
 import difflib
 import gzip
 import hashlib
@@ -21,6 +24,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import tarfile
 import tempfile
 import threading
@@ -28,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -1435,6 +1440,9 @@ class _RunKeeper(keras.callbacks.Callback):
             self._check_state(f"batch {batch + 1} (state check)")
 
     def on_epoch_end(self, epoch, logs=None):
+        opt = self.model.optimizer
+        if logs is not None:  # the dict the later callbacks get: log.csv gets the rate too
+            logs.setdefault("learning_rate", float(to_numpy(opt.learning_rate)))
         logs = {k: float(v) for k, v in (logs or {}).items()}
         bad = [k for k in ("loss", "val_loss") if k in logs and not np.isfinite(logs[k])]
         if bad and not self.diverged:
@@ -1443,8 +1451,6 @@ class _RunKeeper(keras.callbacks.Callback):
             self._check_state("the end of the epoch")
         if self.diverged:
             return  # nothing of this epoch is written
-        opt = self.model.optimizer
-        logs.setdefault("learning_rate", float(to_numpy(opt.learning_rate)))
         state = self.state
         for key, value in logs.items():
             state["history"].setdefault(key, []).append(value)
@@ -1562,10 +1568,11 @@ def train(
     into ``run_dir/worker-<index>``, see :func:`worker_run_dir`): ``last.weights.h5``
     (weights and optimizer state), ``best.weights.h5`` (best ``monitor`` so far),
     ``state.json`` (history, step, plan, random-layer states) and ``log.csv`` (one row per
-    epoch). An epoch commits together: its checkpoints are staged, ``state.json`` is
-    written (the commit point), then they are moved into place; a crash in between is
-    settled at the next start, so a best checkpoint never comes from an epoch the history
-    lacks. ``tensorboard=True`` adds TensorBoard logs under ``run_dir/tensorboard``.
+    epoch, with the learning rate; see :func:`read_log`). An epoch commits together: its
+    checkpoints are staged, ``state.json`` is written (the commit point), then they are
+    moved into place; a crash in between is settled at the next start, so a best
+    checkpoint never comes from an epoch the history lacks. ``tensorboard=True`` adds
+    TensorBoard logs under ``run_dir/tensorboard``.
 
     Resume (``resume=True`` and a ``state.json``): weights, optimizer state (so its step
     and learning-rate schedule), history and the random layers' states are restored and
@@ -1694,6 +1701,47 @@ def _resume(model, run_dir: Path, saved: dict, plan: dict, epochs: int) -> dict:
             "train. Set RESUME=False (or another OUTPUT_DIR) to train again."
         )
     return {**saved, "epochs": epochs, "plan": plan}
+
+
+def read_log(run_dir) -> dict:
+    """The per-epoch history in ``run_dir/log.csv`` (Keras' CSVLogger in :func:`train`).
+
+    Safe while the run is still writing the file: a last line without its line end (a
+    row being written) is skipped. Values Keras logs as ``NA`` become NaN.
+
+    Returns:
+        Column name -> list of floats, one per complete row (``accuracy``, ``loss``,
+        ``learning_rate``, ``val_accuracy``, ...), and ``epoch``: ints from 1 (the file
+        counts from 0), as :func:`plot_history` takes.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` has no ``log.csv`` (it is no training run).
+        ValueError: no complete row yet, or a line is not a CSVLogger row.
+    """
+    path = Path(run_dir) / "log.csv"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"'{run_dir}' is not a training run: it has no log.csv (cu.train writes one "
+            "into its run_dir, e.g. results/simple_cnn)"
+        )
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if not text.endswith("\n"):
+        lines = lines[:-1]  # the row being written
+    header, *rows = list(csv.reader(lines)) or [[]]
+    if "epoch" not in header or not rows:
+        raise ValueError(f"{path} has no complete row yet: wait until the first epoch ends")
+    history = {name: [] for name in header}
+    for number, row in enumerate(rows, start=2):
+        try:
+            if len(row) != len(header):
+                raise ValueError(f"{len(row)} fields, the header has {len(header)}")
+            for name, value in zip(header, row, strict=True):
+                history[name].append(float("nan") if value == "NA" else float(value))
+        except ValueError as exc:
+            raise ValueError(f"{path}, line {number}, is not a CSVLogger row ({exc})") from None
+    history["epoch"] = [int(e) + 1 for e in history["epoch"]]
+    return history
 
 
 def steps_per_epoch(train_size: int, batch_size: int) -> int:
@@ -2051,12 +2099,7 @@ def fast_small_conv_gradients(model, max_output_pixels: int = 16) -> list[str]:
     if tf.config.list_physical_devices("GPU"):
         return []
     switched = []
-    stack = list(model.layers)
-    while stack:
-        layer = stack.pop(0)
-        if hasattr(layer, "layers"):
-            stack[:0] = layer.layers
-            continue
+    for layer in _leaf_layers(model):
         if (
             isinstance(layer, keras.layers.Conv2D)
             and not getattr(layer, "_col2im_native", None)
@@ -2071,6 +2114,18 @@ def fast_small_conv_gradients(model, max_output_pixels: int = 16) -> list[str]:
             layer.convolution_op = _small_conv_op(layer, max_output_pixels)
             switched.append(layer.name)
     return switched
+
+
+def _leaf_layers(model) -> list:
+    """All layers of ``model`` that are not models themselves, nested models flattened, in order."""
+    leaves, stack = [], list(model.layers)
+    while stack:
+        layer = stack.pop(0)
+        if hasattr(layer, "layers"):
+            stack[:0] = layer.layers
+        else:
+            leaves.append(layer)
+    return leaves
 
 
 def _output_pixels(layer) -> float:
@@ -2419,8 +2474,9 @@ def load_image(source, size=None) -> np.ndarray:
 
     Raises:
         FileNotFoundError: no file at ``source``.
-        ValueError: the file is not a readable image (corrupt, truncated, not an image), or
-            the array has another shape, dtype or value range.
+        ValueError: the file is not a readable image (corrupt, truncated, not an image, or
+            over Pillow's decompression-bomb limit of about 179 million pixels), or the array
+            has another shape, dtype or value range.
     """
     from PIL import Image
 
@@ -2443,6 +2499,11 @@ def _rgb_array(source) -> np.ndarray:
             with Image.open(path) as im:
                 im.load()
                 im = ImageOps.exif_transpose(im)
+        except Image.DecompressionBombError as exc:
+            raise ValueError(
+                f"'{path}' is too large to open safely ({exc}). Shrink it (a few thousand "
+                "pixels a side is plenty: the model sees 32x32) and try again"
+            ) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise ValueError(
                 f"'{path}' is not a readable image ({type(exc).__name__}: {exc}). Give a PNG or "
@@ -2486,23 +2547,26 @@ def _model_image_size(model) -> tuple[int, int]:
     shape = model.input_shape
     if isinstance(shape, list | dict) or len(shape) != 4 or shape[-1] != 3:
         raise ValueError(
-            f"predict_image needs a model taking one batch of RGB images (B, H, W, 3); this "
+            f"An image classifier here takes one batch of RGB images (B, H, W, 3); this "
             f"model's input_shape is {shape}"
         )
     return shape[1] or 32, shape[2] or 32
 
 
-def predict_image(model, path_or_array, top_k: int = 5) -> list[tuple[str, float]]:
+def predict_image(
+    model, path_or_array, top_k: int = 5, class_names=FINE_LABEL_NAMES
+) -> list[tuple[str, float]]:
     """Classify one photo of any size into the 100 CIFAR-100 fine classes.
 
     The image is read with :func:`load_image` (PNG/JPEG/..., RGB/RGBA/greyscale, or an
     array), resized (squashed, like Keras' ``image_dataset_from_directory``, with Pillow's
     antialiasing Lanczos filter) to the model's input ``(H, W)`` from ``model.input_shape``
     (32x32 where it is ``None``), and normalised as in training (float32 [0, 1], see
-    :func:`predict_proba`).
+    :func:`predict_proba`). ``class_names``: the 100 names of the model's outputs, in order
+    (:data:`FINE_LABEL_NAMES`, or those :func:`load_exported_model` read from a file).
 
     Returns:
-        ``[(fine_label_name, probability), ...]``: the ``top_k`` classes, most probable
+        ``[(class_name, probability), ...]``: the ``top_k`` classes, most probable
         first (probabilities are floats in [0, 1] summing to at most 1).
 
     Raises:
@@ -2519,7 +2583,7 @@ def predict_image(model, path_or_array, top_k: int = 5) -> list[tuple[str, float
             "fine-class probabilities"
         )
     best = np.argsort(-probs, kind="stable")[:top_k]
-    return [(FINE_LABEL_NAMES[i], float(probs[i])) for i in best]
+    return [(class_names[i], float(probs[i])) for i in best]
 
 
 #: Photos that ship inside scikit-image (``skimage/data``, no download needed):
@@ -2927,17 +2991,212 @@ def check_parameters(namespace: dict, notebook) -> NotebookParameters:
     return NotebookParameters(values, defaults)
 
 
+# -------------------------------------------------------------------- export
+
+#: Members that :func:`export_model` adds to a ``.keras`` zip (and :func:`export_saved_model`
+#: to a SavedModel's ``assets.extra/``): the JSON list of class names, one per output unit,
+#: and a JSON object of metadata.
+CLASS_NAMES_MEMBER = "class_names.json"
+METADATA_MEMBER = "export_metadata.json"
+
+
+def _plain_keras_layer(layer):
+    """``clone_function`` for :func:`export_model`: ``layer`` rebuilt from Keras built-ins only.
+
+    A subclass of ``Dropout`` (such as the ``efficientnet`` package's ``FixedDropout``,
+    identical at inference) becomes a plain ``Dropout`` of the same rate; a custom activation
+    function becomes the Keras built-in of the same name (the package's ``swish`` -> Keras'
+    ``swish``); any other custom layer is refused.
+    """
+    config = layer.get_config()
+    activation = getattr(layer, "activation", None)
+    if callable(activation) and not isinstance(keras.activations.serialize(activation), str):
+        name = getattr(activation, "__name__", repr(activation))
+        try:
+            builtin = keras.activations.get(name)
+        except ValueError:
+            builtin = None
+        if builtin is None or not isinstance(keras.activations.serialize(builtin), str):
+            raise ValueError(
+                f"Layer '{layer.name}' uses the custom activation {name!r}, which Keras "
+                "cannot load without your code; rebuild it with a built-in activation"
+            )
+        config["activation"] = keras.activations.serialize(builtin)
+    cls = type(layer)
+    if not cls.__module__.startswith("keras."):
+        if not isinstance(layer, keras.layers.Dropout):
+            raise ValueError(
+                f"Layer '{layer.name}' is a {cls.__module__}.{cls.__name__}, not a Keras "
+                "built-in: a file holding it cannot be loaded without that code"
+            )
+        cls = keras.layers.Dropout
+    return cls.from_config(config)
+
+
+def export_model(model, path, /, class_names=FINE_LABEL_NAMES, **metadata) -> Path:
+    """Save ``model`` whole to a ``.keras`` file that plain Keras loads, with its class names.
+
+    The file is a copy of ``model`` made of Keras built-in layers only (see
+    :func:`_plain_keras_layer`; the ``efficientnet`` package's ``FixedDropout`` and ``swish``
+    are replaced by their Keras equivalents, and :func:`fast_small_conv_gradients` is not
+    carried over), with the same weights, so ``keras.saving.load_model(path)`` works in a
+    Python process that never imports this module or ``efficientnet``. Its outputs are
+    checked against ``model`` on two random images before writing (max abs difference
+    below 1e-5). No optimizer state is saved. The file is written atomically, and only by
+    the chief of a multi-worker run (:func:`is_chief`).
+
+    Inside the ``.keras`` zip, beside Keras' own members, ``class_names.json`` holds the JSON
+    list of class names (one per output unit) and ``export_metadata.json`` the JSON object
+    ``metadata``. Read them without Keras::
+
+        import json, zipfile
+        with zipfile.ZipFile("results/simple_cnn.keras") as z:
+            names = json.loads(z.read("class_names.json"))
+            metadata = json.loads(z.read("export_metadata.json"))
+
+    Args:
+        model: a built single-input image classifier; input float32 (B, H, W, 3) in [0, 1]
+            (uint8 pixels / 255, as :func:`predict_proba` feeds it), output (B, C).
+        path: the ``.keras`` file to write (its folder is created).
+        class_names: C names, in output order.
+        metadata: JSON-able extra fields, e.g. ``model="simple_cnn", test_top1=0.48``
+            (``model`` and ``path`` are positional-only, so these names are free).
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        ValueError: ``path`` does not end in ``.keras``; ``class_names`` does not match the
+            model's outputs; ``metadata`` is not JSON-able; the model holds a custom layer
+            or activation that has no Keras equivalent; the copy's outputs differ.
+    """
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(f"Export to a '.keras' file (e.g. '{path.stem}.keras'), not '{path}'")
+    names = [str(n) for n in class_names]
+    if len(names) != model.output_shape[-1]:
+        raise ValueError(
+            f"{len(names)} class names for a model with {model.output_shape[-1]} outputs"
+        )
+    try:
+        metadata_json = json.dumps(metadata)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"metadata must be JSON-able (str, number, list, dict): {exc}") from None
+    plain = keras.models.clone_model(model, clone_function=_plain_keras_layer, recursive=True)
+    plain.set_weights(model.get_weights())
+    height, width = _model_image_size(model)
+    probe = np.random.default_rng(0).random((2, height, width, 3), dtype=np.float32)
+    outputs = [np.asarray(m(probe, training=False)) for m in (plain, model)]  # keeps BN stats
+    gap = float(np.max(np.abs(outputs[0] - outputs[1])))
+    if gap >= 1e-5:
+        raise ValueError(f"The exported copy's outputs differ from the model's by {gap:.3g}")
+    if not is_chief():
+        return path  # a multi-worker run: the chief writes the file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_path(path) as tmp:
+        plain.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as archive:
+            archive.writestr(CLASS_NAMES_MEMBER, json.dumps(names))
+            archive.writestr(METADATA_MEMBER, metadata_json)
+    return path
+
+
+def load_exported_model(path) -> tuple:
+    """Load a CIFAR-100 model file; returns ``(model, class_names, metadata)``.
+
+    Reads a ``.keras`` file from :func:`export_model` (class names and metadata from inside
+    it) or any other whole-model Keras file (``model.save``: then the names are
+    :data:`FINE_LABEL_NAMES` and the metadata ``{}``). The model is loaded uncompiled.
+
+    Returns:
+        The Keras model (input float32 (B, H, W, 3) in [0, 1], output (B, 100)
+        probabilities), the list of its 100 class names, and the metadata dict.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a Keras model file, or the model does not output
+            100 classes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No model file at '{path}'")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types for a file it cannot read
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"'{path}' is not a Keras model file that plain Keras can load "
+            f"({type(exc).__name__}: {detail}). Give a "
+            ".keras file written by cu.export_model (the notebooks write "
+            "OUTPUT_DIR/<model>.keras)"
+        ) from None
+    outputs = model.output_shape
+    if not isinstance(outputs, tuple) or outputs[-1] != 100:
+        raise ValueError(
+            f"'{path}' holds a model with output shape {outputs}; a CIFAR-100 classifier "
+            "outputs 100 class probabilities (B, 100)"
+        )
+    names, metadata = list(FINE_LABEL_NAMES), {}
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            members = set(archive.namelist())
+            if CLASS_NAMES_MEMBER in members:
+                names = json.loads(archive.read(CLASS_NAMES_MEMBER))
+            if METADATA_MEMBER in members:
+                metadata = json.loads(archive.read(METADATA_MEMBER))
+    if len(names) != 100:
+        raise ValueError(f"'{path}' holds {len(names)} class names, not 100")
+    return model, names, metadata
+
+
+def export_saved_model(model_path, out_dir) -> Path:
+    """Write the model in ``model_path`` as a TensorFlow SavedModel folder, for TF Serving.
+
+    Uses Keras' ``model.export(out_dir, format="tf_saved_model")``: the serving signature
+    ``serve`` takes float32 (B, H, W, 3) in [0, 1] and returns (B, 100) probabilities
+    (``tf.saved_model.load(out_dir).serve(x)``). The class names and metadata go to
+    ``out_dir/assets.extra/`` (the files of :data:`CLASS_NAMES_MEMBER` and
+    :data:`METADATA_MEMBER`). Written into a temporary folder beside ``out_dir`` that is
+    renamed when complete.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`load_exported_model`.
+        FileExistsError: ``out_dir`` exists and is not an empty folder.
+    """
+    model, names, metadata = load_exported_model(model_path)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"'{out}' already exists and is not an empty folder; choose a new folder, or "
+            "remove it first to replace it"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        model.export(str(tmp), format="tf_saved_model", verbose=False)
+        extra = tmp / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        (extra / CLASS_NAMES_MEMBER).write_text(json.dumps(names))
+        (extra / METADATA_MEMBER).write_text(json.dumps(metadata))
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 # --------------------------------------------------------------------- plots
 
 
 def _finish(fig, path):
-    """Save ``fig`` to ``path`` (creating its folder) when a path is given; return ``fig``.
+    """Save ``fig`` to ``path`` (atomically, creating its folder) if given; return ``fig``.
 
     Under a multi-worker run only the chief saves (:func:`is_chief`).
     """
     if path is not None and is_chief():
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100, bbox_inches="tight")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix[1:] or "png", dpi=100, bbox_inches="tight")
     return fig
 
 
@@ -2981,41 +3240,56 @@ def plot_augmentation(image, augment, n: int = 7, path=None):
 
 
 def plot_history(history: dict, title: str = "", path=None, phases=()):
-    """Training curves: accuracy and loss per epoch, train vs validation.
+    """Training curves: accuracy and loss (train vs validation), and the learning rate.
 
-    ``history`` maps metric names (``accuracy``, ``val_accuracy``, ``loss``,
-    ``val_loss``) to per-epoch lists, as :func:`train` returns in ``state["history"]``.
+    ``history`` maps metric names (``accuracy``, ``val_accuracy``, ``loss``, ``val_loss``,
+    ``learning_rate``) to per-epoch lists, as :func:`train` returns in ``state["history"]``
+    or :func:`read_log` reads from a run's ``log.csv``; its ``epoch`` list (1-based), when
+    present, places the points, else they are epochs 1, 2, ... A third panel shows
+    ``learning_rate`` on a log scale when the history has it. Epoch ticks are integers.
     ``phases``: ``[{"name", "first_epoch"}, ...]`` (1-based epochs, e.g. from
-    :func:`join_runs`), each marked by a dashed line and its name inside the axes.
-    Epoch ticks are whole numbers; values are printed without an offset.
+    :func:`join_runs`), each marked by a dashed line and its name inside the axes. Values
+    are printed without an offset.
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
+    panels = ["accuracy", "loss"] + (["learning_rate"] if history.get("learning_rate") else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8))
+    last = 1
+    for ax, metric in zip(axes, panels, strict=True):
         for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
             values = history.get(key)
             if values:
-                ax.plot(np.arange(1, len(values) + 1), values, marker=".", label=label)
-        for phase in phases:
-            start = phase["first_epoch"]
+                epochs = history.get("epoch") or np.arange(1, len(values) + 1)
+                ax.plot(epochs, values, marker=".", label=label)
+                last = max(last, int(epochs[-1]))
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="x", useOffset=False)
+        ax.grid(alpha=0.3)
+        if metric == "learning_rate":
+            ax.set_yscale("log")
+            ax.set_ylabel("learning rate")
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)
+            ax.set_ylabel(metric)
+            ax.legend()
+    for ax in axes:
+        ax.set_xlim(0.5, last + 0.5)
+        for name, start in ((p["name"], p["first_epoch"]) for p in phases):
             ax.axvline(start - 0.5, color="gray", linestyle="--", linewidth=1)
-            ax.annotate(
-                phase["name"],
-                (start - 0.5, 1),
-                xycoords=ax.get_xaxis_transform(),
-                xytext=(3, -3),
-                textcoords="offset points",
+            left = start - 0.5 < (last + 1) / 2  # label on the side with more room
+            ax.text(
+                start - 0.5,
+                0.98,
+                f" {name} ",
+                ha="left" if left else "right",
                 va="top",
                 fontsize=8,
+                transform=ax.get_xaxis_transform(),
+                clip_on=True,
             )
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.ticklabel_format(axis="y", useOffset=False)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="center right")
     fig.suptitle(title)
     fig.tight_layout()
     return _finish(fig, path)
@@ -3112,22 +3386,12 @@ def plot_prediction(model, path_or_array, top_k: int = 5, path=None):
     return _finish(fig, path)
 
 
-if __name__ == "__main__":
-    import argparse
+# -------------------------------------------------------------- command line
 
-    parser = argparse.ArgumentParser(description="CIFAR-100 notebook helpers")
-    commands = parser.add_subparsers(dest="command", required=True)
-    report = commands.add_parser(
-        "report", help="write the results/*.json comparison table into README.md"
-    )
-    report.add_argument("--results-dir", default="results", help="folder of results JSON files")
-    report.add_argument("--readme", default="README.md", help="file holding the results markers")
-    args = parser.parse_args()
-    try:
-        before = Path(args.readme).read_text(encoding="utf-8")
-        table = update_readme_results(args.results_dir, args.readme)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+
+def _report_command(args) -> int:
+    before = Path(args.readme).read_text(encoding="utf-8")
+    table = update_readme_results(args.results_dir, args.readme)
     print(table)
     runs, skipped = full_runs(args.results_dir)
     print(
@@ -3137,3 +3401,124 @@ if __name__ == "__main__":
     )
     changed = Path(args.readme).read_text(encoding="utf-8") != before
     print(f"Updated {args.readme}" if changed else f"{args.readme} was already up to date")
+    return 0
+
+
+def _curves_command(args) -> int:
+    import matplotlib.pyplot as plt
+
+    history = read_log(args.run_dir)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "curves.png"
+    epochs = history["epoch"]
+    plt.close(plot_history(history, title=str(args.run_dir), path=out))
+    print(f"Wrote {out}: {len(epochs)} epoch(s) from {Path(args.run_dir) / 'log.csv'}")
+    return 0
+
+
+def _export_command(args) -> int:
+    out = export_saved_model(args.model, args.out)
+    print(f"Wrote TensorFlow SavedModel {out} (signature 'serve': float32 images in [0, 1])")
+    return 0
+
+
+def _image_files(arguments) -> list[Path]:
+    """The photos named on the command line; a folder stands for its image files, sorted."""
+    from PIL import Image
+
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    files = []
+    for argument in map(Path, arguments):
+        if not argument.is_dir():
+            files.append(argument)
+            continue
+        found = sorted(p for p in argument.iterdir() if p.suffix.lower() in readable)
+        if not found:
+            raise ValueError(f"Folder '{argument}' holds no image files")
+        files += found
+    return files
+
+
+def _predict_command(args) -> int:
+    if not 1 <= args.top_k <= 100:
+        raise ValueError(f"--top-k must be between 1 and 100, not {args.top_k}")
+    model, names, _ = load_exported_model(args.model)
+    predictions, errors = [], []
+    for image in _image_files(args.photos):
+        try:
+            top = predict_image(model, image, top_k=args.top_k, class_names=names)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            errors.append({"image": str(image), "error": str(exc)})
+            continue
+        predictions.append(
+            {"image": str(image), "top": [{"class": n, "probability": p} for n, p in top]}
+        )
+        if not args.json:
+            print(str(image))
+            for name, probability in top:
+                print(f"  {name:<16} {probability:.4f}")
+    if args.json:
+        document = {"model": str(args.model), "predictions": predictions, "errors": errors}
+        print(json.dumps(document, indent=2))
+    return 2 if errors else 0
+
+
+def main(argv=None) -> int:
+    """The command line; ``python cifar_utils.py COMMAND --help`` describes each command.
+
+    - ``report [--results-dir DIR] [--readme FILE]``: the results table into README.md
+      (:func:`update_readme_results`).
+    - ``curves RUN_DIR [--out PNG]``: accuracy, loss and learning-rate curves of a run,
+      also while it trains (:func:`read_log`, :func:`plot_history`); default
+      ``RUN_DIR/curves.png``.
+    - ``export MODEL.keras --format saved_model --out DIR``: a TensorFlow SavedModel
+      (:func:`export_saved_model`).
+    - ``predict --model MODEL.keras PHOTO|FOLDER ... [--top-k 5] [--json]``: the top-k
+      classes of each photo (:func:`predict_image`); a folder means its image files.
+
+    Args:
+        argv: the arguments (without the program name); ``None`` reads ``sys.argv``.
+
+    Returns:
+        The exit status: 0 on success; on an error, a one-line ``error: ...`` on stderr
+        and 2 (1 for ``report``). ``predict`` still classifies the other photos when one
+        cannot be read, then returns 2. Wrong usage exits through argparse (status 2).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="cifar_utils.py", description="CIFAR-100 notebook helpers"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser(
+        "report", help="write the results/*.json comparison table into README.md"
+    )
+    report.add_argument("--results-dir", default="results", help="folder of results JSON files")
+    report.add_argument("--readme", default="README.md", help="file holding the results markers")
+    report.set_defaults(run=_report_command, error_status=1)
+    curves = commands.add_parser("curves", help="plot a run's log.csv, also while it trains")
+    curves.add_argument("run_dir", help="the run folder holding log.csv, e.g. results/simple_cnn")
+    curves.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png)")
+    curves.set_defaults(run=_curves_command)
+    export = commands.add_parser("export", help="convert a .keras model for TF Serving")
+    export.add_argument("model", help="a .keras file, e.g. results/simple_cnn.keras")
+    export.add_argument("--format", choices=["saved_model"], default="saved_model")
+    export.add_argument("--out", required=True, help="new folder for the SavedModel")
+    export.set_defaults(run=_export_command)
+    predict = commands.add_parser("predict", help="classify photos with a .keras model")
+    predict.add_argument("--model", required=True, help="e.g. results/simple_cnn.keras")
+    predict.add_argument("photos", nargs="+", help="image files, or folders of them")
+    predict.add_argument("--top-k", type=int, default=5, help="classes per photo (1 to 100)")
+    predict.add_argument("--json", action="store_true", help="print one JSON document")
+    predict.set_defaults(run=_predict_command)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return getattr(args, "error_status", 2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MPLBACKEND", "Agg")  # files only, never a window
+    sys.exit(main())

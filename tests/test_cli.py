@@ -1,0 +1,289 @@
+"""The command line: curves of a run (also while it trains) and predict from the shell."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+import cifar_utils as cu
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# What Keras' CSVLogger writes (sorted keys, 0-based epoch, \r\n line ends), 3 epochs and
+# the start of a 4th row, as a run that is still training leaves it.
+LOG = (
+    "epoch,accuracy,learning_rate,loss,top5_accuracy,val_accuracy,val_loss,val_top5_accuracy\r\n"
+    "0,0.0102,0.001,4.60521,0.051,0.0110,4.60519,0.052\r\n"
+    "1,0.0125,0.0005,4.60512,0.060,0.0120,4.60514,NA\r\n"
+    "2,0.0150,0.00025,4.60503,0.070,0.0135,4.60509,0.071\r\n"
+    "3,0.01"
+)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _run(*args):
+    """``python cifar_utils.py ARGS`` in a real process: (exit status, stdout, stderr)."""
+    done = subprocess.run(
+        [sys.executable, "cifar_utils.py", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=300,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def _one_error_line(err: str) -> str:
+    """The single ``error: ...`` line of a command's stderr (TensorFlow's C++ start-up
+    lines may stand before it); there must be no traceback."""
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.rstrip("\n").endswith(errors[0]), err
+    return errors[0]
+
+
+# ---------------------------------------------------------------- curves
+
+
+def test_read_log_skips_the_row_being_written(tmp_path):
+    (tmp_path / "log.csv").write_text(LOG, newline="")
+    history = cu.read_log(tmp_path)
+    assert history["epoch"] == [1, 2, 3]  # 1-based, the half-written 4th row left out
+    assert history["accuracy"] == [0.0102, 0.0125, 0.0150]
+    assert history["learning_rate"] == [0.001, 0.0005, 0.00025]
+    assert np.isnan(history["val_top5_accuracy"][1]) and history["val_loss"][2] == 4.60509
+
+
+def test_curves_figure_has_learning_rate_integer_epochs_and_no_offsets(tmp_path):
+    (tmp_path / "log.csv").write_text(LOG, newline="")
+    phases = [{"name": "head", "first_epoch": 1}, {"name": "finetune", "first_epoch": 3}]
+    fig = cu.plot_history(cu.read_log(tmp_path), phases=phases)
+    fig.canvas.draw()
+    assert [ax.get_ylabel() for ax in fig.axes] == ["accuracy", "loss", "learning rate"]
+    assert fig.axes[2].get_yscale() == "log"
+    np.testing.assert_allclose(fig.axes[2].lines[0].get_ydata(), [0.001, 0.0005, 0.00025])
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks == [1, 2, 3]
+        assert ax.xaxis.get_offset_text().get_text() == ""
+        if ax.get_yscale() == "linear":  # losses 4.60503..4.60521 would get "+4.605"
+            assert ax.yaxis.get_offset_text().get_text() == ""
+        box = ax.get_window_extent()
+        labels = [t for t in ax.texts if t.get_text().strip() in ("head", "finetune")]
+        assert len(labels) == 2
+        for label in labels:
+            inside = label.get_window_extent()
+            assert box.x0 <= inside.x0 and inside.x1 <= box.x1
+            assert box.y0 <= inside.y0 and inside.y1 <= box.y1
+
+
+def test_curves_command_writes_the_png(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.csv").write_text(LOG, newline="")
+    assert cu.main(["curves", str(run)]) == 0
+    assert f"Wrote {run / 'curves.png'}: 3 epoch(s)" in capsys.readouterr().out
+    with Image.open(run / "curves.png") as png:
+        assert png.format == "PNG" and png.width > 3 * png.height > 0
+    assert cu.main(["curves", str(run), "--out", str(tmp_path / "figs" / "c.png")]) == 0
+    assert (tmp_path / "figs" / "c.png").stat().st_size > 10_000
+    assert sorted(p.name for p in run.iterdir()) == ["curves.png", "log.csv"]  # no temp
+
+
+@pytest.mark.slow
+def test_curves_of_a_real_run(tmp_path):
+    """cu.train's own log.csv: two epochs of a tiny model."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(100, activation="softmax"),
+        ]
+    )
+    model.compile("adam", "categorical_crossentropy", metrics=cu.compile_metrics())
+    y = np.arange(200) % 100
+    x = np.random.default_rng(0).integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+    ds = cu.make_dataset(x, y, batch_size=50, training=False)
+    run = cu.train(model, ds, ds, epochs=2, run_dir=tmp_path / "run", verbose=0)
+    history = cu.read_log(tmp_path / "run")
+    assert history["epoch"] == [1, 2]
+    for key in ("accuracy", "loss", "val_accuracy", "val_loss", "learning_rate"):
+        np.testing.assert_allclose(history[key], run["history"][key], rtol=1e-5)
+    assert cu.main(["curves", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("log", "message"),
+    [
+        (None, "is not a training run: it has no log.csv"),
+        ("", "has no complete row yet"),
+        ("epoch,accuracy,loss\r\n", "has no complete row yet"),
+        ("epoch,accuracy,loss\r\n0,0.1", "has no complete row yet"),  # row being written
+        ("epoch,accuracy,loss\r\n0,0.1,x\r\n1,0.2,4.0\r\n", "line 2, is not a CSVLogger row"),
+    ],
+)
+def test_curves_errors(tmp_path, capsys, log, message):
+    if log is not None:
+        (tmp_path / "log.csv").write_text(log, newline="")
+    assert cu.main(["curves", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert message in _one_error_line(captured.err) and captured.out == ""
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_curves_error_in_a_real_process(tmp_path):
+    status, out, err = _run("curves", tmp_path)
+    assert status == 2 and out == ""
+    assert "has no log.csv" in _one_error_line(err)
+
+
+# ---------------------------------------------------------------- predict
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A small exported model with confident, image-dependent outputs: (path, model)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    h = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    init = keras.initializers.RandomNormal(0, 3, seed=0)
+    outputs = keras.layers.Dense(100, activation="softmax", kernel_initializer=init)(h)
+    path = tmp_path_factory.mktemp("model") / "small.keras"
+    cu.export_model(keras.Model(inputs, outputs), path, model="small")
+    return path, cu.load_exported_model(path)[0]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A folder of three photos of other sizes and modes (and a text file), plus the rocket."""
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(folder / "b.png")
+    Image.fromarray(rng.integers(0, 256, (90, 50), dtype=np.uint8)).save(folder / "a.jpg")
+    Image.fromarray(rng.integers(0, 256, (20, 20, 4), dtype=np.uint8)).save(folder / "c.png")
+    (folder / "notes.txt").write_text("not a photo\n")
+    return folder
+
+
+def _parse_text(out: str) -> dict:
+    """``predict``'s text output -> {image: [(name, probability), ...]}."""
+    result, current = {}, None
+    for line in out.splitlines():
+        if line.startswith("  "):
+            name, probability = line.split()
+            result[current].append((name, float(probability)))
+        else:
+            current = line
+            result[current] = []
+    return result
+
+
+def test_predict_text_output_equals_predict_image(model_file, photos, capsys):
+    path, model = model_file
+    files = [cu.sample_photo("rocket"), photos / "a.jpg"]
+    assert cu.main(["predict", "--model", str(path), *map(str, files), "--top-k", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    shown = _parse_text(captured.out)
+    assert list(shown) == [str(f) for f in files]
+    for file in files:
+        expected = cu.predict_image(model, file, top_k=3)
+        assert [n for n, _ in shown[str(file)]] == [n for n, _ in expected]
+        assert [p for _, p in shown[str(file)]] == [round(p, 4) for _, p in expected]
+    assert shown[str(files[0])][0][1] > 0.05  # a confident model: the numbers differ
+
+
+def test_predict_json_for_a_folder_equals_predict_image(model_file, photos, capsys):
+    path, model = model_file
+    assert cu.main(["predict", "--model", str(path), str(photos), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["model"] == str(path) and document["errors"] == []
+    images = [p["image"] for p in document["predictions"]]
+    assert images == [str(photos / n) for n in ("a.jpg", "b.png", "c.png")]  # sorted, no .txt
+    for prediction in document["predictions"]:
+        expected = cu.predict_image(model, prediction["image"], top_k=5)
+        assert [(t["class"], t["probability"]) for t in prediction["top"]] == expected
+
+
+def test_predict_reports_an_unreadable_image_and_classifies_the_others(
+    model_file, photos, tmp_path, capsys
+):
+    path, model = model_file
+    (tmp_path / "notes.png").write_text("a text file with an image's name\n")
+    files = [photos / "a.jpg", tmp_path / "notes.png", photos / "b.png"]
+    assert cu.main(["predict", "--model", str(path), *map(str, files), "--top-k", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "notes.png' is not a readable image" in _one_error_line(captured.err)
+    shown = _parse_text(captured.out)
+    assert list(shown) == [str(files[0]), str(files[2])]
+    assert shown[str(files[2])][0][0] == cu.predict_image(model, files[2], top_k=1)[0][0]
+
+    assert cu.main(["predict", "--model", str(path), *map(str, files), "--json"]) == 2
+    captured = capsys.readouterr()
+    document = json.loads(captured.out)
+    assert [p["image"] for p in document["predictions"]] == [str(files[0]), str(files[2])]
+    assert [e["image"] for e in document["errors"]] == [str(files[1])]
+    assert "not a readable image" in _one_error_line(captured.err)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing model", "No model file at"),
+        ("text as model", "is not a Keras model file"),
+        ("10 classes", "output shape (None, 10)"),
+        ("top-k 0", "--top-k must be between 1 and 100, not 0"),
+        ("top-k 101", "--top-k must be between 1 and 100, not 101"),
+        ("empty folder", "holds no image files"),
+    ],
+)
+def test_predict_errors(model_file, tmp_path, capsys, case, message):
+    model, photo, top_k = model_file[0], cu.sample_photo(), "5"
+    if case == "missing model":
+        model = tmp_path / "missing.keras"
+    elif case == "text as model":
+        model = tmp_path / "notes.keras"
+        model.write_text("not a model\n")
+    elif case == "10 classes":
+        inputs = keras.Input((32, 32, 3))
+        ten = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs)))
+        model = cu.export_model(ten, tmp_path / "ten.keras", class_names=list("abcdefghij"))
+    elif case.startswith("top-k"):
+        top_k = case.split()[1]
+    else:
+        photo = tmp_path / "empty"
+        photo.mkdir()
+    argv = ["predict", "--model", str(model), str(photo), "--top-k", top_k]
+    assert cu.main(argv) == 2
+    captured = capsys.readouterr()
+    assert message in _one_error_line(captured.err) and captured.out == ""
+
+
+def test_predict_errors_in_a_real_process(model_file, tmp_path):
+    status, out, err = _run("predict", "--model", tmp_path / "missing.keras", cu.sample_photo())
+    assert status == 2 and out == ""
+    assert "No model file at" in _one_error_line(err)
+    (tmp_path / "notes.png").write_text("not an image\n")
+    status, out, err = _run("predict", "--model", model_file[0], tmp_path / "notes.png")
+    assert status == 2 and out == ""
+    assert "is not a readable image" in _one_error_line(err)
