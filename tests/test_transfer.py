@@ -386,7 +386,7 @@ def test_join_runs_and_phase_markers():
             assert (
                 box.y0 <= inner.y0
                 and inner.y1 <= box.y1
-                and text.get_text() in ("head", "finetune")
+                and text.get_text().strip() in ("head", "finetune")
             )
     flat = cu.plot_history({"loss": [4.6051, 4.60515, 4.6052], "accuracy": [0.01] * 3})
     flat.canvas.draw()  # values this close made matplotlib print "+4.605" beside the axis
