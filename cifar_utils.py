@@ -32,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+import weakref
 import zipfile
 import zlib
 from pathlib import Path
@@ -1220,6 +1221,26 @@ def nonfinite_variables(model, variables=None) -> list[str]:
     return [v.path for v, ok in zip(variables, flags, strict=True) if not ok]
 
 
+def training_state_problem(model, probe=None, variables=None) -> str | None:
+    """What makes a model's training state unfit to checkpoint, or ``None`` if nothing.
+
+    The first model or optimizer variable holding NaN/inf (:func:`nonfinite_variables`),
+    else, given a ``probe`` batch (float32 (B, H, W, 3) in [0, 1]), outputs of the model in
+    inference mode that are no probability rows (:func:`check_probabilities`). What
+    :func:`train` checks every ``check_every`` batches and before each checkpoint; the
+    benchmark times it. ``variables``: the list to check (default: all float variables).
+    """
+    bad = nonfinite_variables(model, variables)
+    if bad:
+        return f"variable '{bad[0]}' holds NaN or inf"
+    if probe is not None:
+        try:
+            check_probabilities(to_numpy(model(probe, training=False)), "the output")
+        except NotProbabilities as exc:
+            return str(exc).split(". ")[0]
+    return None
+
+
 def _all_finite_flags(variables) -> np.ndarray:
     if not variables:
         return np.ones(0, bool)
@@ -1418,15 +1439,7 @@ class _RunKeeper(keras.callbacks.Callback):
 
     def _check_state(self, where: str) -> None:
         """Stop if a variable is non-finite or the probe's outputs are no distribution."""
-        bad = [v.path for v, ok in zip(self._variables, _all_finite_flags(self._variables),
-                                       strict=True) if not ok]  # fmt: skip
-        what = f"variable '{bad[0]}' holds NaN or inf" if bad else None
-        if not what and self.probe is not None:
-            try:
-                outputs = self.model(self.probe, training=False)
-                check_probabilities(to_numpy(outputs), "the output")
-            except NotProbabilities as exc:
-                what = str(exc).split(". ")[0]
+        what = training_state_problem(self.model, self.probe, self._variables)
         if _any_worker(self.model.distribute_strategy, what is not None) and not what:
             what = "another worker's weights or outputs hold NaN or inf"
         if what:
@@ -2157,6 +2170,9 @@ def _small_conv_op(layer, max_output_pixels: int):
 # ---------------------------------------------------------------- evaluation
 
 
+_FORWARD = weakref.WeakKeyDictionary()  # model -> its traced inference function
+
+
 def predict_proba(model, x, batch_size: int = 256) -> np.ndarray:
     """Class probabilities for images ``x`` (N, H, W, 3): uint8 in [0, 255] or float in [0, 1].
 
@@ -2173,8 +2189,12 @@ def predict_proba(model, x, batch_size: int = 256) -> np.ndarray:
         ValueError: bad images (see :func:`make_dataset`).
     """
     ds = make_dataset(x, np.zeros(len(x), np.int64), batch_size=batch_size, training=False)
-    forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-    rows = [to_numpy(forward(images)).astype(np.float32) for images, _ in ds]
+    if model not in _FORWARD:  # traced once per model, not once per call
+        ref = weakref.ref(model)  # the cache must not keep the model alive
+        _FORWARD[model] = tf.function(
+            lambda images: ref()(images, training=False), reduce_retracing=True
+        )
+    rows = [to_numpy(_FORWARD[model](images)).astype(np.float32) for images, _ in ds]
     return check_probabilities(np.concatenate(rows), f"{model.name}'s output")
 
 

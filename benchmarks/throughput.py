@@ -5,8 +5,10 @@ batch held in memory, so the input pipeline is not involved), forward GFLOPs per
 counted from the layers, achieved GFLOP/s and its fraction of the machine's dense
 float32 matmul rate measured in the same run; then the input pipeline alone, with that
 notebook's augmentation, in images/s and as a multiple of the training rate (it must be
-at least 10x, or the pipeline would hold the model back). Prints a table and writes
-``results/benchmark.json``.
+at least 10x, or the pipeline would hold the model back); and the cost of ``cu.train``'s
+divergence guard (every variable checked for NaN/inf, outputs on 8 images checked as
+probabilities), once and as a share of the 50 training steps between two checks. Prints
+a table and writes ``results/benchmark.json``.
 
 Conventions:
 - FLOPs: 2 x multiply-accumulates of Conv2D, DepthwiseConv2D and Dense layers (nested
@@ -24,6 +26,7 @@ Usage::
     python benchmarks/throughput.py --quick --models simple
     python benchmarks/throughput.py --models complex --batch-size 256 --xla on
     python benchmarks/throughput.py --mixed-precision    # GPUs with tensor cores
+    python benchmarks/throughput.py --deterministic      # the notebooks' DETERMINISTIC = True
 
 Speed is measured here, never asserted in the tests.
 """
@@ -70,6 +73,8 @@ def _efficientnet():
 
 
 BUILDERS = {"simple": _simple, "complex": _complex, "efficientnet": _efficientnet}
+#: ``cu.train``'s default ``check_every``: batches between two divergence-guard checks.
+GUARD_EVERY = 50
 
 
 def forward_flops(model) -> int:
@@ -157,6 +162,8 @@ def bench_model(name: str, args) -> dict:
     y = tf.one_hot(rng.integers(0, model.outputs[0].shape[-1], size=batch), 100)
     train = _median_rate(lambda: model.train_on_batch(x, y), batch, args.warmup, args.steps)
     infer = _median_rate(lambda: model.predict_on_batch(x), batch, args.warmup, args.steps)
+    probe = x[:8]  # what cu.train's divergence guard runs every 50 batches and per epoch
+    guard = 1 / _median_rate(lambda: cu.training_state_problem(model, probe), 1, 1, 5)
     flops = forward_flops(model)
     pipe, what = pipeline_rate(name, augment, batch, args.pipeline_batches)
     return {
@@ -173,6 +180,8 @@ def bench_model(name: str, args) -> dict:
         "pipeline": what,
         "pipeline_images_per_s": pipe,
         "pipeline_to_train_ratio": pipe / train,
+        "guard_seconds": guard,
+        "guard_share_every_50_steps": guard / (GUARD_EVERY * batch / train),
     }
 
 
@@ -200,8 +209,8 @@ def table(results: dict, peak: float) -> str:
     """The figures as a Markdown table (also what the README shows)."""
     head = (
         "| model | batch | train img/s | infer img/s | GFLOPs/img (fwd) | train GFLOP/s "
-        "| % of matmul peak | pipeline img/s | pipeline / train |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| % of matmul peak | pipeline img/s | pipeline / train | guard ms (% of 50 steps) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
     for name, r in results.items():
@@ -209,7 +218,8 @@ def table(results: dict, peak: float) -> str:
             f"| {name} | {r['batch_size']} | {r['train_images_per_s']:.0f} "
             f"| {r['inference_images_per_s']:.0f} | {r['forward_gflops_per_image']:.3f} "
             f"| {r['train_gflop_per_s']:.1f} | {100 * r['train_gflop_per_s'] / peak:.0f}% "
-            f"| {r['pipeline_images_per_s']:.0f} | {r['pipeline_to_train_ratio']:.0f}x |"
+            f"| {r['pipeline_images_per_s']:.0f} | {r['pipeline_to_train_ratio']:.0f}x "
+            f"| {1000 * r['guard_seconds']:.0f} ({100 * r['guard_share_every_50_steps']:.2f}%) |"
         )
     return head + "\n".join(rows) + f"\n\nMatmul peak (float32): {peak:.1f} GFLOP/s"
 
@@ -222,6 +232,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, help="override the notebook batch sizes")
     parser.add_argument("--mixed-precision", action="store_true", help="mixed_float16 policy")
     parser.add_argument("--xla", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument(
+        "--deterministic", action="store_true", help="TensorFlow op determinism (DETERMINISTIC)"
+    )
     parser.add_argument("--threads", type=int, help="TensorFlow intra-op threads")
     parser.add_argument(
         "--no-fast-conv", action="store_true", help="keep TF's small-conv gradient kernel"
@@ -246,6 +259,8 @@ def main(argv=None) -> dict:
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     policy = cu.configure_precision(args.mixed_precision)
+    if args.deterministic:
+        tf.config.experimental.enable_op_determinism()
     peaks = [matmul_peak(args.matmul_size, 5)]
     results = {}
     for name in args.models:
@@ -260,6 +275,7 @@ def main(argv=None) -> dict:
         "settings": {
             "dtype_policy": policy,
             "xla": args.xla,
+            "deterministic": args.deterministic,
             "steps": args.steps,
             "warmup": args.warmup,
             "fast_conv": not args.no_fast_conv,

@@ -1,6 +1,10 @@
-"""Shared fixtures: a learnable archive in the official cifar-100-python layout."""
+"""Shared fixtures: a learnable archive in the official cifar-100-python layout; helpers that
+run notebooks and the README's marked commands."""
 
 import os
+import re
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -42,3 +46,32 @@ def run_notebook(name, tmp_path, **parameters):
         kernel_name="python3",
         progress_bar=False,
     )
+
+
+BLOCK = re.compile(r"<!-- readme-test: (\w+) -->\n```bash\n(.*?)```", re.S)
+
+
+def readme_blocks() -> dict[str, list[str]]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return {name: body.strip().splitlines() for name, body in BLOCK.findall(text)}
+
+
+def swap_paths(line: str, swaps: dict) -> str:
+    """``line`` with each key of ``swaps`` replaced by its value (README paths -> temporary)."""
+    for old, new in swaps.items():
+        line = line.replace(old, new)
+    return line
+
+
+def run_readme_block(name: str, swaps: dict, timeout=900) -> tuple[float, list[str]]:
+    """Run README block ``name`` line by line with bash from the repository root, paths
+    swapped by ``swaps``; each line must succeed. Returns the seconds it took and what each
+    line printed (stdout)."""
+    start, printed = time.perf_counter(), []
+    for line in readme_blocks()[name]:
+        command = swap_paths(line, swaps)
+        done = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout)  # fmt: skip
+        assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        printed.append(done.stdout)
+    return time.perf_counter() - start, printed

@@ -81,8 +81,8 @@ class PoisonKernel(keras.callbacks.Callback):
 def test_what_this_machines_softmax_does_with_nan():
     """Not a guard: records the behaviour the guards must not rely on (NaN or zeros)."""
     row = tf.nn.softmax(tf.constant([[1.0, np.nan, 2.0]]))[0].numpy()
+    # Seen: [nan nan nan] (oneDNN off), [0. nan 0.] (oneDNN on, AVX2), zeros (AVX-512).
     print(f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}: softmax -> {row}")
-    assert np.isnan(row).all() or (row == 0).all() or np.isfinite(row).all()
     probs = ZeroNaNSoftmax()(tf.constant([[1.0, np.nan, 2.0], [0.0, 0.0, 0.0]])).numpy()
     np.testing.assert_array_equal(probs[0], [0, 0, 0])
     np.testing.assert_allclose(probs[1], [1 / 3] * 3, rtol=1e-6)

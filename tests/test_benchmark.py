@@ -38,3 +38,7 @@ def test_quick_run_writes_every_figure(tmp_path):
     assert row["pipeline_to_train_ratio"] == (
         row["pipeline_images_per_s"] / row["train_images_per_s"]
     )
+    # The divergence guard's cost: one check, and as a share of the 50 steps between checks.
+    step = row["batch_size"] / row["train_images_per_s"]
+    assert row["guard_seconds"] > 0
+    assert row["guard_share_every_50_steps"] == pytest.approx(row["guard_seconds"] / (50 * step))

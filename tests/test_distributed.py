@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import synthetic_cifar
 from conftest import ROOT, run_notebook
@@ -90,8 +91,10 @@ def test_simple_notebook_on_two_replicas_resumes_exactly_and_repeats(
     monkeypatch.setenv("CIFAR_CPU_DEVICES", "2")
     quick = dict(DATA_DIR=str(small_archive), **SMALL)
     nb = "simple_image_clasifier.ipynb"
-    first = run_notebook(nb, tmp_path, EPOCHS=1, **quick)
+    photo = cu.sample_photo("chelsea")  # the PHOTO parameter replaces the sample photo
+    first = run_notebook(nb, tmp_path, EPOCHS=1, PHOTO=str(photo), **quick)
     assert "MirroredStrategy: 2 replica(s), global batch 32" in _outputs(first)
+    assert f"Classifying {photo}" in _outputs(first)
     results = tmp_path / "results"
     state = json.loads((results / "simple_cnn" / "state.json").read_text())
     assert (state["epoch"], state["step"]) == (1, 10)  # 300 images at 32 a step
@@ -178,6 +181,16 @@ def test_simple_notebook_as_two_workers_writes_results_once_and_resumes(small_ar
     for state in (chief, other):
         assert (state["initial_epoch"], state["epoch"], state["step"]) == (1, 2, 20)
     assert chief["history"]["loss"] == other["history"]["loss"]  # all-reduced: one run
+    models = [cu.build_simple_cnn() for _ in range(2)]
+    for model, folder in zip(models, ("", "worker-1"), strict=True):
+        model.load_weights(results / "simple_cnn" / folder / "last.weights.h5")
+    trainable = [w.path for w in models[0].trainable_weights]
+    assert len(trainable) == 22  # 4 conv + 4 BN (gamma, beta) + 3 dense, kernel and bias
+    for a, b in zip(models[0].weights, models[1].weights, strict=True):
+        if a.path in trainable:  # gradients are all-reduced: the very same weights
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+        else:  # BatchNorm statistics: each worker's own batches
+            assert np.isfinite(np.asarray(a)).all() and np.isfinite(np.asarray(b)).all()
     record = json.loads((results / "simple_cnn.json").read_text())
     assert record["epochs"] == 2 and record["history"]["loss"] == chief["history"]["loss"]
     assert "Resuming from" in (tmp_path / "resumed-1.ipynb").read_text()

@@ -1,10 +1,6 @@
 """Performance switches: strategies, dtype policy, XLA switch, fast small-conv gradients."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -150,72 +146,3 @@ def test_fast_small_conv_gradients_on_the_simple_network():
     assert cu.fast_small_conv_gradients(model) == ["conv3", "conv4"]
     assert cu.fast_small_conv_gradients(model) == []  # already switched
     assert cu.parameter_counts(model) == before
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-@pytest.mark.slow
-def test_two_cpu_workers_agree_on_the_weights(tmp_path):
-    """Two processes on 127.0.0.1 train synchronously under MultiWorkerMirroredStrategy."""
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    procs, logs = [], []
-    try:
-        for index in range(2):
-            env = {
-                **os.environ,
-                "TF_CONFIG": json.dumps(
-                    {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-                ),
-                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                "CUDA_VISIBLE_DEVICES": "-1",
-                "TF_CPP_MIN_LOG_LEVEL": "2",
-            }
-            logs.append(open(tmp_path / f"worker{index}.log", "wb"))  # noqa: SIM115
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        str(ROOT / "tests" / "multiworker_worker.py"),
-                        str(tmp_path / f"worker{index}.npz"),
-                    ],
-                    env=env,
-                    stdout=logs[-1],
-                    stderr=subprocess.STDOUT,
-                    cwd=tmp_path,
-                )
-            )
-        for proc in procs:
-            proc.wait(timeout=150)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
-    for index, proc in enumerate(procs):
-        tail = (tmp_path / f"worker{index}.log").read_text(errors="replace")[-3000:]
-        assert proc.returncode == 0, f"worker {index} failed:\n{tail}"
-    w0, w1 = (np.load(tmp_path / f"worker{i}.npz") for i in range(2))
-    for w in (w0, w1):
-        assert bool(w["multi_worker"])
-        assert int(w["replicas"]) == 2
-    trainable = w0["trainable"]
-    assert trainable.sum() == 22  # 4 conv + 4 BN (gamma, beta) + 3 dense, kernel and bias
-    for i, is_trainable in enumerate(trainable):
-        a, b = w0[f"w{i}"], w1[f"w{i}"]
-        assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
-        if a.ndim > 1:  # every kernel took the steps
-            assert np.abs(a - w0[f"init{i}"]).max() > 1e-4, f"kernel {i} did not train"
-        if is_trainable:
-            # Gradients are all-reduced: both workers apply the very same update.
-            np.testing.assert_array_equal(a, b, err_msg=f"trainable weight {i} differs")

@@ -1,13 +1,13 @@
 """The README's quick commands, run as written (paths swapped for temporary ones).
 
 Blocks marked ``<!-- readme-test: NAME -->`` are run line by line with bash from the
-repository root: the smoke run on the generated archive, the transfer notebook's quick check,
-the model commands (curves, predict, export) and the web demo. The times they take are
-printed (``pytest -s``), to keep the README's stated times measured.
+repository root: here the smoke run on the generated archive, the model commands (curves,
+predict, export) and the web demo; the transfer notebook's quick check runs in
+``tests/test_transfer.py`` (then resumed on two devices). The times they take are printed
+(``pytest -s``), to keep the README's stated times measured.
 """
 
 import json
-import re
 import shutil
 import socket
 import subprocess
@@ -16,39 +16,15 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, readme_blocks, run_readme_block, swap_paths
 
 import cifar_utils as cu
-
-BLOCK = re.compile(r"<!-- readme-test: (\w+) -->\n```bash\n(.*?)```", re.S)
-
-
-def readme_blocks() -> dict[str, list[str]]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    return {name: body.strip().splitlines() for name, body in BLOCK.findall(text)}
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _swap(line: str, swaps: dict) -> str:
-    for old, new in swaps.items():
-        line = line.replace(old, new)
-    return line
-
-
-def _run(lines, swaps, timeout=900) -> float:
-    start = time.perf_counter()
-    for line in lines:
-        command = _swap(line, swaps)
-        done = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True,
-                              text=True, timeout=timeout)  # fmt: skip
-        assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        print(done.stdout[-1500:])
-    return time.perf_counter() - start
 
 
 def _git_status() -> str | None:
@@ -79,13 +55,14 @@ def test_readme_quick_commands_work_as_written(tmp_path):
         "photos/": f"{photos}/",
     }
     before = _git_status()
-    seconds = {"smoke": _run(blocks["smoke"], swaps)}
+    seconds = {"smoke": run_readme_block("smoke", swaps)[0]}
     results = synthetic / "results"
     record = json.loads((results / "simple_cnn.json").read_text())
-    # Far above chance (0.01 top-1, 0.05 top-5) after 3 epochs on 2,000 generated images.
-    assert record["test_top1"] > 0.15 and record["test_top5"] > 0.4
+    # Far above chance (0.01 top-1, 0.05 top-5) after 3 epochs on 1,000 generated images
+    # (measured: 0.218 and 0.703).
+    assert record["test_top1"] > 0.12 and record["test_top5"] > 0.4
     assert record["full_cifar100"] is False and record["data"]["official"] is False
-    assert record["settings_changed"]["TRAIN_LIMIT"] == 2000
+    assert record["settings_changed"]["TRAIN_LIMIT"] == 1000
     assert (results / "simple_cnn.keras").is_file()
     assert {p.name for p in (results / "figures").iterdir()} == {
         f"simple_cnn_{n}.png"
@@ -94,28 +71,24 @@ def test_readme_quick_commands_work_as_written(tmp_path):
     }  # fmt: skip
     assert _git_status() == before  # nothing written into the checkout
 
-    seconds["transfer"] = _run(blocks["transfer"], swaps)
-    transfer = json.loads((results / "efficientnet_b0.json").read_text())
-    assert transfer["epochs"] == 2 and (results / "efficientnet_b0.keras").is_file()
-
-    seconds["use"] = _run(blocks["use"], swaps)
+    seconds["use"], printed = run_readme_block("use", swaps)
     assert (results / "simple_cnn" / "curves.png").stat().st_size > 10_000
     assert (results / "simple_cnn_serving" / "saved_model.pb").is_file()
-    done = subprocess.run(
-        ["bash", "-c", _swap(blocks["use"][1], swaps).split("#")[0] + " --json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    predictions = json.loads(done.stdout)["predictions"]
+    # The predict line's output: each photo, then its top 5 as "  name  probability".
+    printed = printed[1]
     model, names, _ = cu.load_exported_model(results / "simple_cnn.keras")
-    assert len(predictions) == 3  # the photo and the folder's two
-    for item in predictions:
-        expected = cu.predict_image(model, item["image"], top_k=5, class_names=names)
-        got = [(p["class"], p["probability"]) for p in item["top"]]
-        assert [n for n, _ in got] == [n for n, _ in expected]
-        np.testing.assert_allclose([p for _, p in got], [p for _, p in expected], rtol=1e-5)
+    photos_seen = [line for line in printed.splitlines() if line and not line.startswith(" ")]
+    assert len(photos_seen) == 3  # the photo and the folder's two
+    for i, photo in enumerate(photos_seen):
+        rows = printed.splitlines()[6 * i + 1 : 6 * i + 6]
+        expected = cu.predict_image(model, photo, top_k=5, class_names=names)
+        assert [r.split()[0] for r in rows] == [n for n, _ in expected]
+        np.testing.assert_allclose([float(r.split()[1]) for r in rows],
+                                   [p for _, p in expected], atol=5e-5)  # fmt: skip
 
     port = str(_free_port())
-    command = _swap(blocks["demo"][0], {**swaps, "7860": port})
+    demo = {**swaps, "7860": port, "efficientnet_b0.keras": "simple_cnn.keras"}  # the model here
+    command = swap_paths(blocks["demo"][0], demo)
     start = time.perf_counter()
     server = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip

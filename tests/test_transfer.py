@@ -399,32 +399,28 @@ def test_join_runs_and_phase_markers():
 
 
 @pytest.mark.slow
-def test_notebook_on_two_replicas_runs_both_phases_resumes_and_writes_results(
-    cifar_archive, tmp_path, monkeypatch
-):
-    """Papermill on the synthetic archive: random weights, 32x32 (no upscaling), under
-    MirroredStrategy on two logical CPU devices; stopped after the first fine-tuning epoch."""
+def test_readme_quick_check_then_resumed_on_two_replicas(tmp_path, monkeypatch):
+    """The README's quick check of this notebook as written (random weights, 32x32, one
+    epoch per phase, one device), then the same run resumed for a second fine-tuning epoch
+    under MirroredStrategy on two logical CPU devices (BATCH_SIZE 32 each: the same global
+    batch of 64, so the same plan), evaluated and written again."""
     import json
 
-    from conftest import run_notebook
+    import synthetic_cifar
+    from conftest import run_notebook, run_readme_block
+
+    synthetic = tmp_path / "synthetic"
+    synthetic_cifar.write_archive(synthetic, 3000, 1000, seed=0)  # the README's smoke data
+    run_readme_block("transfer", {"/tmp/synthetic": str(synthetic)})
+    out = synthetic / "results"
+    first = json.loads((out / "efficientnet_b0.json").read_text())
+    assert first["epochs"] == 2 and (out / "efficientnet_b0.keras").is_file()
 
     monkeypatch.setenv("CIFAR_CPU_DEVICES", "2")
-    quick = dict(
-        DATA_DIR=str(cifar_archive),
-        WEIGHTS=None,
-        IMAGE_SIZE=32,  # resizing has no weights: the counts stay those of the 224 model
-        BATCH_SIZE=25,  # per replica: global batch 50
-        HEAD_EPOCHS=1,
-        VAL_SIZE=100,
-        TRAIN_LIMIT=100,  # the least train_val_split allows; tracing dominates anyway
-    )
-    nb = "image_classifier_with_transfer_learning.ipynb"
-    first = run_notebook(nb, tmp_path, FINETUNE_EPOCHS=1, **quick)
-    outputs = "".join(o.get("text", "") for c in first.cells for o in c.get("outputs", []))
-    assert "MirroredStrategy: 2 replica(s), global batch 50" in outputs
-    out = tmp_path / "results"
-    again = run_notebook(nb, tmp_path, FINETUNE_EPOCHS=2, **quick)  # each phase resumes
+    settings = {**first["settings"], "FINETUNE_EPOCHS": 2, "BATCH_SIZE": 32}
+    again = run_notebook("image_classifier_with_transfer_learning.ipynb", tmp_path, **settings)
     outputs = "".join(o.get("text", "") for c in again.cells for o in c.get("outputs", []))
+    assert "MirroredStrategy: 2 replica(s), global batch 64" in outputs
     assert "That run already has 1 epoch(s), EPOCHS=1: nothing to train" in outputs  # head
     results = json.loads((out / "efficientnet_b0.json").read_text())
     # What trained: the head alone, then everything but BatchNorm (frozen, in inference mode).
@@ -440,8 +436,9 @@ def test_notebook_on_two_replicas_runs_both_phases_resumes_and_writes_results(
     assert 0.0 <= results["test_top1"] <= results["test_top5"] <= 1.0
     assert 0.0 <= results["val_top1"] <= results["val_top5"] <= 1.0
     assert results["epochs"] == 3 and len(results["history"]["val_accuracy"]) == 3
+    assert results["history"]["loss"][:2] == first["history"]["loss"]  # not retrained
     assert (results["train_images"], results["val_images"], results["test_images"]) == (
-        100,
+        200,
         100,
         1000,
     )
@@ -450,7 +447,7 @@ def test_notebook_on_two_replicas_runs_both_phases_resumes_and_writes_results(
     head = json.loads((out / "efficientnet_b0" / "head" / "state.json").read_text())
     fine = json.loads((out / "efficientnet_b0" / "finetune" / "state.json").read_text())
     assert (head["epoch"], head["initial_epoch"]) == (1, 0)  # written by the first run only
-    assert (fine["epoch"], fine["initial_epoch"], fine["step"]) == (2, 1, 4)
+    assert (fine["epoch"], fine["initial_epoch"], fine["step"]) == (2, 1, 8)  # 4 steps/epoch
     assert fine["plan"]["image_size"] == 32 and fine["plan"]["weights"] is None
     assert {p.name for p in (out / "figures").iterdir()} == {
         f"efficientnet_b0_{n}.png"

@@ -5,7 +5,8 @@ run saw: model summaries, parameter counts, previews on a real photo. Such cells
 tag ``keep-output``. This tool runs the notebook with papermill on a small synthetic archive
 (``tests/synthetic_cifar.py``) in a temporary folder, then writes the notebook back with the
 outputs of ``keep-output`` cells and every other cell's outputs cleared. Figures those cells
-save can be copied into ``images/`` with ``--copy-image``.
+save (under the run's ``OUTPUT_DIR/figures``) can be copied into ``images/`` with
+``--copy-image``.
 
 Usage::
 
@@ -46,7 +47,6 @@ def main(argv=None) -> None:
             **QUICK,
             "DATA_DIR": str(archive),
             "OUTPUT_DIR": str(tmp / "results"),
-            "IMAGES_DIR": str(tmp / "images"),
             **{name: json.loads(value) for name, value in args.p},
         }
         executed = papermill.execute_notebook(
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
         )
         outputs = {c["id"]: c for c in executed.cells}
         for name in args.copy_image:
-            shutil.copy(tmp / "images" / name, ROOT / "images" / name)
+            shutil.copy(tmp / "results" / "figures" / name, ROOT / "images" / name)
     nb = nbformat.read(args.notebook, as_version=4)
     for cell in nb.cells:
         if cell.cell_type != "code":

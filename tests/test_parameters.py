@@ -1,0 +1,111 @@
+"""The notebooks' parameters as a checked contract (cu.check_parameters)."""
+
+import json
+
+import pytest
+from conftest import run_notebook
+
+import cifar_utils as cu
+
+NOTEBOOKS = {
+    "simple_image_clasifier.ipynb": "simple_cnn",
+    "complex_image_clasifier.ipynb": "complex_cnn",
+    "image_classifier_with_transfer_learning.ipynb": "efficientnet_b0",
+}
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_defaults_come_from_the_parameters_cell_and_pass(notebook):
+    defaults = cu.notebook_defaults(notebook)
+    shared = {"EPOCHS" if "transfer" not in notebook else "FINETUNE_EPOCHS", "BATCH_SIZE",
+              "TRAIN_LIMIT", "VAL_SIZE", "DATA_DIR", "SEED", "DETERMINISTIC", "OUTPUT_DIR",
+              "RESUME", "TENSORBOARD", "MIXED_PRECISION", "XLA", "PHOTO"}  # fmt: skip
+    assert shared <= set(defaults) and "IMAGES_DIR" not in defaults
+    assert defaults["PHOTO"] is None and defaults["TENSORBOARD"] is False
+    checked = cu.check_parameters(dict(defaults), notebook)
+    assert dict(checked) == defaults and checked.changed() == {}
+
+
+def _problems(namespace, notebook="simple_image_clasifier.ipynb"):
+    with pytest.raises(cu.ParameterError) as err:
+        cu.check_parameters(namespace, notebook)
+    return str(err.value)
+
+
+def test_unknown_names_are_refused_with_the_closest_known_one():
+    defaults = cu.notebook_defaults("simple_image_clasifier.ipynb")
+    message = _problems({**defaults, "EPOCH": 2, "epochs": 3, "IMAGES_DIR": "x"})
+    assert "EPOCH: no such parameter; did you mean EPOCHS?" in message
+    assert "epochs: no such parameter; did you mean EPOCHS?" in message
+    assert "IMAGES_DIR: no such parameter" in message  # a parameter of an older version
+    # Names a later cell of the notebook assigns (re-running the setup cell) are no typo.
+    fine = {**defaults, "NAME": "simple_cnn", "GLOBAL_BATCH": 128, "model": object(), "_": 1}
+    assert cu.check_parameters(fine, "simple_image_clasifier.ipynb")["EPOCHS"] == 100
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "must"),
+    [
+        ("EPOCHS", 0, "an int >= 1"),
+        ("EPOCHS", 2.5, "an int >= 1"),
+        ("BATCH_SIZE", 0, "an int in [1, 50000]"),
+        ("BATCH_SIZE", True, "an int in [1, 50000]"),
+        ("VAL_SIZE", 50, "at least one image per class"),
+        ("TRAIN_LIMIT", 10, "None (all images) or an int in [100, 49900]"),
+        ("SEED", -1, "an int in [0, 2**32)"),
+        ("XLA", "yes", 'True, False or "auto"'),
+        ("RESUME", "False", "True or False"),
+        ("DETERMINISTIC", 1, "True or False"),
+        ("MIXED_PRECISION", None, "True or False"),
+        ("PHOTO", "/no/such/photo.jpg", "an existing image file"),
+        ("DATA_DIR", "/no/such/folder", "an existing file or folder"),
+        ("OUTPUT_DIR", "", "a folder path"),
+    ],
+)
+def test_bad_values_name_the_parameter(name, value, must):
+    defaults = cu.notebook_defaults("simple_image_clasifier.ipynb")
+    message = _problems({**defaults, name: value})
+    assert f"{name} = {value!r}: must be " in message and must in message
+
+
+def test_transfer_parameters():
+    nb = "image_classifier_with_transfer_learning.ipynb"
+    defaults = cu.notebook_defaults(nb)
+    for name, value, must in [
+        ("HEAD_LR", 0, "a number > 0"),
+        ("FINETUNE_LR", float("nan"), "a number > 0"),
+        ("HEAD_EPOCHS", 0, "an int >= 1"),
+        ("IMAGE_SIZE", 16, "an int in [32, 1024]"),
+        ("WEIGHTS", "imagenett", '"imagenet", None (random weights) or the path'),
+    ]:
+        assert f"{name} = {value!r}: must be {must}" in _problems({**defaults, name: value}, nb)
+    too_many = {**defaults, "TRAIN_LIMIT": 48_000, "VAL_SIZE": 5000}
+    assert "together more than CIFAR-100's 50,000 training images" in _problems(too_many, nb)
+    ok = cu.check_parameters({**defaults, "WEIGHTS": None, "IMAGE_SIZE": 32}, nb)
+    assert ok.changed() == {"WEIGHTS": None, "IMAGE_SIZE": 32}
+
+
+@pytest.mark.slow
+def test_a_notebook_stops_at_once_on_bad_parameters_and_writes_nothing(tmp_path):
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        run_notebook(
+            "complex_image_clasifier.ipynb",
+            tmp_path,
+            EPOCH=2,
+            BATCH_SIZE=0,
+            PHOTO=str(tmp_path / "my.jpg"),
+        )
+    message = str(err.value)
+    assert "ParameterError" in message
+    for line in (
+        "EPOCH: no such parameter; did you mean EPOCHS?",
+        "BATCH_SIZE = 0: must be an int in [1, 50000]",
+        "PHOTO = ",
+    ):
+        assert line in message
+    assert not (tmp_path / "results").exists()  # nothing read or written
+    executed = json.loads((tmp_path / "executed-complex_image_clasifier.ipynb").read_text())
+    ran = [c for c in executed["cells"] if c["cell_type"] == "code" and c.get("outputs")]
+    assert len(ran) == 1 and "check_parameters" in "".join(ran[0]["source"])
