@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_divergence_guards_hold_with_onednn_off_and_on(onednn):
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "-q", "-s", "-n", "0", "-p", "no:cacheprovider",
          str(ROOT / "tests" / "divergence_cases.py")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
