@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import keras
 import pytest
 import synthetic_cifar
 
@@ -75,3 +76,23 @@ def run_readme_block(name: str, swaps: dict, timeout=900) -> tuple[float, list[s
         assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         printed.append(done.stdout)
     return time.perf_counter() - start, printed
+
+
+class AtBatch(keras.callbacks.Callback):
+    """Calls ``action(model)`` before the given (0-based) epoch and batch of ``fit``."""
+
+    def __init__(self, epoch, batch, action):
+        super().__init__()
+        self.at, self.action, self.epoch = (epoch, batch), action, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            self.action(self.model)
+
+
+def ctrl_c(model):
+    """An ``AtBatch`` action: stop the run as Ctrl-C does."""
+    raise KeyboardInterrupt

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import synthetic_cifar
 import tensorflow as tf
+from conftest import AtBatch
 
 import cifar_utils as cu
 
@@ -62,20 +63,10 @@ def _files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-class PoisonKernel(keras.callbacks.Callback):
-    """Puts one NaN into the conv kernel before the given (0-based) epoch and batch."""
-
-    def __init__(self, epoch, batch):
-        super().__init__()
-        self.at, self.epoch = (epoch, batch), None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if (self.epoch, batch) == self.at:
-            kernel = self.model.get_layer("conv").kernel
-            kernel.assign(tf.tensor_scatter_nd_update(kernel, [[0, 0, 0, 0]], [np.nan]))
+def poison_kernel(model):
+    """An ``AtBatch`` action: one NaN in the conv kernel."""
+    kernel = model.get_layer("conv").kernel
+    kernel.assign(tf.tensor_scatter_nd_update(kernel, [[0, 0, 0, 0]], [np.nan]))
 
 
 def test_what_this_machines_softmax_does_with_nan():
@@ -97,7 +88,7 @@ def test_nan_weight_mid_run_raises_and_leaves_the_run_folder_as_it_was(tmp_path,
     with pytest.raises(cu.TrainingDiverged) as err:
         cu.train(
             bn_cnn(output), train_ds, val_ds, epochs=3, run_dir=tmp_path, verbose=0,
-            check_every=2, callbacks=[PoisonKernel(epoch=1, batch=0)],
+            check_every=2, callbacks=[AtBatch(1, 0, poison_kernel)],
         )  # fmt: skip
     message = str(err.value)
     # Caught within epoch 2 (the state check after its 2nd batch), whatever the loss did,

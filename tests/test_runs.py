@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 import synthetic_cifar
+from conftest import AtBatch, ctrl_c
 
 import cifar_utils as cu
 
@@ -144,21 +145,6 @@ def test_epochs_are_fixed_by_seed_epoch_and_batch(arrays):
 # ------------------------------------------------------------------ exact resume
 
 
-class StopAt(keras.callbacks.Callback):
-    """Ctrl-C at the given (0-based) epoch and batch."""
-
-    def __init__(self, epoch, batch):
-        super().__init__()
-        self.at, self.epoch = (epoch, batch), None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if (self.epoch, batch) == self.at:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.slow
 def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, arrays):
     def run(folder, **kwargs):
@@ -169,7 +155,7 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, arrays):
 
     whole = run(tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", callbacks=[StopAt(epoch=1, batch=2)])  # stopped after epoch 1
+        run(tmp_path / "cut", callbacks=[AtBatch(1, 2, ctrl_c)])  # stopped after epoch 1
     assert json.loads((tmp_path / "cut" / "state.json").read_text())["epoch"] == 1
     resumed = run(tmp_path / "cut")
     assert resumed["initial_epoch"] == 1

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 import synthetic_cifar
+from conftest import AtBatch, ctrl_c
 
 import cifar_utils as cu
 
@@ -52,21 +53,6 @@ class Probe(keras.callbacks.Callback):
         self.kernel = np.array(self.model.layers[0].kernel)
 
 
-class Interrupt(keras.callbacks.Callback):
-    """Raises KeyboardInterrupt at the given (0-based) epoch and batch, like Ctrl-C."""
-
-    def __init__(self, epoch, batch):
-        super().__init__()
-        self.at, self.epoch = (epoch, batch), None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if (self.epoch, batch) == self.at:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.slow
 def test_resume_continues_epoch_optimizer_step_schedule_and_history(tmp_path, data):
     train_ds, val_ds = data
@@ -100,7 +86,7 @@ def test_interrupted_run_resumes_from_last_complete_epoch(tmp_path, data):
     with pytest.raises(KeyboardInterrupt):
         cu.train(
             tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path,
-            callbacks=[Interrupt(epoch=1, batch=3)], verbose=0,
+            callbacks=[AtBatch(1, 3, ctrl_c)], verbose=0,
         )  # fmt: skip
     assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 1
     assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]

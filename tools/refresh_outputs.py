@@ -12,6 +12,8 @@ Usage::
 
     python tools/refresh_outputs.py simple_image_clasifier.ipynb \\
         --copy-image "simple_cnn_augmentation.png" [-p NAME VALUE ...]
+    python tools/refresh_outputs.py image_classifier_with_transfer_learning.ipynb \\
+        --copy-image "efficientnet_b0_augmentation.png" -p WEIGHTS null -p TRAIN_LIMIT 100
 """
 
 import argparse
@@ -31,7 +33,17 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import synthetic_cifar  # noqa: E402
 
-QUICK = {"TRAIN_LIMIT": 200, "VAL_SIZE": 100, "EPOCHS": 1, "BATCH_SIZE": 32}
+import cifar_utils as cu  # noqa: E402
+
+#: Quick settings, each given only to the notebooks that have that parameter.
+QUICK = {
+    "TRAIN_LIMIT": 200,
+    "VAL_SIZE": 100,
+    "EPOCHS": 1,
+    "HEAD_EPOCHS": 1,
+    "FINETUNE_EPOCHS": 1,
+    "BATCH_SIZE": 32,
+}
 
 
 def main(argv=None) -> None:
@@ -43,8 +55,9 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         archive = synthetic_cifar.write_archive(tmp / "data", 1000, 200)
+        known = cu.notebook_defaults(args.notebook)
         params = {
-            **QUICK,
+            **{name: value for name, value in QUICK.items() if name in known},
             "DATA_DIR": str(archive),
             "OUTPUT_DIR": str(tmp / "results"),
             **{name: json.loads(value) for name, value in args.p},
