@@ -1621,6 +1621,8 @@ def train(
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, not {epochs!r}")
+    if getattr(model, "optimizer", None) is None:
+        raise ValueError("compile the model (optimizer, loss, metrics) before cu.train")
     mode = _mode(monitor, mode)
     run_dir = worker_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -2257,11 +2259,12 @@ def evaluate_and_save(
         data.get("train_images"),
         data.get("test_images"),
     )
+    params = run.get("params") or parameter_counts(model)
     phases = run.get("phases") or [
-        {"name": "train", "epochs": run["epoch"], "trainable_params": run["params"]["trainable"]}
+        {"name": "train", "epochs": run["epoch"], "trainable_params": params["trainable"]}
     ]
     record = {
-        "params": run.get("params") or parameter_counts(model),
+        "params": params,
         "phases": phases,
         "epochs": run["epoch"],
         "best_epoch": run.get("best_epoch"),

@@ -297,6 +297,12 @@ def test_monitor_mode_errors(tmp_path, arrays):
         cu.train(dropout_model(), train, val, epochs=1, run_dir=tmp_path, mode="sideways")
     with pytest.raises(ValueError, match="pass mode='min' or 'max'"):
         cu.train(dropout_model(), train, val, epochs=1, run_dir=tmp_path, monitor="val_f00")
+    bare = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(),
+                             keras.layers.Dense(100, activation="softmax")])  # fmt: skip
+    with pytest.raises(ValueError, match="compile the model"):
+        cu.train(bare, train, val, epochs=1, run_dir=tmp_path)
+    with pytest.raises(ValueError, match="epochs must be an int >= 1"):
+        cu.train(dropout_model(), train, val, epochs=0, run_dir=tmp_path)
     assert not (tmp_path / "state.json").exists()
 
 
