@@ -21,6 +21,7 @@ import hashlib
 import http.client
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -580,9 +581,14 @@ class _BatchSeeds(keras.random.SeedGenerator):
 
 
 def _fold(seed: int, *data):
-    """A stateless seed, int64 (2,), from an int seed folded with int tensors ``data``."""
+    """A stateless seed, int64 (2,), from an int seed folded with int tensors ``data``.
+
+    ``stateless_fold_in(s, d)`` returns ``[hash(s), d]``: the last value folded in stays
+    apart in the second element. A final fold with 0 mixes it into the first, so the
+    first element alone (an int seed for albumentations) depends on every input too.
+    """
     out = tf.constant([seed, 0], tf.int64)
-    for d in data:
+    for d in (*data, 0):
         out = tf.random.experimental.stateless_fold_in(out, tf.cast(d, tf.int64))
     return out
 
@@ -732,9 +738,8 @@ def _describe_augmentation(augment, batch_transform) -> list:
     described = []
     layers = [] if augment is None else getattr(augment, "layers", [augment])
     for layer in layers:
-        config = {
-            k: v for k, v in layer.get_config().items() if k not in ("name", "dtype", "trainable")
-        }
+        drop = ("name", "dtype", "trainable", "seed")  # the pipeline draws from its own seeds
+        config = {k: v for k, v in layer.get_config().items() if k not in drop}
         described.append({"layer": type(layer).__name__, **config})
     if batch_transform is not None:
         described.append({"batch_transform": getattr(batch_transform, "__name__", "?")})
@@ -1203,34 +1208,34 @@ def check_probabilities(probs, what: str = "the model's output", atol: float = 1
     )
 
 
-def _float_variables(model) -> list:
-    """The model's and its optimizer's floating-point variables (weights, statistics, slots)."""
-    optimizer = getattr(model, "optimizer", None)
-    variables = list(model.variables) + (list(optimizer.variables) if optimizer else [])
-    return [v for v in variables if "float" in str(v.dtype)]
-
-
-def nonfinite_variables(model, variables=None) -> list[str]:
+def nonfinite_variables(model) -> list[str]:
     """Paths of the model's (and its optimizer's) variables holding NaN or inf; ``[]`` if none.
 
     Decided from the values themselves (``tf.math.is_finite``), not from the loss: with
-    oneDNN a NaN weight can leave the loss finite. Works on distributed variables.
+    oneDNN a NaN weight can leave the loss finite. Reads the variables as they are now
+    (Keras creates optimizer slots at the first step). Works on distributed variables.
     """
-    variables = _float_variables(model) if variables is None else variables
-    flags = _all_finite_flags(variables)
-    return [v.path for v, ok in zip(variables, flags, strict=True) if not ok]
+    optimizer = getattr(model, "optimizer", None)
+    variables = list(model.variables) + (list(optimizer.variables) if optimizer else [])
+    variables = [v for v in variables if "float" in str(v.dtype)]
+    if not variables:
+        return []
+    finite = tf.stack(
+        [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in variables]
+    )
+    return [v.path for v, ok in zip(variables, to_numpy(finite), strict=True) if not ok]
 
 
-def training_state_problem(model, probe=None, variables=None) -> str | None:
+def training_state_problem(model, probe=None) -> str | None:
     """What makes a model's training state unfit to checkpoint, or ``None`` if nothing.
 
     The first model or optimizer variable holding NaN/inf (:func:`nonfinite_variables`),
     else, given a ``probe`` batch (float32 (B, H, W, 3) in [0, 1]), outputs of the model in
     inference mode that are no probability rows (:func:`check_probabilities`). What
     :func:`train` checks every ``check_every`` batches and before each checkpoint; the
-    benchmark times it. ``variables``: the list to check (default: all float variables).
+    benchmark times it.
     """
-    bad = nonfinite_variables(model, variables)
+    bad = nonfinite_variables(model)
     if bad:
         return f"variable '{bad[0]}' holds NaN or inf"
     if probe is not None:
@@ -1239,13 +1244,6 @@ def training_state_problem(model, probe=None, variables=None) -> str | None:
         except NotProbabilities as exc:
             return str(exc).split(". ")[0]
     return None
-
-
-def _all_finite_flags(variables) -> np.ndarray:
-    if not variables:
-        return np.ones(0, bool)
-    flags = tf.stack([tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in variables])
-    return keras.ops.convert_to_numpy(flags)
 
 
 def check_checkpoint_path(path, weights_only: bool) -> Path:
@@ -1423,10 +1421,7 @@ class _RunKeeper(keras.callbacks.Callback):
         self.run_dir, self.state, self.monitor, self.mode = run_dir, state, monitor, mode
         self.probe, self.check_every = probe, check_every
         self.diverged = None
-        self._t0 = self._variables = None
-
-    def on_train_begin(self, logs=None):
-        self._variables = _float_variables(self.model)
+        self._t0 = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()
@@ -1439,7 +1434,7 @@ class _RunKeeper(keras.callbacks.Callback):
 
     def _check_state(self, where: str) -> None:
         """Stop if a variable is non-finite or the probe's outputs are no distribution."""
-        what = training_state_problem(self.model, self.probe, self._variables)
+        what = training_state_problem(self.model, self.probe)  # slots may be new
         if _any_worker(self.model.distribute_strategy, what is not None) and not what:
             what = "another worker's weights or outputs hold NaN or inf"
         if what:
@@ -1533,29 +1528,64 @@ def _optimizer_plan(optimizer) -> dict:
     return {"class": type(inner).__name__, **config}
 
 
-def run_plan(model, train_ds, plan: dict | None = None) -> dict:
+def _layers_plan(model) -> dict:
+    """``{"NNN Class": digest}`` of what each layer computes (nested models walked).
+
+    The digest covers the layer's configuration (rates, activations, sizes, ...) without
+    its name, dtype policy or trainable flag, so the same network built again matches.
+    """
+    out, stack = {}, list(model.layers)
+    while stack:
+        layer = stack.pop(0)
+        if getattr(layer, "layers", None):
+            stack[:0] = layer.layers
+            continue
+        drop = ("name", "dtype", "trainable")
+        config = {k: v for k, v in layer.get_config().items() if k not in drop}
+        blob = json.dumps(config, sort_keys=True, default=str).encode()
+        out[f"{len(out):03d} {type(layer).__name__}"] = hashlib.md5(blob).hexdigest()[:8]
+    return out
+
+
+def _weights_digest(model) -> str:
+    digest = hashlib.md5()
+    for variable in model.weights:
+        digest.update(np.ascontiguousarray(to_numpy(variable)).tobytes())
+    return digest.hexdigest()[:12]
+
+
+def run_plan(model, train_ds, plan: dict | None = None, **training) -> dict:
     """What a checkpoint of ``model`` trained on ``train_ds`` means, as JSON-able dict.
 
-    The model (parameter counts, and a digest of its variables' shapes), its optimizer
-    and learning-rate schedule (class and config), the data pipeline's ``plan`` from
-    :func:`make_dataset` (data fingerprint, image count, batch size, seed, augmentation),
-    and ``plan``: what the code cannot see (e.g. ``{"weights": "imagenet", "image_size":
-    224}``), whose keys replace those above.
+    ``model``: its parameter counts, what each layer computes (:func:`_layers_plan`:
+    rates, activations, sizes), its loss, and a digest of the weights it starts from
+    (initialisation, or an earlier phase's result); its optimizer and learning-rate
+    schedule (class and config); the data pipeline's ``plan`` from :func:`make_dataset`
+    (data fingerprint, image count, batch size, seed, augmentation); ``training``: how
+    :func:`train` runs (monitor, mode, epoch offset); and ``plan``: what the code cannot
+    see (e.g. ``{"weights": "imagenet", "image_size": 224}``), whose keys replace those above.
     """
-    shapes = ";".join(f"{tuple(v.shape)}" for v in model.weights)
+    loss = (
+        model.loss
+        if isinstance(model.loss, str | type(None))
+        else (keras.saving.serialize_keras_object(model.loss))
+    )
     described = {
         "model": {
             "params": parameter_counts(model),
-            "shapes": hashlib.md5(shapes.encode()).hexdigest()[:12],
+            "layers": _layers_plan(model),
+            "loss": loss,
+            "start_weights": _weights_digest(model),
         },
         "optimizer": _optimizer_plan(model.optimizer),
         "data": getattr(train_ds, "plan", None),
+        "training": training,
         **(plan or {}),
     }
     return json.loads(json.dumps(described, default=str))
 
 
-#: Plan entries that follow from the epoch count: a new ``epochs`` re-plans them.
+#: Plan entries that follow from the epoch count: allowed to differ when ``epochs`` does.
 _REPLANNED_WITH_EPOCHS = ("optimizer.learning_rate.config.decay_rate",)
 
 
@@ -1573,6 +1603,7 @@ def train(
     tensorboard: bool = False,
     plan: dict | None = None,
     check_every: int = 50,
+    epoch_offset: int = 0,
     verbose="auto",
 ) -> dict:
     """Fit a compiled ``model`` with checkpoints, a CSV log, divergence guards and resume.
@@ -1595,10 +1626,17 @@ def train(
     run ends with the same weights and history as one that never stopped. A plain
     ``tf.data.Dataset`` is iterated anew each epoch instead (its epochs restart).
 
-    The run's plan (:func:`run_plan`: model, optimizer and schedule, data pipeline, and
-    ``plan``) is stored; resuming a run with another plan is refused with the entries that
-    differ; another ``epochs`` continues with a warning (a schedule planned from the epoch
-    count is re-planned); a run that already has ``epochs`` epochs trains nothing.
+    The run's plan (:func:`run_plan`: model and the weights it starts from, optimizer and
+    schedule, data pipeline, monitor, ``epoch_offset`` and ``plan``) is stored; resuming a
+    run with another plan is refused with the entries that differ. Another ``epochs``
+    continues with a warning: a schedule built from the epoch count (e.g.
+    :func:`exponential_decay`) is the new one from the restored step on, and the warning
+    gives the rate there under both plans. A run that already has ``epochs`` epochs trains
+    nothing.
+
+    ``epoch_offset``: epochs that earlier phases trained on the same ``train_ds`` (e.g. the
+    transfer notebook's head phase): this run's epoch ``e`` gets the data of epoch
+    ``epoch_offset + e``, so phases never replay each other's batches.
 
     Divergence: the loss is checked after every batch; every ``check_every`` batches
     (0: only at epoch ends) and at each epoch's end all model and optimizer variables must
@@ -1627,7 +1665,9 @@ def train(
     run_dir = worker_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / "state.json"
-    full_plan = run_plan(model, train_ds, plan)
+    full_plan = run_plan(
+        model, train_ds, plan, monitor=monitor, mode=mode, epoch_offset=epoch_offset
+    )
     state = {"epoch": 0, "history": {}, "seconds": 0.0, "plan": full_plan, "epochs": epochs}
     if resume and state_path.exists():
         state = _resume(model, run_dir, json.loads(state_path.read_text()), full_plan, epochs)
@@ -1650,7 +1690,9 @@ def train(
             callbacks = [*callbacks, keras.callbacks.TensorBoard(str(run_dir / "tensorboard"))]
         exact = hasattr(train_ds, "from_epoch")
         model.fit(
-            train_ds.from_epoch(state["epoch"], epochs) if exact else train_ds,
+            train_ds.from_epoch(epoch_offset + state["epoch"], epoch_offset + epochs)
+            if exact
+            else train_ds,
             validation_data=val_ds,
             epochs=epochs,
             initial_epoch=state["epoch"],
@@ -1679,23 +1721,22 @@ def _resume(model, run_dir: Path, saved: dict, plan: dict, epochs: int) -> dict:
     _settle_checkpoints(run_dir, saved["epoch"])
     old, new = _flatten(saved.get("plan")), _flatten(plan)
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    replanned = [k for k in differ if k in _REPLANNED_WITH_EPOCHS]
-    if saved.get("epochs", epochs) != epochs:
-        differ = [k for k in differ if k not in replanned]
+    replanned = saved.get("epochs", epochs) != epochs
+    if replanned:
+        differ = [k for k in differ if k not in _REPLANNED_WITH_EPOCHS]
     if differ:
         shown = "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in differ[:6])
         raise ValueError(
             f"{run_dir} holds a run with another plan: {shown}"
             + (f" (and {len(differ) - 6} more)" if len(differ) > 6 else "")
+            + (
+                " (the weights this run starts from differ from that run's: e.g. an earlier "
+                "phase trained for another number of epochs, or another SEED)"
+                if "model.start_weights" in differ
+                else ""
+            )
             + ". Its checkpoints mean something else. Start over with RESUME=False, or use "
             "another OUTPUT_DIR to keep that run"
-        )
-    if saved.get("epochs", epochs) != epochs:
-        warnings.warn(
-            f"{run_dir} was planned for {saved.get('epochs')} epochs, this run asks for "
-            f"{epochs}: continuing, with any learning-rate schedule re-planned from the "
-            f"restored step.",
-            stacklevel=3,
         )
     _restore(model, run_dir)
     step = int(to_numpy(model.optimizer.iterations))
@@ -1705,10 +1746,17 @@ def _resume(model, run_dir: Path, saved: dict, plan: dict, epochs: int) -> dict:
             f"{saved['step']}: they do not belong together (a file copied or restored by hand?). "
             "Start over with RESUME=False, or put back the pair written together"
         )
+    if replanned:
+        warnings.warn(
+            f"{run_dir} was planned for {saved.get('epochs')} epochs, this run asks for "
+            f"{epochs}: continuing." + _schedule_change(model, saved.get("plan"), step),
+            stacklevel=3,
+        )
     seed_vars = _seed_states(model)
     if len(saved.get("seed_states", [])) == len(seed_vars):
         for var, value in zip(seed_vars, saved.get("seed_states", []), strict=True):
             var.assign(np.asarray(value, dtype=str(var.dtype)))
+    _write_log(run_dir, saved["history"])  # log.csv as the committed history has it
     print(f"Resuming from {run_dir} after epoch {saved['epoch']}.")
     if saved["epoch"] >= epochs:
         print(
@@ -1716,6 +1764,34 @@ def _resume(model, run_dir: Path, saved: dict, plan: dict, epochs: int) -> dict:
             "train. Set RESUME=False (or another OUTPUT_DIR) to train again."
         )
     return {**saved, "epochs": epochs, "plan": plan}
+
+
+def _schedule_change(model, saved_plan, step: int) -> str:
+    """In words: the learning rate at ``step`` under the saved plan's schedule and the new one."""
+    config = ((saved_plan or {}).get("optimizer") or {}).get("learning_rate")
+    if not isinstance(config, dict):
+        return ""  # a constant rate: the epoch count does not change it
+    before = float(keras.saving.deserialize_keras_object(config)(step))
+    now = float(to_numpy(model.optimizer.learning_rate))
+    return (
+        " The learning-rate schedule is the one planned for the new epoch count from here "
+        f"on: at the restored step {step} it gives {now:.4g}, where the old plan gave "
+        f"{before:.4g}."
+    )
+
+
+def _write_log(run_dir: Path, history: dict) -> None:
+    """Rewrite ``log.csv`` from a run's committed history, as Keras' CSVLogger writes it.
+
+    A crash between committing an epoch and logging it (or the reverse) leaves the log a row
+    short (or long); a resumed run's log then continues from exactly the committed epochs.
+    """
+    keys = sorted(history)
+    rows = max((len(v) for v in history.values()), default=0)
+    with _atomic_path(run_dir / "log.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)  # Keras' CSVLogger: the excel dialect, keys sorted
+        writer.writerow(["epoch", *keys])
+        writer.writerows([i, *(history[k][i] for k in keys)] for i in range(rows))
 
 
 def read_log(run_dir) -> dict:
@@ -1795,8 +1871,9 @@ def exponential_decay(
     batch 128: 352 steps per epoch, decay_rate 0.955 per epoch, the last epoch at
     about 0.00105. Use it as ``keras.optimizers.SGD(schedule, momentum=0.9)``; the step
     counter is part of the optimizer state that :func:`train` checkpoints, so a resumed
-    run continues the schedule (with the same ``epochs``; a new ``epochs`` re-plans the
-    decay from the restored step on).
+    run continues the schedule. With a new ``epochs`` it is another schedule (another
+    ``decay_rate``), which takes over at the restored step: the rate jumps to what the new
+    plan gives there (:func:`train` warns with both rates).
 
     Returns:
         ``keras.optimizers.schedules.ExponentialDecay`` (float32 learning rates).
@@ -2904,7 +2981,7 @@ def _is_int(v) -> bool:
 
 
 def _is_real(v) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and np.isfinite(v)
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _existing_file(v) -> bool:

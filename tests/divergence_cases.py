@@ -113,6 +113,24 @@ def test_nan_weights_from_the_start_never_reach_a_checkpoint(tmp_path, data, out
     assert not list(tmp_path.glob("*.h5")) and not (tmp_path / "state.json").exists()
 
 
+class PoisonMomentumAfterLastBatch(keras.callbacks.Callback):
+    """NaN in an optimizer slot only, after the epoch's last update: weights stay finite."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == N_TRAIN // BATCH - 1:
+            slot = next(v for v in self.model.optimizer.variables if "momentum" in v.path)
+            slot.assign(np.full(slot.shape, np.nan, "float32"))
+
+
+def test_nan_in_an_optimizer_slot_is_caught_without_a_strategy_scope(tmp_path, data):
+    train_ds, val_ds = data
+    model = bn_cnn()  # built outside any strategy scope: Keras creates the slots late
+    with pytest.raises(cu.TrainingDiverged, match=r"variable '.*momentum.*' holds NaN"):
+        cu.train(model, train_ds, val_ds, epochs=1, run_dir=tmp_path, verbose=0,
+                 callbacks=[PoisonMomentumAfterLastBatch()])  # fmt: skip
+    assert not (tmp_path / "state.json").exists()
+
+
 def _nan_images(n=64, at=5):
     x = np.random.default_rng(0).random((n, 32, 32, 3), dtype=np.float32)
     x[at, 3, 3, 0] = np.nan  # one bad pixel, e.g. from a broken preprocessing step

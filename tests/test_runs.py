@@ -22,23 +22,21 @@ def arrays():
     return (x[:N_TRAIN], y[:N_TRAIN]), (x[N_TRAIN:], y[N_TRAIN:])
 
 
-def dropout_model(lr=0.05, momentum=0.9):
-    """A small BatchNorm + Dropout CNN (Dropout draws random masks: part of what must repeat)."""
+def dropout_model(lr=0.05, momentum=0.9, rate=0.3, loss="categorical_crossentropy"):
+    """A small BatchNorm + Dropout CNN (Dropout draws random masks: part of what must repeat),
+    initialised from seed 0 (a resumed run restarts from the same weights)."""
+    keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [
             keras.Input((32, 32, 3)),
             keras.layers.Conv2D(8, 3, activation="relu"),
             keras.layers.BatchNormalization(),
-            keras.layers.Dropout(0.3),
+            keras.layers.Dropout(rate),
             keras.layers.GlobalAveragePooling2D(),
             keras.layers.Dense(100, activation="softmax"),
         ]
     )
-    model.compile(
-        keras.optimizers.SGD(lr, momentum=momentum),
-        "categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    model.compile(keras.optimizers.SGD(lr, momentum=momentum), loss, metrics=["accuracy"])
     return model
 
 
@@ -110,6 +108,19 @@ def test_augmentation_draws_are_independent_of_each_other():
     _assert_independent(piped, names)
     other_epoch = np.concatenate([_draws(b) for b, _ in ds.from_epoch(1, 2)])
     assert np.abs(np.corrcoef(piped[:, 1], other_epoch[:, 1])[0, 1]) < 0.1
+
+
+def test_albumentations_draws_anew_for_every_batch():
+    image = synthetic_cifar.make_images(np.array([7]), seed=0)
+    same = np.repeat(image, 256, axis=0)  # one image, 256 times: only augmentation differs
+    ds = cu.make_dataset(same, np.zeros(256, np.int64), batch_size=64, training=True, seed=3,
+                         batch_transform=cu.albumentations_batch_transform)  # fmt: skip
+    batches = [b.numpy() for b, _ in ds.from_epoch(0, 1)]
+    assert not any(np.array_equal(batches[0], b) for b in batches[1:])
+    distinct = {im.tobytes() for b in batches for im in b}
+    # Measured 139 of 256 (unshifted copies repeat: flip and shift have p 0.5); when every
+    # batch of an epoch drew the same, there were 43.
+    assert len(distinct) > 100
 
 
 def test_each_random_source_has_its_own_seed():
@@ -184,6 +195,9 @@ def test_resume_refuses_what_changes_a_checkpoint_meaning(tmp_path, arrays):
         return cu.train(model, train, val, epochs=epochs, run_dir=tmp_path, plan=plan, verbose=0)
 
     run(epochs=1)
+    # The layers' own seeds do not drive the pipeline's draws: no difference in meaning.
+    train, val = pipelines(arrays)
+    assert "seed" not in json.dumps(cu.run_plan(dropout_model(), train)["data"]["augmentation"])
     for change, differs in [
         (dict(lr=0.05), "learning_rate.config.initial_learning_rate: 0.1 then, 0.05 now"),
         (dict(momentum=0.5), "optimizer.momentum: 0.9 then, 0.5 now"),
@@ -199,10 +213,48 @@ def test_resume_refuses_what_changes_a_checkpoint_meaning(tmp_path, arrays):
             run(**change)
         assert differs in str(err.value), str(err.value)
         assert "RESUME=False" in str(err.value)
-    # More epochs: the schedule is re-planned from them, which is allowed with a warning.
-    with pytest.warns(UserWarning, match="planned for 1 epochs, this run asks for 2"):
+    # More epochs: allowed, and the warning says how the schedule's rate jumps: the 1-epoch
+    # plan ended at 0.001, the 2-epoch plan gives 0.01 at that step (the middle).
+    with pytest.warns(UserWarning, match="planned for 1 epochs, this run asks for 2") as warned:
         state = run(epochs=2)
     assert (state["initial_epoch"], state["epoch"]) == (1, 2)
+    message = str(warned[0].message)
+    assert f"at the restored step {STEPS} it gives 0.01, where the old plan gave 0.001" in message
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_network_loss_monitor_or_start(tmp_path, arrays):
+    def run(folder, model=None, epochs=1, **kwargs):
+        train, val = pipelines(arrays)
+        return cu.train(model or dropout_model(), train, val, epochs=epochs, run_dir=folder,
+                        verbose=0, **kwargs)  # fmt: skip
+
+    run(tmp_path / "a")
+    smoothed = keras.losses.CategoricalCrossentropy(label_smoothing=0.5)
+    for kwargs, differs in [
+        (dict(model=dropout_model(rate=0.9)), "model.layers.002 Dropout"),
+        (dict(model=dropout_model(loss=smoothed)), "model.loss"),
+        (dict(monitor="val_loss"), "training.mode: 'max' then, 'min' now"),
+        (dict(epoch_offset=3), "training.epoch_offset: 0 then, 3 now"),
+    ]:
+        with pytest.raises(ValueError, match="another plan") as err:
+            run(tmp_path / "a", epochs=2, **kwargs)
+        assert differs in str(err.value)
+    # Two phases: the second resumes only from the first phase it grew from.
+    head = dropout_model()
+    run(tmp_path / "head", head)
+    run(tmp_path / "fine", head, epoch_offset=1)  # continues from the head's weights
+    longer = dropout_model()
+    run(tmp_path / "head", longer, epochs=2)  # the head now trains another epoch ...
+    with pytest.raises(ValueError, match="model.start_weights.*an earlier phase"):
+        run(tmp_path / "fine", longer, epochs=2, epoch_offset=2)  # ... so phase 2 is stale
+    # The phase's epochs continue the data stream: no batch of the head phase again.
+    train, val = pipelines(arrays)
+    calls, original = [], train.from_epoch
+    train.from_epoch = lambda first, last: calls.append((first, last)) or original(first, last)
+    cu.train(dropout_model(), train, val, epochs=1, run_dir=tmp_path / "b", epoch_offset=2,
+             verbose=0)  # fmt: skip
+    assert calls == [(2, 3)]
 
 
 # ------------------------------------------------------------ commits and monitors
@@ -255,6 +307,8 @@ def test_an_epoch_commits_together(tmp_path, arrays, monkeypatch):
     monkeypatch.setattr(cu, "_settle_checkpoints", real_settle)
     resumed = run(2)  # settles the committed epoch: its checkpoints move into place
     assert resumed["initial_epoch"] == 2 and not list(tmp_path.glob(".epoch-*"))
+    log = cu.read_log(tmp_path)  # the epoch committed but cut before its log row: rewritten
+    assert log["epoch"] == [1, 2] and log["loss"] == resumed["history"]["loss"]
     model = dropout_model()
     model.optimizer.build(model.trainable_variables)
     model.load_weights(tmp_path / "last.weights.h5")
@@ -263,6 +317,8 @@ def test_an_epoch_commits_together(tmp_path, arrays, monkeypatch):
     best.load_weights(tmp_path / "best.weights.h5")
     for a, b in zip(best.get_weights(), model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)  # epoch 2 was the best: same weights
+    longer = run(3)  # and the log goes on from the committed epochs
+    assert cu.read_log(tmp_path)["loss"] == longer["history"]["loss"]
 
 
 @pytest.mark.slow
