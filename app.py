@@ -15,6 +15,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: n
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
@@ -94,17 +95,22 @@ def main(argv=None) -> None:
     try:
         demo = build_app(args.model)
     except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None  # as cifar_utils.py's commands
     demo.launch(
         server_name=args.host,
         server_port=args.port,
         share=False,
+        quiet=True,  # no hint about public share links: this demo stays local
+        prevent_thread_lock=True,
         theme=gr.themes.Default(),  # its fonts ship with gradio: no Google Fonts download
         ssr_mode=False,  # no Node server
         mcp_server=False,
         allowed_paths=[str(cu.sample_photo().parent)],  # the sample photos
         max_file_size="50mb",
     )
+    print(f"Serving the demo on {demo.local_url} (Ctrl-C to stop)", flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

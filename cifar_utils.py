@@ -86,7 +86,16 @@ FINE_TO_COARSE = np.array(
 )
 
 
-class CifarDataError(RuntimeError):
+class _MessageOnly:
+    """Mixin for errors whose message says what to fix: in a notebook, IPython shows the
+    message alone (``_render_traceback_``), not a traceback through this module that would
+    bury it. Outside IPython the full traceback is printed as usual."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+class CifarDataError(_MessageOnly, RuntimeError):
     """The CIFAR-100 data could not be found, downloaded or read; the message says how to fix it."""
 
 
@@ -284,7 +293,8 @@ def _download(url: str, dest: Path, md5: str | None, timeout: float) -> None:
             f"Could not download CIFAR-100 from {url} ({exc}). No local copy was found "
             f"either. Without internet: fetch {CIFAR100_URL} elsewhere, then pass its path as "
             f"data_dir (notebook parameter DATA_DIR), set CIFAR100_DIR to it, or put it at "
-            f"{dest}"
+            f"{dest}. To try the notebooks without it, see the README's smoke run (a "
+            "generated archive in the official layout)"
         ) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -875,7 +885,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EFFICIENTNET_BASE = "efficientnet-b0"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(_MessageOnly, RuntimeError):
     """EfficientNetB0 weights could not be found, downloaded or loaded; the message says how."""
 
 
@@ -1171,12 +1181,12 @@ def albumentations_batch_transform(images, seed):
 # ------------------------------------------------------------ training glue
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(_MessageOnly, RuntimeError):
     """Training produced NaN/inf (loss, weights, optimizer state) or outputs that are no
     probabilities; the message says where and what to try."""
 
 
-class NotProbabilities(ValueError):
+class NotProbabilities(_MessageOnly, ValueError):
     """A model's outputs are not probability rows (NaN/inf, or rows not summing to 1)."""
 
 
@@ -1673,6 +1683,12 @@ def train(
         state = _resume(model, run_dir, json.loads(state_path.read_text()), full_plan, epochs)
     else:
         _settle_checkpoints(run_dir, -1)  # staged files of an older run that never committed
+        if state_path.exists():
+            old_epoch = json.loads(state_path.read_text()).get("epoch", "?")
+            print(
+                f"Starting over in {run_dir} (resume=False): its run of {old_epoch} epoch(s) "
+                "stays until this run's first epoch commits, then is replaced."
+            )
     state.update(
         initial_epoch=state["epoch"],
         monitor=monitor,
@@ -1806,10 +1822,15 @@ def read_log(run_dir) -> dict:
         counts from 0), as :func:`plot_history` takes.
 
     Raises:
-        FileNotFoundError: ``run_dir`` has no ``log.csv`` (it is no training run).
+        FileNotFoundError: no folder ``run_dir``, or it has no ``log.csv`` (no training run).
         ValueError: no complete row yet, or a line is not a CSVLogger row.
     """
     path = Path(run_dir) / "log.csv"
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(
+            f"No folder '{run_dir}': give a run folder, e.g. results/simple_cnn (its "
+            "OUTPUT_DIR, results/ by default, then the model's name)"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"'{run_dir}' is not a training run: it has no log.csv (cu.train writes one "
@@ -2606,8 +2627,8 @@ def _rgb_array(source) -> np.ndarray:
             ) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise ValueError(
-                f"'{path}' is not a readable image ({type(exc).__name__}: {exc}). Give a PNG or "
-                "JPEG file (RGB, RGBA or greyscale), or a uint8 array (H, W, 3)"
+                f"'{path}' is not a readable image ({type(exc).__name__}: {exc}). Give a "
+                "PNG, JPEG, BMP or GIF file (RGB, RGBA or greyscale)"
             ) from None
         if im.mode.startswith("I"):  # 16/32-bit greyscale: scale 0..65535 to 0..255
             array = np.asarray(im, dtype=np.float64) / 257.0
@@ -2907,7 +2928,7 @@ def update_readme_results(results_dir="results", readme="README.md") -> str:
 # ------------------------------------------------------------ notebook parameters
 
 
-class ParameterError(ValueError):
+class ParameterError(_MessageOnly, ValueError):
     """A notebook parameter is unknown or has a bad value; the message names each one."""
 
 
@@ -2988,6 +3009,16 @@ def _existing_file(v) -> bool:
     return isinstance(v, str | os.PathLike) and Path(v).expanduser().is_file()
 
 
+def _readable_image(v) -> bool:
+    if not _existing_file(v):
+        return False
+    try:
+        _rgb_array(Path(v).expanduser())
+    except ValueError:
+        return False
+    return True
+
+
 #: (test on the name, test on the value, what the value must be), first match wins.
 _PARAMETER_RULES = (
     (lambda n: n.endswith("EPOCHS"), lambda v: _is_int(v) and v >= 1, "an int >= 1"),
@@ -3005,8 +3036,8 @@ _PARAMETER_RULES = (
      'True, False or "auto"'),
     (lambda n: n == "WEIGHTS", lambda v: v is None or v == "imagenet" or _existing_file(v),
      '"imagenet", None (random weights) or the path of an existing .h5 weights file'),
-    (lambda n: n == "PHOTO", lambda v: v is None or _existing_file(v),
-     "None (the sample photo) or the path of an existing image file"),
+    (lambda n: n == "PHOTO", lambda v: v is None or _readable_image(v),
+     "None (the sample photo) or the path of an image file Pillow reads (PNG, JPEG, BMP, GIF)"),
     (lambda n: n == "DATA_DIR", lambda v: v is None or Path(str(v)).expanduser().exists(),
      "None (CIFAR100_DIR, the Keras cache, or a download) or an existing file or folder"),
     (lambda n: n.endswith("_DIR"), lambda v: isinstance(v, str | os.PathLike) and str(v) != "",
@@ -3049,7 +3080,7 @@ def check_parameters(namespace: dict, notebook) -> NotebookParameters:
       ``VAL_SIZE``, ``*_LIMIT``, ``SEED``, ``IMAGE_SIZE`` ints in range for CIFAR-100
       (50,000 training images; the loaded data are checked again by
       :func:`train_val_split`); ``XLA`` True/False/"auto"; ``WEIGHTS`` "imagenet", None or
-      an existing file; ``PHOTO`` None or an existing file; ``DATA_DIR`` None or an
+      an existing file; ``PHOTO`` None or a readable image file; ``DATA_DIR`` None or an
       existing path; other ``*_DIR`` paths; any other parameter must have its default's
       type (bool, int, number, string). ``TRAIN_LIMIT`` must leave ``VAL_SIZE`` out.
 
@@ -3226,9 +3257,8 @@ def load_exported_model(path) -> tuple:
         detail = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ValueError(
             f"'{path}' is not a Keras model file that plain Keras can load "
-            f"({type(exc).__name__}: {detail}). Give a "
-            ".keras file written by cu.export_model (the notebooks write "
-            "OUTPUT_DIR/<model>.keras)"
+            f"({type(exc).__name__}: {detail}). Give the .keras file a notebook wrote "
+            "at its end (OUTPUT_DIR/<model>.keras, e.g. results/simple_cnn.keras)"
         ) from None
     outputs = model.output_shape
     if not isinstance(outputs, tuple) or outputs[-1] != 100:
@@ -3522,7 +3552,11 @@ def _export_command(args) -> int:
 
 
 def _image_files(arguments) -> list[Path]:
-    """The photos named on the command line; a folder stands for its image files, sorted."""
+    """The photos named on the command line; a folder stands for its image files, sorted.
+
+    Files in a folder whose suffix is no image format Pillow reads are skipped; stderr
+    says how many and which suffixes, so a folder of HEIC photos is not silently empty.
+    """
     from PIL import Image
 
     readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
@@ -3531,9 +3565,17 @@ def _image_files(arguments) -> list[Path]:
         if not argument.is_dir():
             files.append(argument)
             continue
-        found = sorted(p for p in argument.iterdir() if p.suffix.lower() in readable)
+        entries = sorted(p for p in argument.iterdir() if p.is_file())
+        found = [p for p in entries if p.suffix.lower() in readable]
+        skipped = sorted({p.suffix.lower() or "(none)" for p in entries if p not in found})
+        if len(found) < len(entries):
+            print(
+                f"note: skipped {len(entries) - len(found)} file(s) in '{argument}' that are "
+                f"no image type Pillow reads (suffixes {', '.join(skipped)})",
+                file=sys.stderr,
+            )
         if not found:
-            raise ValueError(f"Folder '{argument}' holds no image files")
+            raise ValueError(f"Folder '{argument}' holds no image files (PNG, JPEG, BMP, GIF, ...)")
         files += found
     return files
 

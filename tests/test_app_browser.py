@@ -171,9 +171,7 @@ def _assert_shows(page, expected) -> None:
 
     rows = page.locator('[data-testid="label"] .confidence-set')
     expect(rows.locator("dt")).to_have_text([name for name, _ in expected], timeout=60_000)
-    expect(rows.locator("dd")).to_have_text(
-        [f"{math.floor(p * 100 + 0.5)}%" for _, p in expected]
-    )
+    expect(rows.locator("dd")).to_have_text([f"{math.floor(p * 100 + 0.5)}%" for _, p in expected])
     values = [float(row.locator("meter").get_attribute("value")) for row in rows.all()]
     assert values == pytest.approx([p for _, p in expected], abs=1e-6)
 

@@ -135,6 +135,7 @@ def test_curves_of_a_real_run(tmp_path):
     ("log", "message"),
     [
         (None, "is not a training run: it has no log.csv"),
+        ("no folder", "No folder '"),
         ("", "has no complete row yet"),
         ("epoch,accuracy,loss\r\n", "has no complete row yet"),
         ("epoch,accuracy,loss\r\n0,0.1", "has no complete row yet"),  # row being written
@@ -142,9 +143,10 @@ def test_curves_of_a_real_run(tmp_path):
     ],
 )
 def test_curves_errors(tmp_path, capsys, log, message):
-    if log is not None:
+    run_dir = tmp_path / "nonexistent" if log == "no folder" else tmp_path
+    if log not in (None, "no folder"):
         (tmp_path / "log.csv").write_text(log, newline="")
-    assert cu.main(["curves", str(tmp_path)]) == 2
+    assert cu.main(["curves", str(run_dir)]) == 2
     captured = capsys.readouterr()
     assert message in _one_error_line(captured.err) and captured.out == ""
     assert not (tmp_path / "curves.png").exists()
@@ -216,8 +218,11 @@ def test_predict_text_output_equals_predict_image(model_file, photos, capsys):
 def test_predict_json_for_a_folder_equals_predict_image(model_file, photos, capsys):
     path, model = model_file
     assert cu.main(["predict", "--model", str(path), str(photos), "--json"]) == 0
-    document = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    document = json.loads(captured.out)
     assert document["model"] == str(path) and document["errors"] == []
+    assert f"note: skipped 1 file(s) in '{photos}'" in captured.err
+    assert "(suffixes .txt)" in captured.err  # said, not silently dropped
     images = [p["image"] for p in document["predictions"]]
     assert images == [str(photos / n) for n in ("a.jpg", "b.png", "c.png")]  # sorted, no .txt
     for prediction in document["predictions"]:
@@ -277,6 +282,19 @@ def test_predict_errors(model_file, tmp_path, capsys, case, message):
     assert cu.main(argv) == 2
     captured = capsys.readouterr()
     assert message in _one_error_line(captured.err) and captured.out == ""
+
+
+def test_the_demo_refuses_a_missing_model_in_one_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "app.py", "--model", str(tmp_path / "missing.keras")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=300,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert "No model file at" in _one_error_line(done.stderr)
 
 
 def test_predict_errors_in_a_real_process(model_file, tmp_path):

@@ -57,7 +57,8 @@ def test_unknown_names_are_refused_with_the_closest_known_one():
         ("RESUME", "False", "True or False"),
         ("DETERMINISTIC", 1, "True or False"),
         ("MIXED_PRECISION", None, "True or False"),
-        ("PHOTO", "/no/such/photo.jpg", "an existing image file"),
+        ("PHOTO", "/no/such/photo.jpg", "an image file Pillow reads"),
+        ("PHOTO", __file__, "an image file Pillow reads"),  # a file, but no image
         ("DATA_DIR", "/no/such/folder", "an existing file or folder"),
         ("OUTPUT_DIR", "", "a folder path"),
     ],
@@ -99,6 +100,7 @@ def test_a_notebook_stops_at_once_on_bad_parameters_and_writes_nothing(tmp_path)
         )
     message = str(err.value)
     assert "ParameterError" in message
+    assert "cifar_utils.py" not in message  # the message alone, no traceback through the module
     for line in (
         "EPOCH: no such parameter; did you mean EPOCHS?",
         "BATCH_SIZE = 0: must be an int in [1, 50000]",

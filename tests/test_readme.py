@@ -73,7 +73,7 @@ def test_readme_quick_commands_work_as_written(tmp_path):
 
     seconds["use"], printed = run_readme_block("use", swaps)
     assert (results / "simple_cnn" / "curves.png").stat().st_size > 10_000
-    assert (results / "simple_cnn_serving" / "saved_model.pb").is_file()
+    assert (results / "serving" / "simple_cnn" / "1" / "saved_model.pb").is_file()
     # The predict line's output: each photo, then its top 5 as "  name  probability".
     printed = printed[1]
     model, names, _ = cu.load_exported_model(results / "simple_cnn.keras")
@@ -104,4 +104,7 @@ def test_readme_quick_commands_work_as_written(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+    said = server.stdout.read().decode()
+    assert f"Serving the demo on http://127.0.0.1:{port}" in said
+    assert "share=True" not in said  # no hint at public links: the demo stays local
     print("README commands took " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))

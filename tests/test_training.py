@@ -99,9 +99,10 @@ def test_interrupted_run_resumes_from_last_complete_epoch(tmp_path, data):
 
 
 @pytest.mark.slow
-def test_resume_false_starts_fresh(tmp_path, data):
+def test_resume_false_starts_fresh(tmp_path, data, capsys):
     train_ds, val_ds = data
     cu.train(tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
+    capsys.readouterr()
     probe = Probe()
     state = cu.train(
         tiny_model(), train_ds, val_ds, epochs=1, run_dir=tmp_path, resume=False,
@@ -111,6 +112,8 @@ def test_resume_false_starts_fresh(tmp_path, data):
     assert probe.lr == pytest.approx(0.1)
     assert len(state["history"]["loss"]) == 1
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 1 + 1
+    said = capsys.readouterr().out
+    assert f"Starting over in {tmp_path} (resume=False): its run of 2 epoch(s)" in said
 
 
 @pytest.mark.slow
