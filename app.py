@@ -15,6 +15,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: n
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -23,24 +24,34 @@ import gradio as gr  # noqa: E402
 import cifar_utils as cu  # noqa: E402
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def describe_model(model_path) -> str:
     """Markdown naming the model, its parameter count and test top-1 from its results file.
 
     The results file sits beside the model: same folder and stem, ``.json`` (fields
     ``model``, ``params`` (a dict with ``total``, or an int), ``test_top1``,
-    ``full_cifar100``). A missing file gives a plain note.
+    ``full_cifar100``). A missing or unreadable file gives a plain note naming it; fields
+    that are missing or of the wrong type show as "?".
     """
-    results = Path(model_path).with_suffix(".json")
+    name, results = Path(model_path).name, Path(model_path).with_suffix(".json")
     if not results.is_file():
-        return f"Model `{Path(model_path).name}`: no results file (`{results.name}`) beside it."
-    record = json.loads(results.read_text())
+        return f"Model `{name}`: no results file (`{results.name}`) beside it."
+    try:
+        record = json.loads(results.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # half-written, not JSON, unreadable
+        return f"Model `{name}`: its results file `{results.name}` is unreadable ({exc})."
+    if not isinstance(record, dict):
+        return f"Model `{name}`: its results file `{results.name}` holds no results record."
     params = record.get("params")
     params = params.get("total") if isinstance(params, dict) else params
     top1 = record.get("test_top1")
     text = (
         f"Model **{record.get('model', Path(model_path).stem)}** · "
-        f"{f'{params:,}' if isinstance(params, int) else '?'} parameters · "
-        f"test top-1 {f'{top1:.3f}' if isinstance(top1, float | int) else '?'}"
+        f"{f'{params:,}' if _is_number(params) and isinstance(params, int) else '?'} parameters · "
+        f"test top-1 {f'{top1:.3f}' if _is_number(top1) else '?'}"
     )
     if record.get("full_cifar100") is not True:
         text += " (not a full CIFAR-100 run: a quick run or other data)"
@@ -97,18 +108,26 @@ def main(argv=None) -> None:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None  # as cifar_utils.py's commands
-    demo.launch(
-        server_name=args.host,
-        server_port=args.port,
-        share=False,
-        quiet=True,  # no hint about public share links: this demo stays local
-        prevent_thread_lock=True,
-        theme=gr.themes.Default(),  # its fonts ship with gradio: no Google Fonts download
-        ssr_mode=False,  # no Node server
-        mcp_server=False,
-        allowed_paths=[str(cu.sample_photo().parent)],  # the sample photos
-        max_file_size="50mb",
-    )
+    try:
+        demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=False,
+            quiet=True,  # no hint about public share links: this demo stays local
+            prevent_thread_lock=True,
+            theme=gr.themes.Default(),  # its fonts ship with gradio: no Google Fonts download
+            ssr_mode=False,  # no Node server
+            mcp_server=False,
+            allowed_paths=[str(cu.sample_photo().parent)],  # the sample photos
+            max_file_size="50mb",
+        )
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        print(
+            f"error: cannot serve on {args.host}:{args.port} ({exc.strerror or exc}); "
+            "choose another --port (or --host)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     print(f"Serving the demo on {demo.local_url} (Ctrl-C to stop)", flush=True)
     demo.block_thread()
 

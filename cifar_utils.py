@@ -3551,41 +3551,56 @@ def _export_command(args) -> int:
     return 0
 
 
-def _image_files(arguments) -> list[Path]:
-    """The photos named on the command line; a folder stands for its image files, sorted.
+def _image_files(arguments) -> tuple[list[Path], list[dict]]:
+    """The photos named on the command line, and the folders that hold none.
 
-    Files in a folder whose suffix is no image format Pillow reads are skipped; stderr
-    says how many and which suffixes, so a folder of HEIC photos is not silently empty.
+    A folder stands for its image files (sorted; subfolders are not searched). Entries in
+    it that are no image file Pillow reads by suffix are skipped, and stderr says how many
+    and what they are, so a folder of HEIC photos or of subfolders is not silently empty.
+    Returns ``(files, errors)``: errors as ``{"image": folder, "error": message}``.
     """
     from PIL import Image
 
     readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    files = []
+    files, errors = [], []
     for argument in map(Path, arguments):
         if not argument.is_dir():
             files.append(argument)
             continue
-        entries = sorted(p for p in argument.iterdir() if p.is_file())
-        found = [p for p in entries if p.suffix.lower() in readable]
-        skipped = sorted({p.suffix.lower() or "(none)" for p in entries if p not in found})
-        if len(found) < len(entries):
+        entries = sorted(argument.iterdir())
+        found = [p for p in entries if p.is_file() and p.suffix.lower() in readable]
+        skipped = [p for p in entries if p not in found]
+        if skipped:
+            kinds = sorted({_entry_kind(p) for p in skipped})
             print(
-                f"note: skipped {len(entries) - len(found)} file(s) in '{argument}' that are "
-                f"no image type Pillow reads (suffixes {', '.join(skipped)})",
+                f"note: skipped {len(skipped)} entries in '{argument}' that are no image "
+                f"files Pillow reads ({', '.join(kinds)})",
                 file=sys.stderr,
             )
         if not found:
-            raise ValueError(f"Folder '{argument}' holds no image files (PNG, JPEG, BMP, GIF, ...)")
+            message = f"Folder '{argument}' holds no image files (PNG, JPEG, BMP, GIF, ...)"
+            print(f"error: {message}", file=sys.stderr)
+            errors.append({"image": str(argument), "error": message})
         files += found
-    return files
+    return files, errors
+
+
+def _entry_kind(path: Path) -> str:
+    """What a folder entry is, in a word: "subfolder", "broken link" or its suffix."""
+    if path.is_dir():
+        return "subfolder"
+    if not path.exists():
+        return "broken link"
+    return path.suffix.lower() or "no suffix"
 
 
 def _predict_command(args) -> int:
     if not 1 <= args.top_k <= 100:
         raise ValueError(f"--top-k must be between 1 and 100, not {args.top_k}")
     model, names, _ = load_exported_model(args.model)
-    predictions, errors = [], []
-    for image in _image_files(args.photos):
+    images, errors = _image_files(args.photos)
+    predictions = []
+    for image in images:
         try:
             top = predict_image(model, image, top_k=args.top_k, class_names=names)
         except (FileNotFoundError, ValueError) as exc:
@@ -3624,7 +3639,8 @@ def main(argv=None) -> int:
     Returns:
         The exit status: 0 on success; on an error, a one-line ``error: ...`` on stderr
         and 2 (1 for ``report``). ``predict`` still classifies the other photos when one
-        cannot be read, then returns 2. Wrong usage exits through argparse (status 2).
+        cannot be read (or a folder holds none), then returns 2. Wrong usage exits through
+        argparse (status 2).
     """
     import argparse
 

@@ -3,6 +3,7 @@ run notebooks and the README's marked commands."""
 
 import os
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -62,6 +63,40 @@ def swap_paths(line: str, swaps: dict) -> str:
     for old, new in swaps.items():
         line = line.replace(old, new)
     return line
+
+
+def free_port() -> int:
+    """A loopback port no one listens on right now (another process may take it later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_demo(command, log: Path, env=None, timeout=300):
+    """Start the web demo as ``command(port)`` (an argv list) on a free loopback port and
+    wait until it says where it serves (so the page is up and its start-up line written).
+
+    Another process may take the port between :func:`free_port` and the demo's bind (it
+    starts TensorFlow first): then it exits with "cannot serve on", and one more free port
+    is tried. Returns ``(url, process)``; the process writes stdout and stderr to ``log``.
+    """
+    for attempt in (1, 2):
+        port = free_port()
+        with open(log, "w") as out:
+            process = subprocess.Popen(
+                command(port), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + timeout
+        while f"Serving the demo on {url}" not in log.read_text():
+            if process.poll() is not None and "cannot serve on" in log.read_text() and attempt == 1:
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"app.py did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        else:
+            return url, process
+    raise AssertionError("unreachable")
 
 
 def run_readme_block(name: str, swaps: dict, timeout=900) -> tuple[float, list[str]]:

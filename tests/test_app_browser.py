@@ -8,22 +8,18 @@ with the rocket's prediction to PATH (how ``images/demo.png`` is made).
 import json
 import math
 import os
-import socket
 import socketserver
-import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import keras
 import pytest
+from conftest import start_demo
 from PIL import Image
 
 import cifar_utils as cu
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
@@ -48,12 +44,6 @@ def _chromium():
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +97,6 @@ def server(model_file, tmp_path_factory):
     proxy = _RecordingProxy()
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     proxy_url = f"http://127.0.0.1:{proxy.server_address[1]}"
-    port = _free_port()
     env = {
         **os.environ,
         "TF_CPP_MIN_LOG_LEVEL": "3",
@@ -117,27 +106,11 @@ def server(model_file, tmp_path_factory):
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
     }
-    log = tmp_path_factory.mktemp("log") / "app.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "app.py", "--model", str(model_file), "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy here
-    while True:
-        try:
-            opener.open(url, timeout=5).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"app.py did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+    url, process = start_demo(
+        lambda port: [sys.executable, "app.py", "--model", str(model_file), "--port", str(port)],
+        tmp_path_factory.mktemp("log") / "app.log",
+        env,
+    )
     yield url, process, proxy
     process.terminate()
     process.wait(timeout=30)
@@ -172,8 +145,13 @@ def _assert_shows(page, expected) -> None:
     rows = page.locator('[data-testid="label"] .confidence-set')
     expect(rows.locator("dt")).to_have_text([name for name, _ in expected], timeout=60_000)
     expect(rows.locator("dd")).to_have_text([f"{math.floor(p * 100 + 0.5)}%" for _, p in expected])
-    values = [float(row.locator("meter").get_attribute("value")) for row in rows.all()]
-    assert values == pytest.approx([p for _, p in expected], abs=1e-6)
+    want = pytest.approx([p for _, p in expected], abs=1e-6)
+    for _ in range(100):  # the bars may trail the text for a moment
+        values = [float(row.locator("meter").get_attribute("value")) for row in rows.all()]
+        if values == want:
+            break
+        page.wait_for_timeout(100)
+    assert values == want
 
 
 def test_rocket_and_a_sample_photo_match_predict_image(page, model_file, server):

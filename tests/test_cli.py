@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -221,8 +223,8 @@ def test_predict_json_for_a_folder_equals_predict_image(model_file, photos, caps
     captured = capsys.readouterr()
     document = json.loads(captured.out)
     assert document["model"] == str(path) and document["errors"] == []
-    assert f"note: skipped 1 file(s) in '{photos}'" in captured.err
-    assert "(suffixes .txt)" in captured.err  # said, not silently dropped
+    assert f"note: skipped 1 entries in '{photos}'" in captured.err
+    assert "Pillow reads (.txt)" in captured.err  # said, not silently dropped
     images = [p["image"] for p in document["predictions"]]
     assert images == [str(photos / n) for n in ("a.jpg", "b.png", "c.png")]  # sorted, no .txt
     for prediction in document["predictions"]:
@@ -249,6 +251,29 @@ def test_predict_reports_an_unreadable_image_and_classifies_the_others(
     assert [p["image"] for p in document["predictions"]] == [str(files[0]), str(files[2])]
     assert [e["image"] for e in document["errors"]] == [str(files[1])]
     assert "not a readable image" in _one_error_line(captured.err)
+
+
+def test_predict_says_what_a_folder_skips_and_goes_on_past_an_empty_one(
+    model_file, tmp_path, capsys
+):
+    path, model = model_file
+    folder, empty = tmp_path / "trip", tmp_path / "empty"
+    (folder / "day1").mkdir(parents=True)  # subfolders are not searched: said so
+    empty.mkdir()
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(folder / "day1" / "x.png")
+    shutil.copy(cu.sample_photo("coffee"), folder / "cup.png")
+    (folder / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    argv = ["predict", "--model", str(path), str(empty), str(folder), "--json"]
+    assert cu.main(argv) == 2
+    captured = capsys.readouterr()
+    document = json.loads(captured.out)
+    assert [p["image"] for p in document["predictions"]] == [str(folder / "cup.png")]
+    assert document["errors"] == [
+        {"image": str(empty), "error": f"Folder '{empty}' holds no image files (PNG, JPEG, "
+                                       "BMP, GIF, ...)"}
+    ]  # fmt: skip
+    assert f"note: skipped 2 entries in '{folder}'" in captured.err
+    assert "(broken link, subfolder)" in captured.err
 
 
 @pytest.mark.parametrize(
@@ -295,6 +320,38 @@ def test_the_demo_refuses_a_missing_model_in_one_line(tmp_path):
     )
     assert done.returncode == 2 and done.stdout == ""
     assert "No model file at" in _one_error_line(done.stderr)
+
+
+def test_the_demo_page_header_never_shows_a_wrong_figure(model_file, tmp_path):
+    import app
+
+    path = tmp_path / "small.keras"
+    shutil.copy(model_file[0], path)
+    results = path.with_suffix(".json")
+    results.write_text('{"model": "small", "test_top1": 0.2')  # cut while being written
+    assert "its results file `small.json` is unreadable" in app.describe_model(path)
+    results.write_text(json.dumps({"params": True, "test_top1": True}))
+    assert "? parameters · test top-1 ?" in app.describe_model(path)
+    results.write_text(json.dumps({"params": {"total": 1777636}, "test_top1": 0.25}))
+    header = app.describe_model(path)
+    assert "1,777,636 parameters · test top-1 0.250 (not a full CIFAR-100 run" in header
+
+
+def test_the_demo_says_when_its_port_is_taken(model_file):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "app.py", "--model", str(model_file[0]), "--port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "GRADIO_ANALYTICS_ENABLED": "False"},
+            timeout=300,
+        )
+    assert done.returncode == 2 and done.stdout == ""
+    assert f"error: cannot serve on 127.0.0.1:{port}" in _one_error_line(done.stderr)
 
 
 def test_predict_errors_in_a_real_process(model_file, tmp_path):

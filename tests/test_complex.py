@@ -96,6 +96,6 @@ def test_field_case_9_deep_net_needs_batchnorm_at_lr_0_1_and_decay_is_per_step()
     print(f"training loss with BatchNorm {history['loss']}, without {plain_history['loss']}")
     # With BatchNorm the training loss (L2 term included) falls below chance level: slowly,
     # as 100 steps are little for this net (held-out top-1 stays near 0.02 at this budget).
-    assert history["loss"][-1] < chance - 0.05  # measured 4.51 after 100 steps
+    assert history["loss"][-1] < chance - 0.05  # measured 4.49 (oneDNN on), 4.50 (off)
     # Without BatchNorm, SGD at 0.1 stalls at chance (or diverges to NaN): measured 4.67.
     assert not np.isfinite(plain_history["loss"][-1]) or plain_history["loss"][-1] > chance
