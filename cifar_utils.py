@@ -1186,6 +1186,11 @@ class TrainingDiverged(_MessageOnly, RuntimeError):
     probabilities; the message says where and what to try."""
 
 
+class ResumeError(_MessageOnly, ValueError):
+    """A run folder's checkpoints cannot be resumed by this run (another plan, another
+    model, NaN/inf values, files that do not belong together); the message says the way out."""
+
+
 class NotProbabilities(_MessageOnly, ValueError):
     """A model's outputs are not probability rows (NaN/inf, or rows not summing to 1)."""
 
@@ -1350,13 +1355,13 @@ def _restore(model, run_dir: Path) -> None:
         with model.distribute_strategy.scope():  # the strategy the model was built under
             model.optimizer.build(model.trainable_variables)
     if _load_weights_strictly(model, run_dir / "last.weights.h5"):
-        raise ValueError(
+        raise ResumeError(
             f"The checkpoint in {run_dir} was written by a different model or optimizer "
             "and cannot be resumed. Start fresh (RESUME=False) or use another OUTPUT_DIR"
         ) from None
     bad = nonfinite_variables(model)
     if bad:
-        raise ValueError(
+        raise ResumeError(
             f"{run_dir / 'last.weights.h5'} holds NaN or inf ({len(bad)} variable(s), e.g. "
             f"'{bad[0]}'): that run diverged and cannot be resumed. Start over with "
             f"RESUME=False (or another OUTPUT_DIR), or evaluate its {run_dir / 'best.weights.h5'}"
@@ -1664,8 +1669,9 @@ def train(
     Raises:
         TrainingDiverged: NaN/inf in the loss, a variable, or outputs that are no
             probabilities; the last good checkpoint is kept and nothing of that epoch saved.
-        ValueError: the saved checkpoint does not fit the model, holds NaN/inf, or its
-            plan differs; ``epochs`` < 1; ``mode`` unknown or undecidable for ``monitor``.
+        ResumeError: (a ValueError) the saved checkpoint does not fit the model, holds
+            NaN/inf, or its plan differs.
+        ValueError: ``epochs`` < 1; ``mode`` unknown or undecidable for ``monitor``.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, not {epochs!r}")
@@ -1742,7 +1748,7 @@ def _resume(model, run_dir: Path, saved: dict, plan: dict, epochs: int) -> dict:
         differ = [k for k in differ if k not in _REPLANNED_WITH_EPOCHS]
     if differ:
         shown = "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in differ[:6])
-        raise ValueError(
+        raise ResumeError(
             f"{run_dir} holds a run with another plan: {shown}"
             + (f" (and {len(differ) - 6} more)" if len(differ) > 6 else "")
             + (
@@ -1757,7 +1763,7 @@ def _resume(model, run_dir: Path, saved: dict, plan: dict, epochs: int) -> dict:
     _restore(model, run_dir)
     step = int(to_numpy(model.optimizer.iterations))
     if "step" in saved and saved["step"] != step:
-        raise ValueError(
+        raise ResumeError(
             f"{run_dir}: last.weights.h5 is at optimizer step {step} but state.json at step "
             f"{saved['step']}: they do not belong together (a file copied or restored by hand?). "
             "Start over with RESUME=False, or put back the pair written together"
@@ -1828,8 +1834,9 @@ def read_log(run_dir) -> dict:
     path = Path(run_dir) / "log.csv"
     if not Path(run_dir).is_dir():
         raise FileNotFoundError(
-            f"No folder '{run_dir}': give a run folder, e.g. results/simple_cnn (its "
-            "OUTPUT_DIR, results/ by default, then the model's name)"
+            f"No folder '{run_dir}'. A run folder is a notebook's OUTPUT_DIR (results/ by "
+            "default) followed by the model's name (simple_cnn, complex_cnn, or "
+            "efficientnet_b0/head and efficientnet_b0/finetune); it exists once training starts"
         )
     if not path.is_file():
         raise FileNotFoundError(
@@ -3028,7 +3035,8 @@ _PARAMETER_RULES = (
     (lambda n: n == "VAL_SIZE", lambda v: _is_int(v) and 100 <= v <= 49_900,
      "an int in [100, 49900]: at least one image per class, at most all but 100 of the 50,000"),
     (lambda n: n.endswith("_LIMIT"), lambda v: v is None or (_is_int(v) and 100 <= v <= 49_900),
-     "None (all images) or an int in [100, 49900]: at least one image per class"),
+     "None (all images) or an int in [100, 49900]: at least one image per class, and "
+     "VAL_SIZE of the 50,000 left for validation"),
     (lambda n: n == "SEED", lambda v: _is_int(v) and 0 <= v < 2**32, "an int in [0, 2**32)"),
     (lambda n: n == "IMAGE_SIZE", lambda v: _is_int(v) and 32 <= v <= 1024,
      "an int in [32, 1024] (pixels; 224 is EfficientNet's ImageNet size)"),
@@ -3250,7 +3258,13 @@ def load_exported_model(path) -> tuple:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No model file at '{path}'")
+        beside = sorted(p.name for p in path.parent.glob("*.keras")) if path.parent.is_dir() else []
+        raise FileNotFoundError(
+            f"No model file at '{path}'. "
+            + (f"That folder holds {', '.join(beside)}. " if beside else "")
+            + "A notebook writes OUTPUT_DIR/<model>.keras when it ends (simple_cnn.keras, "
+            "complex_cnn.keras or efficientnet_b0.keras; OUTPUT_DIR is results/ by default)"
+        )
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for a file it cannot read

@@ -1,9 +1,10 @@
 """The notebooks' parameters as a checked contract (cu.check_parameters)."""
 
 import json
+import re
 
 import pytest
-from conftest import run_notebook
+from conftest import ROOT, run_notebook
 
 import cifar_utils as cu
 
@@ -24,6 +25,15 @@ def test_defaults_come_from_the_parameters_cell_and_pass(notebook):
     assert defaults["PHOTO"] is None and defaults["TENSORBOARD"] is False
     checked = cu.check_parameters(dict(defaults), notebook)
     assert dict(checked) == defaults and checked.changed() == {}
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_the_notebook_text_names_only_its_own_parameters(notebook):
+    """A parameter named in a markdown cell exists (the text once named one removed)."""
+    cells = json.loads((ROOT / notebook).read_text())["cells"]
+    text = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    named = set(re.findall(r"`([A-Z][A-Z0-9_]{2,})", text)) - {"TF_CONFIG"}  # an env variable
+    assert named and named <= set(cu.notebook_defaults(notebook))
 
 
 def _problems(namespace, notebook="simple_image_clasifier.ipynb"):

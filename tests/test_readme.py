@@ -79,10 +79,9 @@ def test_readme_quick_commands_work_as_written(tmp_path):
         np.testing.assert_allclose([float(r.split()[1]) for r in rows],
                                    [p for _, p in expected], atol=5e-5)  # fmt: skip
 
-    demo = {**swaps, "efficientnet_b0.keras": "simple_cnn.keras"}  # the model made here
     start = time.perf_counter()
     url, server = start_demo(
-        lambda port: ["bash", "-c", "exec " + swap_paths(blocks["demo"][0], demo).replace(
+        lambda port: ["bash", "-c", "exec " + swap_paths(blocks["demo"][0], swaps).replace(
             "--port 7860", f"--port {port}")],
         tmp_path / "demo.log",
     )  # fmt: skip
