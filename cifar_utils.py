@@ -747,10 +747,8 @@ def _describe_augmentation(augment, batch_transform) -> list:
     """JSON-able description of a pipeline's augmentation, for a run's plan."""
     described = []
     layers = [] if augment is None else getattr(augment, "layers", [augment])
-    for layer in layers:
-        drop = ("name", "dtype", "trainable", "seed")  # the pipeline draws from its own seeds
-        config = {k: v for k, v in layer.get_config().items() if k not in drop}
-        described.append({"layer": type(layer).__name__, **config})
+    for layer in layers:  # without "seed": the pipeline draws from its own seeds
+        described.append({"layer": type(layer).__name__, **_layer_config(layer, "seed")})
     if batch_transform is not None:
         described.append({"batch_transform": getattr(batch_transform, "__name__", "?")})
     return json.loads(json.dumps(described, default=str))
@@ -1543,6 +1541,13 @@ def _optimizer_plan(optimizer) -> dict:
     return {"class": type(inner).__name__, **config}
 
 
+def _layer_config(layer, *also_drop) -> dict:
+    """What ``layer`` computes: its config without name, dtype policy, trainable flag (and
+    ``also_drop``), so the same layer built again has the same one."""
+    drop = ("name", "dtype", "trainable", *also_drop)
+    return {k: v for k, v in layer.get_config().items() if k not in drop}
+
+
 def _layers_plan(model) -> dict:
     """``{"NNN Class": digest}`` of what each layer computes (nested models walked).
 
@@ -1555,9 +1560,7 @@ def _layers_plan(model) -> dict:
         if getattr(layer, "layers", None):
             stack[:0] = layer.layers
             continue
-        drop = ("name", "dtype", "trainable")
-        config = {k: v for k, v in layer.get_config().items() if k not in drop}
-        blob = json.dumps(config, sort_keys=True, default=str).encode()
+        blob = json.dumps(_layer_config(layer), sort_keys=True, default=str).encode()
         out[f"{len(out):03d} {type(layer).__name__}"] = hashlib.md5(blob).hexdigest()[:8]
     return out
 
@@ -1999,11 +2002,8 @@ def worker_run_dir(run_dir) -> Path:
     """The checkpoint folder of this worker: ``run_dir`` itself, or for a non-chief worker of a
     multi-worker run ``run_dir/worker-<index>``, so workers sharing a folder never write the
     same file and each resumes from its own checkpoints."""
-    config = _tf_config()
     run_dir = Path(run_dir)
-    if config is None or config[1] == "chief":
-        return run_dir
-    return run_dir / f"worker-{config[2]}"
+    return run_dir if is_chief() else run_dir / f"worker-{_tf_config()[2]}"
 
 
 def to_numpy(value) -> np.ndarray:

@@ -9,8 +9,11 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 import synthetic_cifar
+
+import cifar_utils as cu
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -29,6 +32,21 @@ def _isolated_home(tmp_path, monkeypatch):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def labelled_images(n_train: int, n_val: int) -> tuple:
+    """``(x, y)`` training and validation pairs of learnable generated images (uint8
+    (N, 32, 32, 3)), labels cycling through the 100 classes, for quick training tests."""
+    y = np.arange(n_train + n_val) % 100
+    x = synthetic_cifar.make_images(y, seed=0)
+    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+
+
+def small_datasets(n_train: int, n_val: int, batch_size: int) -> tuple:
+    """Training and validation ``make_dataset`` pipelines of :func:`labelled_images`."""
+    (x, y), (xv, yv) = labelled_images(n_train, n_val)
+    train = cu.make_dataset(x, y, batch_size=batch_size, training=True)
+    return train, cu.make_dataset(xv, yv, batch_size=batch_size, training=False)
 
 
 def run_notebook(name, tmp_path, **parameters):
@@ -87,16 +105,13 @@ def start_demo(command, log: Path, env=None, timeout=300):
                 command(port), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
             )
         url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + timeout
-        while f"Serving the demo on {url}" not in log.read_text():
-            if process.poll() is not None and "cannot serve on" in log.read_text() and attempt == 1:
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"app.py did not start:\n{log.read_text()[-3000:]}")
+        while process.poll() is None and time.monotonic() < deadline:
+            if f"Serving the demo on {url}" in log.read_text():
+                return url, process
             time.sleep(0.5)
-        else:
-            return url, process
-    raise AssertionError("unreachable")
+        process.kill()
+        if attempt == 2 or "cannot serve on" not in log.read_text():
+            pytest.fail(f"app.py did not start:\n{log.read_text()[-3000:]}")
 
 
 def run_readme_block(name: str, swaps: dict, timeout=900) -> tuple[float, list[str]]:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import synthetic_cifar
 import tensorflow as tf
-from conftest import AtBatch
+from conftest import AtBatch, small_datasets
 
 import cifar_utils as cu
 
@@ -52,11 +52,7 @@ def bn_cnn(output="softmax"):
 
 @pytest.fixture(scope="module")
 def data():
-    y = np.arange(N_TRAIN + 48) % 100
-    x = synthetic_cifar.make_images(y, seed=0)
-    train = cu.make_dataset(x[:N_TRAIN], y[:N_TRAIN], batch_size=BATCH, training=True)
-    val = cu.make_dataset(x[N_TRAIN:], y[N_TRAIN:], batch_size=BATCH, training=False)
-    return train, val
+    return small_datasets(N_TRAIN, 48, BATCH)
 
 
 def _files(folder):

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import synthetic_cifar
-from conftest import AtBatch, ctrl_c
+from conftest import AtBatch, ctrl_c, labelled_images
 
 import cifar_utils as cu
 
@@ -17,9 +17,7 @@ STEPS = -(-N_TRAIN // BATCH)
 
 @pytest.fixture(scope="module")
 def arrays():
-    y = np.arange(N_TRAIN + 100) % 100
-    x = synthetic_cifar.make_images(y, seed=0)
-    return (x[:N_TRAIN], y[:N_TRAIN]), (x[N_TRAIN:], y[N_TRAIN:])
+    return labelled_images(N_TRAIN, 100)
 
 
 def dropout_model(lr=0.05, momentum=0.9, rate=0.3, loss="categorical_crossentropy"):

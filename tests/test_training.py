@@ -6,8 +6,7 @@ import json
 import keras
 import numpy as np
 import pytest
-import synthetic_cifar
-from conftest import AtBatch, ctrl_c
+from conftest import AtBatch, ctrl_c, small_datasets
 
 import cifar_utils as cu
 
@@ -36,11 +35,7 @@ def tiny_model(lr=None, epochs=2):
 
 @pytest.fixture(scope="module")
 def data():
-    y = np.arange(N_TRAIN + 100) % 100
-    x = synthetic_cifar.make_images(y, seed=0)
-    train = cu.make_dataset(x[:N_TRAIN], y[:N_TRAIN], batch_size=BATCH, training=True)
-    val = cu.make_dataset(x[N_TRAIN:], y[N_TRAIN:], batch_size=BATCH, training=False)
-    return train, val
+    return small_datasets(N_TRAIN, 100, BATCH)
 
 
 class Probe(keras.callbacks.Callback):
