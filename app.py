@@ -107,7 +107,7 @@ def main(argv=None) -> None:
         demo = build_app(args.model)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None  # as cifar_utils.py's commands
+        raise SystemExit(2) from None  # as python -m cifar_utils's commands
     try:
         demo.launch(
             server_name=args.host,

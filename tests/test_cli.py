@@ -39,9 +39,9 @@ def _close_figures():
 
 
 def _run(*args):
-    """``python cifar_utils.py ARGS`` in a real process: (exit status, stdout, stderr)."""
+    """``python -m cifar_utils ARGS`` in a real process: (exit status, stdout, stderr)."""
     done = subprocess.run(
-        [sys.executable, "cifar_utils.py", *map(str, args)],
+        [sys.executable, "-m", "cifar_utils", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -280,10 +280,10 @@ def test_predict_says_what_a_folder_skips_and_goes_on_past_an_empty_one(
     ("case", "message"),
     [
         ("missing model", "No model file at"),
-        ("text as model", "is not a Keras model file"),
+        ("text as model", "is truncated or not a Keras model file"),
         ("10 classes", "output shape (None, 10)"),
-        ("top-k 0", "--top-k must be between 1 and 100, not 0"),
-        ("top-k 101", "--top-k must be between 1 and 100, not 101"),
+        ("top-k 0", "argument --top-k: must be a whole number from 1 to 100, not '0'"),
+        ("top-k 101", "argument --top-k: must be a whole number from 1 to 100, not '101'"),
         ("empty folder", "holds no image files"),
     ],
 )
@@ -304,9 +304,35 @@ def test_predict_errors(model_file, tmp_path, capsys, case, message):
         photo = tmp_path / "empty"
         photo.mkdir()
     argv = ["predict", "--model", str(model), str(photo), "--top-k", top_k]
-    assert cu.main(argv) == 2
+    if case.startswith("top-k"):  # argparse's own usage error
+        with pytest.raises(SystemExit, match="2"):
+            cu.main(argv)
+    else:
+        assert cu.main(argv) == 2
     captured = capsys.readouterr()
-    assert message in _one_error_line(captured.err) and captured.out == ""
+    assert message in captured.err.strip().splitlines()[-1] and captured.out == ""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["predict", "--model", "missing.keras", "photo.jpg"],
+        ["predict", "--model", "missing.keras", "photo.jpg", "--top-k", "0"],
+        ["export", "missing.keras", "--out", "served"],
+    ],
+)
+def test_arguments_are_checked_before_tensorflow_starts(argv, tmp_path):
+    """The answer comes without importing TensorFlow (which takes seconds to start)."""
+    code = (
+        "import sys\nfrom cifar_utils.cli import main\ntry:\n    main(sys.argv[1:])\n"
+        "except SystemExit:\n    pass\nprint('tensorflow' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code, *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stderr
+    assert ("usage:" in done.stdout) if argv == ["--help"] else ("error" in done.stderr)
 
 
 def test_the_demo_refuses_a_missing_model_in_one_line(tmp_path):

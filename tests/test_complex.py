@@ -8,28 +8,6 @@ import synthetic_cifar
 import cifar_utils as cu
 
 
-def test_complex_cnn_has_the_seeds_exact_parameter_counts():
-    model = cu.build_complex_cnn()
-    assert cu.parameter_counts(model) == {
-        "total": 15_047_588,
-        "trainable": 15_038_116,
-        "non_trainable": 9_472,
-    }
-    assert model.count_params() == 15_047_588
-    kinds = [type(layer).__name__ for layer in model.layers]
-    assert kinds.count("Conv2D") == 12
-    assert kinds.count("BatchNormalization") == 13
-    assert kinds.count("MaxPooling2D") == 5
-    assert kinds.count("Dense") == 2
-    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-    assert tuple(c.filters for c in convs) == cu.COMPLEX_CONV_WIDTHS
-    assert model.get_layer("flatten").output.shape == (None, 512)  # 32 -> 1 after 5 pools
-    assert model.output.shape == (None, 100)
-    for name in ("dense1", "predictions"):
-        assert model.get_layer(name).kernel_regularizer is not None
-    assert all(c.kernel_regularizer is None for c in convs)
-
-
 def test_complex_cnn_rejects_sizes_the_pools_cannot_halve():
     with pytest.raises(ValueError, match="multiples of 32"):
         cu.build_complex_cnn(input_shape=(28, 28, 3))

@@ -16,6 +16,7 @@ import pytest
 import synthetic_cifar
 
 import cifar_utils as cu
+import cifar_utils.data
 
 
 def _md5(path):
@@ -213,7 +214,7 @@ def test_the_wrong_file_is_told_apart_from_a_damaged_archive(cifar_archive, tmp_
 @pytest.mark.parametrize("member", ["train", "test", "meta"])
 def test_missing_member(cifar_archive, tmp_path, member):
     bad = _rewrite(cifar_archive, tmp_path / "c.tar.gz", **{member: None})
-    with pytest.raises(cu.CifarDataError, match=f"no \\['{member}'\\] member"):
+    with pytest.raises(cu.CifarDataError, match=f"no \\['cifar-100-python/{member}'\\] member"):
         cu.load_cifar100(bad)
     folder = _extract(bad, tmp_path / "x")
     with pytest.raises(cu.CifarDataError, match=f"missing \\['{member}'\\].*incomplete"):
@@ -459,7 +460,7 @@ def test_provenance_of_an_archive_that_is_not_the_official_one(cifar_archive):
 
 def test_provenance_of_each_local_layout(cifar_archive, tmp_path, monkeypatch):
     # Pretend the generated archive is the official one, to reach the checks that follow.
-    monkeypatch.setattr(cu, "CIFAR100_MD5", _md5(cifar_archive))
+    monkeypatch.setattr(cifar_utils.data, "CIFAR100_MD5", _md5(cifar_archive))
     assert cu.load_cifar100(cifar_archive, provenance=True)[2]["official"] is True
     both = tmp_path / "both"  # a user's folder holding the archive and its extraction
     both.mkdir()
@@ -485,7 +486,7 @@ def test_provenance_of_each_local_layout(cifar_archive, tmp_path, monkeypatch):
 def test_download_then_cache_is_official_and_new_files_follow_the_umask(
     cifar_archive, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(cu, "CIFAR100_MD5", _md5(cifar_archive))
+    monkeypatch.setattr(cifar_utils.data, "CIFAR100_MD5", _md5(cifar_archive))
     cache = tmp_path / "cache"
     old = os.umask(0o002)  # a group-writable umask, as on shared machines
     try:

@@ -364,7 +364,7 @@ def test_report_command_writes_the_table(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(README)
     done = subprocess.run(
-        [sys.executable, "cifar_utils.py", "report", "--results-dir", str(results)]
+        [sys.executable, "-m", "cifar_utils", "report", "--results-dir", str(results)]
         + ["--readme", str(readme)],
         cwd=ROOT,
         capture_output=True,

@@ -10,6 +10,9 @@ import synthetic_cifar
 from conftest import AtBatch, ctrl_c, labelled_images
 
 import cifar_utils as cu
+import cifar_utils.checkpoints
+import cifar_utils.data
+import cifar_utils.files
 
 N_TRAIN, BATCH = 200, 32
 STEPS = -(-N_TRAIN // BATCH)
@@ -278,7 +281,7 @@ def test_an_epoch_commits_together(tmp_path, arrays, monkeypatch):
             raise OSError("power cut")
         return real_write(path, obj)
 
-    monkeypatch.setattr(cu, "write_json", cut_before_state)
+    monkeypatch.setattr(cifar_utils.files, "write_json", cut_before_state)
     with pytest.raises(OSError, match="power cut"):
         run(2)
     # Epoch 2's checkpoints were staged, not in place: best and last are still epoch 1's.
@@ -287,8 +290,8 @@ def test_an_epoch_commits_together(tmp_path, arrays, monkeypatch):
         ".epoch-00002.best.weights.h5",
         ".epoch-00002.last.weights.h5",
     ]
-    monkeypatch.setattr(cu, "write_json", real_write)
-    real_settle = cu._settle_checkpoints
+    monkeypatch.setattr(cifar_utils.files, "write_json", real_write)
+    real_settle = cifar_utils.checkpoints.settle_checkpoints
     calls = []
 
     def cut_after_state(run_dir, epoch):
@@ -297,12 +300,12 @@ def test_an_epoch_commits_together(tmp_path, arrays, monkeypatch):
             raise OSError("power cut")
         return real_settle(run_dir, epoch)
 
-    monkeypatch.setattr(cu, "_settle_checkpoints", cut_after_state)
+    monkeypatch.setattr(cifar_utils.checkpoints, "settle_checkpoints", cut_after_state)
     with pytest.raises(OSError, match="power cut"):
         run(2)  # the uncommitted epoch 2 was dropped, retrained, state.json committed
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["epoch"] == 2 and state["best_epoch"] == 2
-    monkeypatch.setattr(cu, "_settle_checkpoints", real_settle)
+    monkeypatch.setattr(cifar_utils.checkpoints, "settle_checkpoints", real_settle)
     resumed = run(2)  # settles the committed epoch: its checkpoints move into place
     assert resumed["initial_epoch"] == 2 and not list(tmp_path.glob(".epoch-*"))
     log = cu.read_log(tmp_path)  # the epoch committed but cut before its log row: rewritten
@@ -390,7 +393,9 @@ def test_only_the_whole_official_data_makes_a_full_cifar100_result(
     assert record["full_cifar100"] is False and record["data"]["official"] is False
 
     # Pretend the generated archive is the official one: whole -> full, TRAIN_LIMIT -> not.
-    monkeypatch.setattr(cu, "CIFAR100_MD5", hashlib.md5(cifar_archive.read_bytes()).hexdigest())
+    monkeypatch.setattr(
+        cifar_utils.data, "CIFAR100_MD5", hashlib.md5(cifar_archive.read_bytes()).hexdigest()
+    )
     *_, official = cu.load_cifar100(cifar_archive, provenance=True)
     params = cu.NotebookParameters(
         {"EPOCHS": 1, "TRAIN_LIMIT": None, "DATA_DIR": "x"},

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import cifar_utils as cu
+import cifar_utils.models
 
 UNREACHABLE = "http://127.0.0.1:9/" + cu.EFFICIENTNET_B0_WEIGHTS  # discard port: refused at once
 
@@ -43,12 +44,28 @@ def test_efficientnet_package_builds_no_top_224():
     assert cu.EFFICIENTNET_B0_SHA256 == IMAGENET_WEIGHTS_HASHES["efficientnet-b0"][1]
 
 
-def test_exact_parameter_counts(model):
-    assert cu.parameter_counts(model) == {
-        "total": 4_177_664,
-        "trainable": 4_135_648,
-        "non_trainable": 42_016,
-    }
+#: Rows the project adds on purpose before the seed's table: the input is resized to 224x224
+#: and normalised inside the model (neither has parameters), so pipelines keep 32x32 images.
+ADDED_ROWS = ("Resizing", "Normalization")
+
+
+def test_the_seeds_table_row_by_row_and_exact_parameter_counts(model):
+    from test_models import rows
+
+    assert rows(model, skip=ADDED_ROWS) == list(cu.TRANSFER_LAYERS)
+    assert [type(layer).__name__ for layer in model.layers[1:3]] == list(ADDED_ROWS)
+    assert model.get_layer(cu.EFFICIENTNET_BASE).input_shape[1:3] == (cu.TRANSFER_IMAGE_SIZE,) * 2
+    assert model.get_layer("top_dropout").rate == cu.TRANSFER_DROPOUT == 0.2
+    assert model.get_layer("predictions").activation.__name__ == "softmax"
+    assert (
+        cu.parameter_counts(model)
+        == cu.PARAMS["efficientnet_b0"]
+        == {
+            "total": 4_177_664,
+            "trainable": 4_135_648,
+            "non_trainable": 42_016,
+        }
+    )
     assert cu.parameter_counts(model.get_layer(cu.EFFICIENTNET_BASE))["total"] == 4_049_564
     assert model.input_shape == (None, 32, 32, 3)
     assert model.output_shape == (None, 100)
@@ -183,7 +200,7 @@ def test_wrong_hash_in_keras_cache_is_explained_not_redownloaded(tmp_path):
 def test_imagenet_offline_gives_clear_error(tmp_path, monkeypatch):
     """No network (a refused local port): how to get the file, where to put it, its sha256."""
     offline = functools.partial(cu.efficientnet_b0_weights_file, origin=UNREACHABLE)
-    monkeypatch.setattr(cu, "efficientnet_b0_weights_file", offline)
+    monkeypatch.setattr(cifar_utils.models, "efficientnet_b0_weights_file", offline)
     with pytest.raises(cu.WeightsError) as err:
         cu.build_efficientnet_b0(weights="imagenet")
     msg = str(err.value)
@@ -270,6 +287,17 @@ def test_batch_is_uint8_and_deterministic_under_a_seed():
     assert cu.albumentations_batch(images[:0], seed=1).shape == (0, 32, 32, 3)
 
 
+def test_albumentations_settings_are_the_seeds():
+    """Flip, width shift 0.5, GridDistortion 0.2 and ElasticTransform 0.2 (probabilities)."""
+    seed = cu.AUGMENTATION["efficientnet_b0"]
+    steps = {type(t).__name__: t for t in cu.albumentations_transform().transforms}
+    assert list(steps) == ["HorizontalFlip", "Affine", "GridDistortion", "ElasticTransform"]
+    shift = seed["width_shift"]
+    assert steps["Affine"].translate_percent == {"x": (-shift, shift), "y": (0.0, 0.0)}
+    assert (steps["GridDistortion"].p, steps["ElasticTransform"].p) == (0.2, 0.2)
+    assert (seed["GridDistortion"], seed["ElasticTransform"], shift) == (0.2, 0.2, 0.5)
+
+
 def test_batch_handles_float_input_as_zero_one():
     """Field case 7: uint8 in, uint8 out; floats are [0, 1] and are augmented as uint8."""
     images = _textured(8)
@@ -279,7 +307,7 @@ def test_batch_handles_float_input_as_zero_one():
     np.testing.assert_allclose(out, cu.albumentations_batch(images, seed=3) / 255.0, atol=1e-6)
     with pytest.raises(ValueError, match=r"\[0, 1\].*uint8"):
         cu.albumentations_batch(images.astype(np.float32), seed=3)  # 0-255 floats would saturate
-    with pytest.raises(TypeError, match="uint8"):
+    with pytest.raises(ValueError, match="uint8"):
         cu.albumentations_batch(images.astype(np.int32), seed=3)
     with pytest.raises(ValueError, match="N, H, W, 3"):
         cu.albumentations_batch(images[0], seed=3)

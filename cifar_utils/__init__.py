@@ -1,0 +1,108 @@
+"""Shared helpers for the CIFAR-100 classifier notebooks, imported as ``cu``.
+
+One module per job, each importing only the ones listed before it:
+
+==============  ==========================================================================
+``errors``      the error classes (their messages say what to fix)
+``files``       atomic writes, file digests, JSON files
+``checks``      checks of images, labels and counts shared by the modules below
+``published``   every figure the seed project published (layer tables, counts, settings)
+``data``        CIFAR-100: finding, downloading and reading the archive, label names, split
+``models``      the three networks, EfficientNetB0 weights, parameter counts
+``augment``     Keras augmentation layers, per-batch seeds, albumentations
+``pipelines``   ``make_dataset``: the ``tf.data`` pipelines
+``devices``     strategies, workers, precision, XLA, the CPU's small-conv gradients
+``divergence``  NaN/inf and probability checks of a model's state and outputs
+``checkpoints`` checkpoint files, resume, the CSV log
+``training``    ``train``: checkpoints, resume, run plans, divergence guard; schedules
+``evaluation``  top-k, per class and superclass, reports, most confused pairs
+``photos``      reading photos, ``predict_image``, the sample photos
+``results``     results files, ``evaluate_and_save``, the README table, hardware
+``parameters``  the notebooks' parameter check
+``export``      ``.keras`` export and loading, SavedModel
+``plots``       every figure
+``cli``         ``python -m cifar_utils {report,curves,export,predict}``
+==============  ==========================================================================
+
+Every public name below is available as ``cu.<name>``; a module is imported the first time
+one of its names is used, so ``python -m cifar_utils --help`` answers without starting
+TensorFlow. Conventions, unless a function says otherwise: images are uint8 NHWC
+``(N, 32, 32, 3)`` in [0, 255] as loaded, and the pipelines hand the models float32 in
+[0, 1]; labels are int64 ``(N,)`` in [0, 99] (fine) or [0, 19] (coarse).
+"""
+
+import importlib
+
+#: module -> the public names it gives ``cu``.
+_PUBLIC = {
+    "errors": (
+        "CifarDataError", "WeightsError", "TrainingDiverged", "ResumeError",
+        "NotProbabilities", "ParameterError",
+    ),
+    "files": ("write_json",),
+    "published": (
+        "SIMPLE_CNN_LAYERS", "TRANSFER_LAYERS", "PARAMS", "TEST_TOP1", "TRAINING_SECONDS",
+        "COMPLEX_CONV_LAYERS", "COMPLEX_DENSE_LAYERS", "OPTIMIZERS", "AUGMENTATION",
+        "TRANSFER_DROPOUT", "TRANSFER_IMAGE_SIZE",
+    ),
+    "data": (
+        "CIFAR100_URL", "CIFAR100_MD5", "ARCHIVE_NAME", "FOLDER_NAME", "COARSE_LABEL_NAMES",
+        "FINE_LABEL_NAMES", "FINE_TO_COARSE", "default_cache_dir", "locate_cifar100",
+        "load_cifar100", "data_provenance", "train_val_split", "data_fingerprint",
+    ),
+    "models": (
+        "build_simple_cnn", "parameter_counts", "COMPLEX_CONV_WIDTHS", "COMPLEX_POOL_DROPOUT",
+        "build_complex_cnn", "EFFICIENTNET_B0_WEIGHTS", "EFFICIENTNET_B0_URL",
+        "EFFICIENTNET_B0_SHA256", "IMAGENET_MEAN", "IMAGENET_STD", "EFFICIENTNET_BASE",
+        "efficientnet_b0_weights_file", "build_efficientnet_b0", "describe_weights",
+        "set_base_trainable",
+    ),
+    "augment": (
+        "derive_seed", "augmentation_layers", "albumentations_transform", "albumentations_batch",
+        "albumentations_batch_transform",
+    ),
+    "pipelines": ("make_dataset", "steps_per_epoch"),
+    "devices": (
+        "seed_everything", "configure_precision", "is_chief", "worker_run_dir", "to_numpy",
+        "choose_strategy", "global_batch_size", "resolve_jit_compile",
+        "fast_small_conv_gradients",
+    ),
+    "divergence": ("check_probabilities", "nonfinite_variables", "training_state_problem"),
+    "checkpoints": ("check_checkpoint_path", "save_checkpoint", "read_log"),
+    "training": ("join_runs", "compile_metrics", "run_plan", "train", "exponential_decay"),
+    "evaluation": (
+        "predict_proba", "top_k_accuracy", "per_class_accuracy", "to_superclass",
+        "superclass_accuracy", "classification_report", "evaluation_summary", "most_confused",
+    ),
+    "photos": ("load_image", "predict_image", "SAMPLE_PHOTOS", "sample_photo"),
+    "results": (
+        "write_results", "evaluate_and_save", "markdown_table", "describe_hardware",
+        "RESULTS_START", "RESULTS_END", "full_runs",
+        "RUN_ONLY_PARAMETERS", "results_table", "update_readme_results",
+    ),
+    "parameters": ("NotebookParameters", "notebook_defaults", "check_parameters"),
+    "export": (
+        "CLASS_NAMES_MEMBER", "METADATA_MEMBER", "export_model", "load_exported_model",
+        "export_saved_model",
+    ),
+    "plots": (
+        "plot_samples", "plot_augmentation", "plot_history", "plot_superclass_confusion",
+        "plot_misclassified", "plot_prediction",
+    ),
+    "cli": ("main",),
+}  # fmt: skip
+_OWNER = {name: module for module, names in _PUBLIC.items() for name in names}
+__all__ = list(_OWNER)
+
+
+def __getattr__(name: str):
+    """``cu.<name>``: the public name from the module that owns it (imported on first use)."""
+    if name not in _OWNER:
+        raise AttributeError(f"module 'cifar_utils' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_OWNER[name]}", __name__), name)
+    globals()[name] = value  # the next look-up is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,168 @@
+"""A run folder's files: checkpoints (weights-only ``.weights.h5``), their commit and
+restore, and the per-epoch ``log.csv``.
+
+Used by :func:`cifar_utils.training.train` and the ``curves`` command.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import tensorflow as tf
+
+from .divergence import nonfinite_variables
+from .errors import ResumeError
+from .files import atomic_path
+from .models import load_weights_strictly
+
+
+def check_checkpoint_path(path) -> Path:
+    """Return ``path`` as a Path if it suits a Keras 3 weights-only checkpoint, else ValueError.
+
+    Keras 3 saves weights alone to ``.weights.h5`` only; ``.hdf5``, ``.h5``, ``.ckpt`` and
+    the rest are refused. (Whole models go to ``.keras`` files: see
+    :func:`cifar_utils.export.export_model`.)
+    """
+    path = Path(path)
+    if not path.name.endswith(".weights.h5"):
+        raise ValueError(
+            f"Weights-only checkpoint '{path}' must end in '.weights.h5' in Keras 3 "
+            f"(e.g. '{path.name.split('.')[0]}.weights.h5')"
+        )
+    return path
+
+
+def save_checkpoint(model, path) -> Path:
+    """Save ``model``'s weights (and optimizer state) to ``path`` atomically.
+
+    The old file stays intact until the new one is whole.
+
+    Raises:
+        ValueError: ``path`` does not end in ``.weights.h5`` (see :func:`check_checkpoint_path`).
+    """
+    path = check_checkpoint_path(path)
+    with atomic_path(path) as tmp:
+        model.save_weights(tmp)
+    return path
+
+
+def restore(model, run_dir: Path) -> None:
+    """Load the last checkpoint's weights and optimizer state into a compiled ``model``."""
+    if not model.optimizer.built:  # else Keras skips the saved optimizer variables
+        with model.distribute_strategy.scope():  # the strategy the model was built under
+            model.optimizer.build(model.trainable_variables)
+    if load_weights_strictly(model, run_dir / "last.weights.h5"):
+        raise ResumeError(
+            f"The checkpoint in {run_dir} was written by a different model or optimizer "
+            "and cannot be resumed. Start fresh (RESUME=False) or use another OUTPUT_DIR"
+        ) from None
+    bad = nonfinite_variables(model)
+    if bad:
+        raise ResumeError(
+            f"{run_dir / 'last.weights.h5'} holds NaN or inf ({len(bad)} variable(s), e.g. "
+            f"'{bad[0]}'): that run diverged and cannot be resumed. Start over with "
+            f"RESUME=False (or another OUTPUT_DIR), or evaluate its {run_dir / 'best.weights.h5'}"
+        )
+
+
+def align_replicas(model) -> None:
+    """Give every local replica of a mirrored variable the first replica's value.
+
+    Under ``MirroredStrategy`` BatchNorm's moving statistics are kept per replica (each
+    from its own share of the batch) and a checkpoint holds the first replica's. Aligning
+    them at each epoch's start makes an uninterrupted run continue from exactly what a
+    resumed one restores. Nothing to do on one device or with one replica per worker.
+    """
+    for variable in model.variables:
+        value = getattr(variable, "value", variable)
+        if isinstance(value, tf.distribute.DistributedValues) and len(value.values) > 1:
+            first = value.values[0].read_value()
+            for replica in value.values[1:]:
+                replica.assign(first)
+
+
+def seed_states(model) -> list:
+    """The state variables of the model's random layers (Dropout's seed generators)."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+def staged_path(run_dir: Path, epoch: int, name: str) -> Path:
+    return run_dir / f".epoch-{epoch:05d}.{name}"
+
+
+def settle_checkpoints(run_dir: Path, committed_epoch: int) -> None:
+    """Finish or undo staged checkpoint files after ``state.json`` says ``committed_epoch``.
+
+    An epoch's files are written as ``.epoch-NNNNN.<name>`` first, then ``state.json`` (the
+    commit), then renamed into place; a crash leaves them staged. Those of the committed
+    epoch are moved into place, those of an epoch that never committed are removed.
+    """
+    for staged in run_dir.glob(".epoch-*.*.weights.h5"):
+        epoch, name = staged.name[len(".epoch-") :].split(".", 1)
+        if epoch.isdigit() and int(epoch) == committed_epoch:
+            os.replace(staged, run_dir / name)
+        else:
+            staged.unlink()
+
+
+def write_log(run_dir: Path, history: dict) -> None:
+    """Rewrite ``log.csv`` from a run's committed history, as Keras' CSVLogger writes it.
+
+    A crash between committing an epoch and logging it (or the reverse) leaves the log a row
+    short (or long); a resumed run's log then continues from exactly the committed epochs.
+    """
+    keys = sorted(history)
+    rows = max((len(v) for v in history.values()), default=0)
+    with atomic_path(run_dir / "log.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)  # Keras' CSVLogger: the excel dialect, keys sorted
+        writer.writerow(["epoch", *keys])
+        writer.writerows([i, *(history[k][i] for k in keys)] for i in range(rows))
+
+
+def read_log(run_dir) -> dict:
+    """The per-epoch history in ``run_dir/log.csv`` (Keras' CSVLogger in :func:`train`).
+
+    Safe while the run is still writing the file: a last line without its line end (a
+    row being written) is skipped. Values Keras logs as ``NA`` become NaN.
+
+    Returns:
+        Column name -> list of floats, one per complete row (``accuracy``, ``loss``,
+        ``learning_rate``, ``val_accuracy``, ...), and ``epoch``: ints from 1 (the file
+        counts from 0), as :func:`plot_history` takes.
+
+    Raises:
+        FileNotFoundError: no folder ``run_dir``, or it has no ``log.csv`` (no training run).
+        ValueError: no complete row yet, or a line is not a CSVLogger row.
+    """
+    path = Path(run_dir) / "log.csv"
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(
+            f"No folder '{run_dir}'. A run folder is a notebook's OUTPUT_DIR (results/ by "
+            "default) followed by the model's name (simple_cnn, complex_cnn, or "
+            "efficientnet_b0/head and efficientnet_b0/finetune); it exists once training starts"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"'{run_dir}' is not a training run: it has no log.csv (cu.train writes one "
+            "into its run_dir, e.g. results/simple_cnn)"
+        )
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if not text.endswith("\n"):
+        lines = lines[:-1]  # the row being written
+    header, *rows = list(csv.reader(lines)) or [[]]
+    if "epoch" not in header or not rows:
+        raise ValueError(f"{path} has no complete row yet: wait until the first epoch ends")
+    history = {name: [] for name in header}
+    for number, row in enumerate(rows, start=2):
+        try:
+            if len(row) != len(header):
+                raise ValueError(f"{len(row)} fields, the header has {len(header)}")
+            for name, value in zip(header, row, strict=True):
+                history[name].append(float("nan") if value == "NA" else float(value))
+        except ValueError as exc:
+            raise ValueError(f"{path}, line {number}, is not a CSVLogger row ({exc})") from None
+    history["epoch"] = [int(e) + 1 for e in history["epoch"]]
+    return history

@@ -1,0 +1,89 @@
+"""Checks of arguments that several modules share: pixels, labels, counts.
+
+Each returns the checked value (as numpy where it is an array) or raises a ValueError that
+says what was wrong. Bottom layer: imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def is_int(value) -> bool:
+    """Whether ``value`` is an int (a bool is not, though Python says it is)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def check_positive_int(value, what: str) -> int:
+    """``value`` as an int if it is an int >= 1, else a ValueError naming ``what``."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{what} must be an int >= 1, not {value!r}")
+    return int(value)
+
+
+def check_pixels(x, what: str = "images") -> np.ndarray:
+    """``x`` as a numpy array if its values are pixels: uint8 in [0, 255] or float in [0, 1].
+
+    Shapes are the caller's to check. Raises ValueError for any other dtype, for NaN or
+    infinite values (naming the first one's index) and for floats outside [0, 1] (the usual
+    mistake: 0-255 data as floats).
+    """
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        return x
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{what} must be uint8 in [0, 255] or float in [0, 1], not {x.dtype}")
+    bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise ValueError(
+            f"{what} hold {bad} NaN or infinite value(s) (first at index "
+            f"{tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])}); fix the preprocessing "
+            "that produced them, or pass the uint8 images from load_cifar100"
+        )
+    if x.size and (x.min() < 0 or x.max() > 1):
+        raise ValueError(
+            f"float {what} must be in [0, 1], these span [{x.min():g}, {x.max():g}]; "
+            "pass 0-255 data as uint8"
+        )
+    return x
+
+
+def check_labels(y, num_classes: int, what: str) -> np.ndarray:
+    """``y`` as int64 (N,) in [0, num_classes), else a ValueError saying what is wrong."""
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(
+            f"{what} must be integer class indices of shape (N,), not {y.dtype} {y.shape}; "
+            "for one-hot or probability rows pass `.argmax(axis=1)`"
+        )
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"{what} holds values outside [0, {num_classes - 1}]")
+    return y.astype(np.int64)
+
+
+def check_label_pair(y_true, y_pred, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both label arrays checked (:func:`check_labels`), non-empty and equally long."""
+    y_true = check_labels(y_true, num_classes, "y_true")
+    y_pred = check_labels(y_pred, num_classes, "y_pred")
+    if len(y_true) != len(y_pred) or not len(y_true):
+        raise ValueError(
+            f"y_true ({len(y_true)}) and y_pred ({len(y_pred)}) must be non-empty and equally long"
+        )
+    return y_true, y_pred
+
+
+def check_model_file(path) -> Path:
+    """``path`` as a Path if a file is there, else a FileNotFoundError naming the ``.keras``
+    files beside it and where the notebooks write theirs. Cheap: no TensorFlow."""
+    path = Path(path)
+    if not path.is_file():
+        beside = sorted(p.name for p in path.parent.glob("*.keras")) if path.parent.is_dir() else []
+        raise FileNotFoundError(
+            f"No model file at '{path}'. "
+            + (f"That folder holds {', '.join(beside)}. " if beside else "")
+            + "A notebook writes OUTPUT_DIR/<model>.keras when it ends (simple_cnn.keras, "
+            "complex_cnn.keras or efficientnet_b0.keras; OUTPUT_DIR is results/ by default)"
+        )
+    return path

@@ -1,0 +1,203 @@
+"""The command line: ``python -m cifar_utils {report,curves,export,predict}``.
+
+Arguments are checked before TensorFlow starts (it takes some seconds): the modules that
+need it are imported by the command that runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .checks import check_model_file
+
+#: The phase folders of a two-phase run (the transfer notebook's), in training order.
+PHASES = ("head", "finetune")
+
+
+def _report_command(args) -> int:
+    from .results import full_runs, update_readme_results
+
+    before = Path(args.readme).read_text(encoding="utf-8")
+    table = update_readme_results(args.results_dir, args.readme)
+    print(table)
+    runs, skipped = full_runs(args.results_dir)
+    print(
+        f"{len(runs)} run(s) on all of CIFAR-100 in '{args.results_dir}'"
+        + ("" if Path(args.results_dir).is_dir() else " (the folder does not exist yet)")
+        + "".join(f"\n  not listed: {name}: {why}" for name, why in skipped)
+    )
+    changed = Path(args.readme).read_text(encoding="utf-8") != before
+    print(f"Updated {args.readme}" if changed else f"{args.readme} was already up to date")
+    return 0
+
+
+def _curves_command(args) -> int:
+    import matplotlib.pyplot as plt
+
+    from .checkpoints import read_log
+    from .plots import plot_history
+    from .training import join_runs
+
+    run_dir = Path(args.run_dir)
+    phases = [run_dir / name for name in PHASES if (run_dir / name / "log.csv").is_file()]
+    if (run_dir / "log.csv").is_file() or not phases:
+        history, marks, logs = read_log(run_dir), (), [run_dir / "log.csv"]
+    else:  # a two-phase run: both phases, one after the other
+        runs = {}
+        for phase in phases:
+            log = read_log(phase)
+            runs[phase.name] = {"epoch": len(log["epoch"]), "seconds": 0.0, "history": log}
+        joined = join_runs(**runs)
+        history = {**joined["history"], "epoch": list(range(1, joined["epoch"] + 1))}
+        marks, logs = joined["phases"], [phase / "log.csv" for phase in phases]
+    out = Path(args.out) if args.out else run_dir / "curves.png"
+    plt.close(plot_history(history, title=str(run_dir), path=out, phases=marks))
+    print(f"Wrote {out}: {len(history['epoch'])} epoch(s) from {', '.join(map(str, logs))}")
+    return 0
+
+
+def _export_command(args) -> int:
+    from .export import export_saved_model
+
+    out = export_saved_model(args.model, args.out)
+    print(f"Wrote TensorFlow SavedModel {out} (signature 'serve': float32 images in [0, 1])")
+    return 0
+
+
+def _image_files(arguments) -> tuple[list[Path], list[dict]]:
+    """The photos named on the command line, and the folders that hold none.
+
+    A folder stands for its image files (sorted; subfolders are not searched). Entries in
+    it that are no image file Pillow reads by suffix are skipped, and stderr says how many
+    and what they are, so a folder of HEIC photos or of subfolders is not silently empty.
+    Returns ``(files, errors)``: errors as ``{"image": folder, "error": message}``.
+    """
+    from PIL import Image
+
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    files, errors = [], []
+    for argument in map(Path, arguments):
+        if not argument.is_dir():
+            files.append(argument)
+            continue
+        entries = sorted(argument.iterdir())
+        found = [p for p in entries if p.is_file() and p.suffix.lower() in readable]
+        skipped = [p for p in entries if p not in found]
+        if skipped:
+            kinds = sorted({_entry_kind(p) for p in skipped})
+            print(
+                f"note: skipped {len(skipped)} entries in '{argument}' that are no image "
+                f"files Pillow reads ({', '.join(kinds)})",
+                file=sys.stderr,
+            )
+        if not found:
+            message = f"Folder '{argument}' holds no image files (PNG, JPEG, BMP, GIF, ...)"
+            print(f"error: {message}", file=sys.stderr)
+            errors.append({"image": str(argument), "error": message})
+        files += found
+    return files, errors
+
+
+def _entry_kind(path: Path) -> str:
+    """What a folder entry is, in a word: "subfolder", "broken link" or its suffix."""
+    if path.is_dir():
+        return "subfolder"
+    if not path.exists():
+        return "broken link"
+    return path.suffix.lower() or "no suffix"
+
+
+def _predict_command(args) -> int:
+    from .export import load_exported_model
+    from .photos import predict_image
+
+    model, names, _ = load_exported_model(args.model)
+    images, errors = _image_files(args.photos)
+    predictions = []
+    for image in images:
+        try:
+            top = predict_image(model, image, top_k=args.top_k, class_names=names)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            errors.append({"image": str(image), "error": str(exc)})
+            continue
+        predictions.append(
+            {"image": str(image), "top": [{"class": n, "probability": p} for n, p in top]}
+        )
+        if not args.json:
+            print(str(image))
+            for name, probability in top:
+                print(f"  {name:<16} {probability:.4f}")
+    if args.json:
+        document = {"model": str(args.model), "predictions": predictions, "errors": errors}
+        print(json.dumps(document, indent=2))
+    return 2 if errors else 0
+
+
+def main(argv=None) -> int:
+    """The command line; ``python -m cifar_utils COMMAND --help`` describes each command.
+
+    - ``report [--results-dir DIR] [--readme FILE]``: the results table into README.md
+      (:func:`cifar_utils.results.update_readme_results`), rewriting the file in place.
+    - ``curves RUN_DIR [--out PNG]``: accuracy, loss and learning-rate curves of a run,
+      also while it trains; both phases of a two-phase run (``RUN_DIR/head`` and
+      ``RUN_DIR/finetune``); default ``RUN_DIR/curves.png``.
+    - ``export MODEL.keras --format saved_model --out DIR``: a TensorFlow SavedModel
+      (:func:`cifar_utils.export.export_saved_model`).
+    - ``predict --model MODEL.keras PHOTO|FOLDER ... [--top-k 5] [--json]``: the top-k
+      classes of each photo (:func:`cifar_utils.photos.predict_image`); a folder means its
+      image files.
+
+    Args:
+        argv: the arguments (without the program name); ``None`` reads ``sys.argv``.
+
+    Returns:
+        The exit status: 0 on success; on an error, a one-line ``error: ...`` on stderr
+        and 2 (1 for ``report``). ``predict`` still classifies the other photos when one
+        cannot be read (or a folder holds none), then returns 2. Wrong usage exits through
+        argparse (status 2). Arguments, and that a ``--model`` file exists, are checked
+        before TensorFlow is imported.
+    """
+    import argparse
+
+    def top_k(text: str) -> int:
+        value = int(text) if text.strip().lstrip("-").isdigit() else None
+        if value is None or not 1 <= value <= 100:
+            raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 100, not {text!r}")
+        return value
+
+    parser = argparse.ArgumentParser(
+        prog="python -m cifar_utils", description="CIFAR-100 notebook helpers"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser(
+        "report", help="write the results/*.json comparison table into README.md"
+    )
+    report.add_argument("--results-dir", default="results", help="folder of results JSON files")
+    report.add_argument("--readme", default="README.md", help="file holding the results markers")
+    report.set_defaults(run=_report_command, error_status=1)
+    curves = commands.add_parser("curves", help="plot a run's log.csv, also while it trains")
+    curves.add_argument("run_dir", help="the run folder holding log.csv, e.g. results/simple_cnn")
+    curves.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png)")
+    curves.set_defaults(run=_curves_command)
+    export = commands.add_parser("export", help="convert a .keras model for TF Serving")
+    export.add_argument("model", help="a .keras file, e.g. results/simple_cnn.keras")
+    export.add_argument("--format", choices=["saved_model"], default="saved_model")
+    export.add_argument("--out", required=True, help="new folder for the SavedModel")
+    export.set_defaults(run=_export_command)
+    predict = commands.add_parser("predict", help="classify photos with a .keras model")
+    predict.add_argument("--model", required=True, help="e.g. results/simple_cnn.keras")
+    predict.add_argument("photos", nargs="+", help="image files, or folders of them")
+    predict.add_argument("--top-k", type=top_k, default=5, help="classes per photo (1 to 100)")
+    predict.add_argument("--json", action="store_true", help="print one JSON document")
+    predict.set_defaults(run=_predict_command)
+    args = parser.parse_args(argv)
+    try:
+        if hasattr(args, "model"):
+            check_model_file(args.model)
+        return args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return getattr(args, "error_status", 2)

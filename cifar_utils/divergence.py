@@ -1,0 +1,78 @@
+"""Checks that a model's state and outputs are sound: no NaN/inf, rows that are probabilities.
+
+The divergence guard of :func:`cifar_utils.training.train` and every prediction use them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from .devices import to_numpy
+from .errors import NotProbabilities
+
+
+def check_probabilities(probs, what: str = "the model's output", atol: float = 1e-3):
+    """Return ``probs`` (float (N, C)) as a numpy array if every row is a distribution.
+
+    A row passes when all its values are finite, none is below ``-atol`` and it sums to 1
+    within ``atol``. NaN weights give NaN rows on some CPUs and rows of zeros on others
+    (oneDNN's softmax maps NaN to 0), so both are refused here rather than read as a top-1.
+
+    Raises:
+        NotProbabilities: names the first bad row and what is wrong with it.
+    """
+    p = np.asarray(probs)
+    if p.ndim != 2 or not np.issubdtype(p.dtype, np.floating):
+        raise NotProbabilities(f"{what} must be float rows (N, classes), not {p.dtype} {p.shape}")
+    finite = np.isfinite(p).all(axis=1)
+    sums = np.where(finite, p.sum(axis=1, dtype=np.float64), np.nan)
+    good = finite & (np.abs(sums - 1.0) <= atol) & (np.where(finite[:, None], p, 0) >= -atol).all(1)
+    if good.all():
+        return p
+    i = int(np.flatnonzero(~good)[0])
+    why = "holds NaN or inf" if not finite[i] else f"sums to {sums[i]:.6g}, not 1"
+    raise NotProbabilities(
+        f"{what} is not a probability distribution: {int((~good).sum())} of {len(p)} rows "
+        f"are bad (row {i} {why}). The weights are probably NaN (a diverged run: NaN becomes "
+        "zeros in some CPUs' softmax) or the model has no softmax output. Retrain with a lower "
+        "learning rate, or load another checkpoint"
+    )
+
+
+def nonfinite_variables(model) -> list[str]:
+    """Paths of the model's (and its optimizer's) variables holding NaN or inf; ``[]`` if none.
+
+    Decided from the values themselves (``tf.math.is_finite``), not from the loss: with
+    oneDNN a NaN weight can leave the loss finite. Reads the variables as they are now
+    (Keras creates optimizer slots at the first step). Works on distributed variables.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    variables = list(model.variables) + (list(optimizer.variables) if optimizer else [])
+    variables = [v for v in variables if "float" in str(v.dtype)]
+    if not variables:
+        return []
+    finite = tf.stack(
+        [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in variables]
+    )
+    return [v.path for v, ok in zip(variables, to_numpy(finite), strict=True) if not ok]
+
+
+def training_state_problem(model, probe=None) -> str | None:
+    """What makes a model's training state unfit to checkpoint, or ``None`` if nothing.
+
+    The first model or optimizer variable holding NaN/inf (:func:`nonfinite_variables`),
+    else, given a ``probe`` batch (float32 (B, H, W, 3) in [0, 1]), outputs of the model in
+    inference mode that are no probability rows (:func:`check_probabilities`). What
+    :func:`train` checks every ``check_every`` batches and before each checkpoint; the
+    benchmark times it.
+    """
+    bad = nonfinite_variables(model)
+    if bad:
+        return f"variable '{bad[0]}' holds NaN or inf"
+    if probe is not None:
+        try:
+            check_probabilities(to_numpy(model(probe, training=False)), "the output")
+        except NotProbabilities as exc:
+            return str(exc).split(". ")[0]
+    return None

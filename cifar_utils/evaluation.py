@@ -1,0 +1,229 @@
+"""Metrics: top-k accuracy, per class and per superclass, reports, most confused pairs.
+
+Used by each notebook's "Test accuracy" and "Evaluation" steps. Labels are fine labels,
+int ``(N,)`` in [0, 99]; probabilities float ``(N, 100)``. One rule breaks ties everywhere:
+the lower class index wins.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import tensorflow as tf
+
+from .checks import check_label_pair, check_labels
+from .data import COARSE_LABEL_NAMES, FINE_LABEL_NAMES, FINE_TO_COARSE
+from .devices import to_numpy
+from .divergence import check_probabilities
+from .pipelines import make_dataset
+
+_FORWARD = weakref.WeakKeyDictionary()  # model -> its traced inference function
+
+
+def predict_proba(model, x, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities for images ``x`` (N, H, W, 3): uint8 in [0, 255] or float in [0, 1].
+
+    Images go through the same normalisation as :func:`make_dataset` (no augmentation).
+    The model runs batch by batch on this process's first device, in order, so the rows
+    match ``x`` under every ``tf.distribute`` strategy (a multi-worker ``model.predict``
+    would shard the data between workers).
+
+    Returns:
+        float32 ``(N, num_classes)``, each row a probability distribution.
+
+    Raises:
+        NotProbabilities: a row holds NaN/inf or does not sum to 1 (e.g. NaN weights).
+        ValueError: bad images (see :func:`make_dataset`).
+    """
+    ds = make_dataset(x, np.zeros(len(x), np.int64), batch_size=batch_size, training=False)
+    if model not in _FORWARD:  # traced once per model, not once per call
+        ref = weakref.ref(model)  # the cache must not keep the model alive
+        _FORWARD[model] = tf.function(
+            lambda images: ref()(images, training=False), reduce_retracing=True
+        )
+    rows = [to_numpy(_FORWARD[model](images)).astype(np.float32) for images, _ in ds]
+    return check_probabilities(np.concatenate(rows), f"{model.name}'s output")
+
+
+def top_k_accuracy(y_true, probs, k: int = 1) -> float:
+    """Fraction of rows whose true label is among the ``k`` most probable classes.
+
+    Args:
+        y_true: int labels (N,) in [0, C); probs: float (N, C) scores, e.g. probabilities.
+        k: how many classes count, in [1, C].
+
+    Returns:
+        A float in [0, 1]. Equal scores rank by class index, lower first, as ``argmax``
+        breaks ties (and so every other metric here, the confusion matrices and
+        :func:`cifar_utils.photos.predict_image`): with ``k=1`` this is exactly the share of
+        rows whose ``argmax`` is the true label. scikit-learn's ``top_k_accuracy_score``
+        ranks ties the other way (higher index first), which would make a saturated softmax
+        (exact zeros) score differently here than in the per-class figures.
+
+    Raises:
+        ValueError: labels invalid or not one per row, ``probs`` not (N, C) or ``k`` outside
+            [1, C].
+    """
+    probs = np.asarray(probs)
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be (N, classes), not shape {probs.shape}")
+    n, classes = probs.shape
+    y_true = check_labels(y_true, classes, "y_true")
+    if len(y_true) != n or not n:
+        raise ValueError(f"need one label per row and at least one row: {len(y_true)} and {n}")
+    if not 1 <= k <= classes:
+        raise ValueError(f"k must be in [1, {classes}], not {k}")
+    p_true = probs[np.arange(n), y_true][:, None]
+    ahead = (probs > p_true) | ((probs == p_true) & (np.arange(classes) < y_true[:, None]))
+    return float(np.mean(ahead.sum(axis=1) < k))
+
+
+def per_class_accuracy(y_true, y_pred, num_classes: int = 100) -> np.ndarray:
+    """Accuracy within each true class (= its recall): float64 ``(num_classes,)`` in [0, 1].
+
+    ``y_true``, ``y_pred``: int labels (N,) in [0, num_classes). A class absent from
+    ``y_true`` gets NaN. Computed with scikit-learn's ``recall_score(average=None)``.
+
+    Raises:
+        ValueError: labels not integer (N,), out of range, or of different lengths.
+    """
+    from sklearn.metrics import recall_score
+
+    y_true, y_pred = check_label_pair(y_true, y_pred, num_classes)
+    return recall_score(
+        y_true, y_pred, labels=np.arange(num_classes), average=None, zero_division=np.nan
+    ).astype(np.float64)
+
+
+def to_superclass(fine_labels) -> np.ndarray:
+    """Map fine labels (int (N,) in [0, 99]) to their superclass: int64 (N,) in [0, 19]."""
+    return FINE_TO_COARSE[check_labels(fine_labels, 100, "fine labels")]
+
+
+def superclass_accuracy(y_true, y_pred) -> tuple[float, np.ndarray]:
+    """Superclass accuracy of fine predictions.
+
+    A prediction counts as right when its fine label's superclass (one of the 20 coarse
+    labels, :data:`FINE_TO_COARSE`) equals the true label's superclass, e.g. true
+    ``beaver``, predicted ``dolphin``: both ``aquatic_mammals``, right.
+
+    Args:
+        y_true, y_pred: fine labels, int (N,) in [0, 99].
+
+    Returns:
+        ``(overall, per_superclass)``: a float in [0, 1] and float64 ``(20,)`` in [0, 1]
+        in :data:`COARSE_LABEL_NAMES` order (NaN for a superclass absent from ``y_true``).
+    """
+    y_true, y_pred = check_label_pair(y_true, y_pred, 100)
+    coarse_true, coarse_pred = to_superclass(y_true), to_superclass(y_pred)
+    overall = float(np.mean(coarse_true == coarse_pred))
+    return overall, per_class_accuracy(coarse_true, coarse_pred, num_classes=20)
+
+
+def classification_report(y_true, y_pred, output_dict: bool = False, digits: int = 3):
+    """scikit-learn's ``classification_report`` over the 100 fine classes, with their names.
+
+    Precision, recall (= per-class accuracy), F1 and support per class, plus accuracy and
+    macro/weighted averages. ``y_true``, ``y_pred``: fine labels, int (N,) in [0, 99].
+    Classes never predicted (or absent) score 0 instead of raising warnings.
+
+    Returns:
+        A text table (``output_dict=False``) or scikit-learn's dict of dicts.
+    """
+    from sklearn.metrics import classification_report as sk_report
+
+    y_true, y_pred = check_label_pair(y_true, y_pred, 100)
+    return sk_report(
+        y_true,
+        y_pred,
+        labels=np.arange(100),
+        target_names=list(FINE_LABEL_NAMES),
+        digits=digits,
+        output_dict=output_dict,
+        zero_division=0,
+    )
+
+
+def _json_float(value: float):
+    """A float for JSON: rounded to 6 decimals, NaN -> None (JSON has no NaN)."""
+    return None if np.isnan(value) else round(float(value), 6)
+
+
+def evaluation_summary(y_true, probs, prefix: str = "test") -> dict:
+    """The metrics a results file keeps for one split, as a JSON-able dict.
+
+    Args:
+        y_true: fine labels, int (N,) in [0, 99].
+        probs: class probabilities, float (N, 100) (e.g. from :func:`predict_proba`).
+        prefix: the split's name, prepended to every key (``"val"``, ``"test"``).
+
+    Returns:
+        ``{f"{prefix}_top1", f"{prefix}_top5", f"{prefix}_superclass_top1"}`` (floats in
+        [0, 1]), ``f"{prefix}_per_superclass"`` and ``f"{prefix}_per_class"`` (label name ->
+        accuracy, ``None`` for a class absent from ``y_true``) and ``f"{prefix}_images"`` (N).
+        Merge it into :func:`write_results`, e.g. ``write_results(dir, name, **summary)``.
+
+    Raises:
+        ValueError: ``probs`` is not (N, 100) or the labels are invalid.
+    """
+    probs = np.asarray(probs)
+    y_true = check_labels(y_true, 100, "y_true")
+    if probs.shape != (len(y_true), 100):
+        raise ValueError(
+            f"probs must be (N, 100) = ({len(y_true)}, 100) class probabilities, not {probs.shape}"
+        )
+    y_pred = probs.argmax(axis=1)
+    coarse, per_coarse = superclass_accuracy(y_true, y_pred)
+    per_fine = per_class_accuracy(y_true, y_pred)
+    return {
+        f"{prefix}_images": len(y_true),
+        f"{prefix}_top1": _json_float(top_k_accuracy(y_true, probs, k=1)),
+        f"{prefix}_top5": _json_float(top_k_accuracy(y_true, probs, k=5)),
+        f"{prefix}_superclass_top1": _json_float(coarse),
+        f"{prefix}_per_superclass": {
+            n: _json_float(a) for n, a in zip(COARSE_LABEL_NAMES, per_coarse, strict=True)
+        },
+        f"{prefix}_per_class": {
+            n: _json_float(a) for n, a in zip(FINE_LABEL_NAMES, per_fine, strict=True)
+        },
+    }
+
+
+def most_confused(y_true, y_pred, n: int = 10, label_names=FINE_LABEL_NAMES) -> list[dict]:
+    """The ``n`` most frequent mistakes as (true class -> predicted class) pairs.
+
+    Pairs are directed: ``maple_tree`` taken for ``oak_tree`` and the reverse are two rows.
+    Counts come from scikit-learn's ``confusion_matrix`` with its diagonal zeroed; ties are
+    broken by class index, and pairs that never occur are left out.
+
+    Args:
+        y_true, y_pred: int labels (N,) in [0, len(label_names)).
+        n: how many pairs to return (at most).
+
+    Returns:
+        A list of dicts, most frequent first: ``{"true", "predicted"`` (names), ``"count"``
+        (int), ``"share"`` (count / images of the true class, float in [0, 1])``}``.
+        :func:`markdown_table` prints it.
+    """
+    from sklearn.metrics import confusion_matrix
+
+    num_classes = len(label_names)
+    y_true, y_pred = check_label_pair(y_true, y_pred, num_classes)
+    cm = confusion_matrix(y_true, y_pred, labels=np.arange(num_classes))
+    support = cm.sum(axis=1)
+    np.fill_diagonal(cm, 0)
+    flat = np.argsort(-cm, axis=None, kind="stable")[:n]
+    rows = []
+    for t, p in zip(*np.unravel_index(flat, cm.shape), strict=True):
+        if cm[t, p] == 0:
+            break
+        rows.append(
+            {
+                "true": label_names[t],
+                "predicted": label_names[p],
+                "count": int(cm[t, p]),
+                "share": round(float(cm[t, p] / support[t]), 4),
+            }
+        )
+    return rows

@@ -1,0 +1,208 @@
+"""Export: a ``.keras`` file plain Keras loads (class names inside), and a SavedModel.
+
+Used by each notebook's "Save the model" step, the ``predict`` and ``export`` commands and
+the web demo.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from .checks import check_model_file
+from .data import FINE_LABEL_NAMES
+from .devices import is_chief
+from .files import atomic_path
+from .photos import model_image_size
+
+#: Members that :func:`export_model` adds to a ``.keras`` zip (and :func:`export_saved_model`
+#: to a SavedModel's ``assets.extra/``): the JSON list of class names, one per output unit,
+#: and a JSON object of metadata.
+CLASS_NAMES_MEMBER = "class_names.json"
+METADATA_MEMBER = "export_metadata.json"
+
+
+def _plain_keras_layer(layer):
+    """``clone_function`` for :func:`export_model`: ``layer`` rebuilt from Keras built-ins only.
+
+    A subclass of ``Dropout`` (such as the ``efficientnet`` package's ``FixedDropout``,
+    identical at inference) becomes a plain ``Dropout`` of the same rate; a custom activation
+    function becomes the Keras built-in of the same name (the package's ``swish`` -> Keras'
+    ``swish``); any other custom layer is refused.
+    """
+    config = layer.get_config()
+    activation = getattr(layer, "activation", None)
+    if callable(activation) and not isinstance(keras.activations.serialize(activation), str):
+        name = getattr(activation, "__name__", repr(activation))
+        try:
+            builtin = keras.activations.get(name)
+        except ValueError:
+            builtin = None
+        if builtin is None or not isinstance(keras.activations.serialize(builtin), str):
+            raise ValueError(
+                f"Layer '{layer.name}' uses the custom activation {name!r}, which Keras "
+                "cannot load without your code; rebuild it with a built-in activation"
+            )
+        config["activation"] = keras.activations.serialize(builtin)
+    cls = type(layer)
+    if not cls.__module__.startswith("keras."):
+        if not isinstance(layer, keras.layers.Dropout):
+            raise ValueError(
+                f"Layer '{layer.name}' is a {cls.__module__}.{cls.__name__}, not a Keras "
+                "built-in: a file holding it cannot be loaded without that code"
+            )
+        cls = keras.layers.Dropout
+    return cls.from_config(config)
+
+
+def export_model(model, path, /, class_names=FINE_LABEL_NAMES, **metadata) -> Path:
+    """Save ``model`` whole to a ``.keras`` file that plain Keras loads, with its class names.
+
+    The file is a copy of ``model`` made of Keras built-in layers only (see
+    :func:`_plain_keras_layer`; the ``efficientnet`` package's ``FixedDropout`` and ``swish``
+    are replaced by their Keras equivalents, and :func:`fast_small_conv_gradients` is not
+    carried over), with the same weights, so ``keras.saving.load_model(path)`` works in a
+    Python process that never imports this module or ``efficientnet``. Its outputs are
+    checked against ``model`` on two random images before writing (max abs difference
+    below 1e-5). No optimizer state is saved. The file is written atomically, and only by
+    the chief of a multi-worker run (:func:`is_chief`).
+
+    Inside the ``.keras`` zip, beside Keras' own members, ``class_names.json`` holds the JSON
+    list of class names (one per output unit) and ``export_metadata.json`` the JSON object
+    ``metadata``. Read them without Keras::
+
+        import json, zipfile
+        with zipfile.ZipFile("results/simple_cnn.keras") as z:
+            names = json.loads(z.read("class_names.json"))
+            metadata = json.loads(z.read("export_metadata.json"))
+
+    Args:
+        model: a built single-input image classifier; input float32 (B, H, W, 3) in [0, 1]
+            (uint8 pixels / 255, as :func:`predict_proba` feeds it), output (B, C).
+        path: the ``.keras`` file to write (its folder is created).
+        class_names: C names, in output order.
+        metadata: JSON-able extra fields, e.g. ``model="simple_cnn", test_top1=0.48``
+            (``model`` and ``path`` are positional-only, so these names are free).
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        ValueError: ``path`` does not end in ``.keras``; ``class_names`` does not match the
+            model's outputs; ``metadata`` is not JSON-able; the model holds a custom layer
+            or activation that has no Keras equivalent; the copy's outputs differ.
+    """
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(f"Export to a '.keras' file (e.g. '{path.stem}.keras'), not '{path}'")
+    names = [str(n) for n in class_names]
+    if len(names) != model.output_shape[-1]:
+        raise ValueError(
+            f"{len(names)} class names for a model with {model.output_shape[-1]} outputs"
+        )
+    try:
+        metadata_json = json.dumps(metadata)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"metadata must be JSON-able (str, number, list, dict): {exc}") from None
+    plain = keras.models.clone_model(model, clone_function=_plain_keras_layer, recursive=True)
+    plain.set_weights(model.get_weights())
+    height, width = model_image_size(model)
+    probe = np.random.default_rng(0).random((2, height, width, 3), dtype=np.float32)
+    outputs = [np.asarray(m(probe, training=False)) for m in (plain, model)]  # keeps BN stats
+    gap = float(np.max(np.abs(outputs[0] - outputs[1])))
+    if gap >= 1e-5:
+        raise ValueError(f"The exported copy's outputs differ from the model's by {gap:.3g}")
+    if not is_chief():
+        return path  # a multi-worker run: the chief writes the file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        plain.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as archive:
+            archive.writestr(CLASS_NAMES_MEMBER, json.dumps(names))
+            archive.writestr(METADATA_MEMBER, metadata_json)
+    return path
+
+
+def load_exported_model(path) -> tuple:
+    """Load a CIFAR-100 model file; returns ``(model, class_names, metadata)``.
+
+    Reads a ``.keras`` file from :func:`export_model` (class names and metadata from inside
+    it) or any other whole-model Keras file (``model.save``: then the names are
+    :data:`FINE_LABEL_NAMES` and the metadata ``{}``). The model is loaded uncompiled.
+
+    Returns:
+        The Keras model (input float32 (B, H, W, 3) in [0, 1], output (B, 100)
+        probabilities), the list of its 100 class names, and the metadata dict.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a Keras model file, or the model does not output
+            100 classes.
+    """
+    path = check_model_file(path)
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"'{path}' is truncated or not a Keras model file: a .keras file is a zip archive "
+            "and this one is not (a copy or download cut short?). Give the .keras file a "
+            "notebook wrote at its end (OUTPUT_DIR/<model>.keras, e.g. results/simple_cnn.keras)"
+        )
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types for a file it cannot read
+        detail = (str(exc).strip().splitlines() or [""])[0]  # whole: a cut sentence misleads
+        raise ValueError(
+            f"'{path}' is not a Keras model file that plain Keras can load "
+            f"({type(exc).__name__}: {detail}). Give the .keras file a notebook wrote "
+            "at its end (OUTPUT_DIR/<model>.keras, e.g. results/simple_cnn.keras)"
+        ) from None
+    outputs = model.output_shape
+    if not isinstance(outputs, tuple) or outputs[-1] != 100:
+        raise ValueError(
+            f"'{path}' holds a model with output shape {outputs}; a CIFAR-100 classifier "
+            "outputs 100 class probabilities (B, 100)"
+        )
+    names, metadata = list(FINE_LABEL_NAMES), {}
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            members = set(archive.namelist())
+            if CLASS_NAMES_MEMBER in members:
+                names = json.loads(archive.read(CLASS_NAMES_MEMBER))
+            if METADATA_MEMBER in members:
+                metadata = json.loads(archive.read(METADATA_MEMBER))
+    if len(names) != 100:
+        raise ValueError(f"'{path}' holds {len(names)} class names, not 100")
+    return model, names, metadata
+
+
+def export_saved_model(model_path, out_dir) -> Path:
+    """Write the model in ``model_path`` as a TensorFlow SavedModel folder, for TF Serving.
+
+    Uses Keras' ``model.export(out_dir, format="tf_saved_model")``: the serving signature
+    ``serve`` takes float32 (B, H, W, 3) in [0, 1] and returns (B, 100) probabilities
+    (``tf.saved_model.load(out_dir).serve(x)``). The class names and metadata go to
+    ``out_dir/assets.extra/`` (the files of :data:`CLASS_NAMES_MEMBER` and
+    :data:`METADATA_MEMBER`). Written into a temporary folder beside ``out_dir`` that is
+    renamed when complete.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`load_exported_model`.
+        FileExistsError: ``out_dir`` exists and is not an empty folder.
+    """
+    model, names, metadata = load_exported_model(model_path)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"'{out}' already exists and is not an empty folder; choose a new folder, or "
+            "remove it first to replace it"
+        )
+    with atomic_path(out, folder=True) as tmp:
+        model.export(str(tmp), format="tf_saved_model", verbose=False)
+        extra = tmp / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        (extra / CLASS_NAMES_MEMBER).write_text(json.dumps(names))
+        (extra / METADATA_MEMBER).write_text(json.dumps(metadata))
+    return out

@@ -1,0 +1,74 @@
+"""Writing files safely: atomic writes (a file or folder is whole or absent), digests, JSON.
+
+Every writer of the package (checkpoints, results, the README table, downloads, the
+extracted dataset, exported models) goes through :func:`atomic_path`. Bottom layer: imports
+nothing of the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def file_digest(path, algorithm: str) -> str:
+    """Hex digest (``"md5"``, ``"sha256"``, ...) of the file at ``path``, read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path, *, folder: bool = False):
+    """Yield a temporary path beside ``path``; on success it replaces ``path``.
+
+    The temporary file keeps ``path``'s suffixes (``.weights.h5``, ``.keras``, ...) so
+    libraries that look at them write the right format. ``folder=True`` yields an empty
+    temporary folder instead, which replaces a ``path`` folder. If the block raises,
+    the temporary path is removed and ``path`` is left as it was (or absent). The result gets
+    the permissions of anything new of the user (0666, or 0777 for a folder, less the
+    umask), not the 0600/0700 of a temporary file. ``path``'s parent folder is created.
+
+    Python's standard library has the pieces (``tempfile``, ``os.replace``) but no such
+    context manager.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}."
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
+    else:
+        suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".weights.h5") else path.suffix
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=f".tmp{suffix}", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
+        if folder and path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+
+
+def write_json(path, obj) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically (floats for numpy scalars)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    return path

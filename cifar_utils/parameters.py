@@ -1,0 +1,201 @@
+"""The notebooks' parameter contract: ``check_parameters`` runs first in every notebook.
+
+The parameters and their defaults are read from each notebook's cell tagged "parameters".
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from pathlib import Path
+
+from .checks import is_int
+from .errors import ParameterError
+from .photos import load_image
+
+
+class NotebookParameters(dict):
+    """The checked parameters of a notebook run (name -> value), with the notebook's defaults."""
+
+    def __init__(self, values: dict, defaults: dict):
+        super().__init__(values)
+        self.defaults = dict(defaults)
+
+    def changed(self) -> dict:
+        """The parameters whose value differs from the notebook's default (JSON-able)."""
+        return {k: _jsonable(v) for k, v in self.items() if v != self.defaults.get(k)}
+
+
+def _jsonable(value):
+    return value if isinstance(value, bool | int | float | str | type(None)) else str(value)
+
+
+def _notebook_path(notebook) -> Path:
+    """``notebook`` as a path; a relative name that does not exist here is looked up in the
+    repository (where the notebooks live, beside this package)."""
+    path = Path(notebook)
+    if not path.is_absolute() and not path.exists():
+        path = Path(__file__).resolve().parents[1] / path
+    return path
+
+
+def notebook_defaults(notebook) -> dict:
+    """The parameters of ``notebook`` (name -> default), read from its cell tagged "parameters".
+
+    Each ``NAME = literal`` line of that cell is a parameter (papermill's
+    ``inspect_notebook`` finds them); papermill's ``-p NAME VALUE`` overrides it in the cell
+    it injects after.
+
+    Raises:
+        ValueError: the notebook has no cell tagged "parameters", or a default is no literal.
+    """
+    import ast
+
+    import papermill
+
+    found = papermill.inspect_notebook(str(_notebook_path(notebook)))
+    if not found:
+        raise ValueError(f"{notebook} has no code cell tagged 'parameters'")
+    return {name: ast.literal_eval(p["default"]) for name, p in found.items()}
+
+
+def _assigned_names(notebook) -> set[str]:
+    """Every name a code cell of ``notebook`` assigns, imports or defines."""
+    import ast
+
+    import nbformat
+
+    names = set()
+    cells = nbformat.read(_notebook_path(notebook), as_version=4).cells
+    for cell in (c for c in cells if c.cell_type == "code"):
+        for node in ast.walk(ast.parse(cell.source)):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.alias):
+                names.add((node.asname or node.name).split(".")[0])
+            elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+                names.add(node.name)
+    return names
+
+
+def _is_real(v) -> bool:
+    return is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _existing_file(v) -> bool:
+    return isinstance(v, str | os.PathLike) and Path(v).expanduser().is_file()
+
+
+def _readable_image(v) -> bool:
+    if not _existing_file(v):
+        return False
+    try:
+        load_image(Path(v).expanduser())
+    except ValueError:
+        return False
+    return True
+
+
+#: (test on the name, test on the value, what the value must be), first match wins.
+_PARAMETER_RULES = (
+    (lambda n: n.endswith("EPOCHS"), lambda v: is_int(v) and v >= 1, "an int >= 1"),
+    (lambda n: n == "LR" or n.endswith("_LR"), lambda v: _is_real(v) and v > 0, "a number > 0"),
+    (lambda n: n == "BATCH_SIZE", lambda v: is_int(v) and 1 <= v <= 50_000,
+     "an int in [1, 50000] (images per batch and device)"),
+    (lambda n: n == "VAL_SIZE", lambda v: is_int(v) and 100 <= v <= 49_900,
+     "an int in [100, 49900]: at least one image per class, at most all but 100 of the 50,000"),
+    (lambda n: n.endswith("_LIMIT"), lambda v: v is None or (is_int(v) and 100 <= v <= 49_900),
+     "None (all images) or an int in [100, 49900]: at least one image per class, and "
+     "VAL_SIZE of the 50,000 left for validation"),
+    (lambda n: n == "SEED", lambda v: is_int(v) and 0 <= v < 2**32, "an int in [0, 2**32)"),
+    (lambda n: n == "IMAGE_SIZE", lambda v: is_int(v) and 32 <= v <= 1024,
+     "an int in [32, 1024] (pixels; 224 is EfficientNet's ImageNet size)"),
+    (lambda n: n == "XLA", lambda v: v is True or v is False or v == "auto",
+     'True, False or "auto"'),
+    (lambda n: n == "WEIGHTS", lambda v: v is None or v == "imagenet" or _existing_file(v),
+     '"imagenet", None (random weights) or the path of an existing .h5 weights file'),
+    (lambda n: n == "PHOTO", lambda v: v is None or _readable_image(v),
+     "None (the sample photo) or the path of an image file Pillow reads (PNG, JPEG, BMP, GIF)"),
+    (lambda n: n == "DATA_DIR", lambda v: v is None or Path(str(v)).expanduser().exists(),
+     "None (CIFAR100_DIR, the Keras cache, or a download) or an existing file or folder"),
+    (lambda n: n.endswith("_DIR"), lambda v: isinstance(v, str | os.PathLike) and str(v) != "",
+     "a folder path"),
+)  # fmt: skip
+
+
+def _expected(name: str, default) -> tuple:
+    """(value test, description) of parameter ``name`` from its name, else its default's type."""
+    for applies, test, what in _PARAMETER_RULES:
+        if applies(name):
+            return test, what
+    if isinstance(default, bool):
+        return (lambda v: isinstance(v, bool)), "True or False"
+    if is_int(default):
+        return is_int, "an int"
+    if isinstance(default, float):
+        return _is_real, "a number"
+    if isinstance(default, str):
+        return (lambda v: isinstance(v, str)), "a string"
+    return (lambda v: True), "anything"
+
+
+_IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+
+
+def check_parameters(namespace: dict, notebook) -> NotebookParameters:
+    """Check a notebook run's parameters before anything is read or written.
+
+    The parameters and their defaults come from the notebook's own cell tagged
+    "parameters" (:func:`notebook_defaults`), so a new parameter is checked without more
+    code. Call it first thing after that cell: ``cu.check_parameters(globals(),
+    "simple_image_clasifier.ipynb")``.
+
+    - Unknown names (``-p EPOCH 2``: papermill only warns and runs on) are refused with the
+      closest known name ("EPOCH: no such parameter; did you mean EPOCHS?"): any global
+      in ``namespace`` written like a parameter (upper case) or close to one, that no
+      cell of the notebook assigns.
+    - Values by name: ``*EPOCHS`` ints >= 1; ``*_LR`` numbers > 0; ``BATCH_SIZE``,
+      ``VAL_SIZE``, ``*_LIMIT``, ``SEED``, ``IMAGE_SIZE`` ints in range for CIFAR-100
+      (50,000 training images; the loaded data are checked again by
+      :func:`train_val_split`); ``XLA`` True/False/"auto"; ``WEIGHTS`` "imagenet", None or
+      an existing file; ``PHOTO`` None or a readable image file; ``DATA_DIR`` None or an
+      existing path; other ``*_DIR`` paths; any other parameter must have its default's
+      type (bool, int, number, string). ``TRAIN_LIMIT`` must leave ``VAL_SIZE`` out.
+
+    Args:
+        namespace: the notebook's globals (``globals()``).
+        notebook: the notebook's file name (relative to this module's folder) or path.
+
+    Returns:
+        :class:`NotebookParameters`: name -> value, with ``.defaults`` and ``.changed()``.
+
+    Raises:
+        ParameterError: every problem found, one per line, each naming the parameter.
+    """
+    defaults = notebook_defaults(notebook)
+    known = _assigned_names(notebook)
+    problems = []
+    for name in namespace:
+        if name.startswith("_") or name in known or name in _IPYTHON_NAMES:
+            continue
+        close = difflib.get_close_matches(name.upper(), defaults, n=1, cutoff=0.6)
+        if name.isupper() or close:
+            hint = f"; did you mean {close[0]}?" if close else ""
+            problems.append(
+                f"{name}: no such parameter{hint} The parameters are {', '.join(defaults)}"
+            )
+    values = {name: namespace.get(name, default) for name, default in defaults.items()}
+    for name, value in values.items():
+        test, what = _expected(name, defaults[name])
+        if not test(value):
+            problems.append(f"{name} = {value!r}: must be {what}")
+    limit, val = values.get("TRAIN_LIMIT"), values.get("VAL_SIZE")
+    if is_int(limit) and is_int(val) and limit + val > 50_000:
+        problems.append(
+            f"TRAIN_LIMIT = {limit} with VAL_SIZE = {val}: together more than CIFAR-100's "
+            "50,000 training images"
+        )
+    if problems:
+        raise ParameterError("Bad notebook parameters:\n  " + "\n  ".join(problems))
+    return NotebookParameters(values, defaults)

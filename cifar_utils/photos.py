@@ -1,0 +1,205 @@
+"""Photos: reading any image file safely, ``predict_image``, the sample photos.
+
+Used by the notebooks' "Your own photo" step, the ``predict`` command and the web demo.
+Images come out uint8 RGB ``(H, W, 3)`` in [0, 255].
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .checks import check_pixels
+from .data import FINE_LABEL_NAMES
+from .evaluation import predict_proba
+
+#: Most pixels an image file may have when decoded. Decoding takes 3 to 8 bytes a pixel and
+#: a few copies (orientation, transparency), so a file that declares more is refused before
+#: it is decoded: a 600 KB PNG can declare 13000x13000 pixels (4 GB to decode). Pillow's own
+#: limit is 179 million. Large JPEGs are decoded shrunk (:data:`JPEG_DRAFT_SIDE`) first.
+MAX_IMAGE_PIXELS = 40_000_000
+#: JPEGs are decoded at 1/2, 1/4 or 1/8 scale (Pillow's ``draft``, done by the JPEG decoder
+#: itself) as long as the long side stays at least this many pixels, so a 48-megapixel phone
+#: photo decodes to about 2 megapixels. The models see 32x32 or 224x224.
+JPEG_DRAFT_SIDE = 2048
+
+
+def load_image(source, size=None) -> np.ndarray:
+    """Read a photo as uint8 RGB ``(H, W, 3)`` in [0, 255], whatever its format and mode.
+
+    Every path that reads a photo uses it: the notebooks, the ``predict`` command and the
+    web demo.
+
+    Args:
+        source: path of any image Pillow reads (PNG, JPEG, ...; RGB, RGBA, greyscale,
+            16-bit greyscale, palette, CMYK), or an array ``(H, W)``, ``(H, W, 1)``,
+            ``(H, W, 3)`` or ``(H, W, 4)``: uint8 in [0, 255] or float in [0, 1].
+            Transparent pixels are composited onto white; greyscale is repeated over the
+            three channels; JPEG EXIF orientation is applied. A JPEG whose long side exceeds
+            2 x :data:`JPEG_DRAFT_SIDE` is decoded at a reduced scale (its long side stays
+            at least :data:`JPEG_DRAFT_SIDE` pixels).
+        size: ``(height, width)`` in pixels to resize to (squashed, not cropped, with
+            Pillow's antialiasing Lanczos filter, like Keras' image_dataset_from_directory);
+            ``None`` keeps the decoded size.
+
+    Raises:
+        FileNotFoundError: no file at ``source``.
+        ValueError: the file is not a readable image (corrupt, truncated, not an image), or
+            has more than :data:`MAX_IMAGE_PIXELS` pixels to decode (checked before
+            decoding), or the array has another shape, dtype or value range.
+    """
+    from PIL import Image
+
+    image = _decode_file(Path(source)) if isinstance(source, str | os.PathLike) else None
+    image = _rgb_from_array(source) if image is None else image
+    if size is not None and image.shape[:2] != tuple(size):
+        resized = Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.LANCZOS)
+        image = np.asarray(resized)
+    return image
+
+
+def _too_large(path: Path, why: str) -> ValueError:
+    return ValueError(
+        f"'{path.name}' is too large to open safely: {why}, more than the "
+        f"{MAX_IMAGE_PIXELS / 1e6:.0f} million pixels this loader decodes. Shrink it (a few "
+        "thousand pixels a side is plenty: the models see 32x32 or 224x224) and try again"
+    )
+
+
+def _unreadable(path: Path, exc: Exception) -> ValueError:
+    return ValueError(
+        f"'{path}' is not a readable image ({type(exc).__name__}: {exc}). Give a "
+        "PNG, JPEG, BMP or GIF file (RGB, RGBA or greyscale)"
+    )
+
+
+def _decode_file(path: Path) -> np.ndarray:
+    """Decode an image file to uint8 RGB, within :data:`MAX_IMAGE_PIXELS`."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"No image file at '{path}'")
+    unreadable = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+    try:
+        im = Image.open(path)  # reads the header only
+    except Image.DecompressionBombError as exc:
+        raise _too_large(path, f"Pillow refuses it ({exc})") from None
+    except unreadable as exc:
+        raise _unreadable(path, exc) from None
+    with im:
+        width, height = im.size
+        if im.format == "JPEG" and max(width, height) > 2 * JPEG_DRAFT_SIDE:
+            scale = JPEG_DRAFT_SIDE / max(width, height)
+            im.draft("RGB", (round(width * scale), round(height * scale)))
+        if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:
+            pixels = f"{width}x{height} pixels ({width * height / 1e6:.0f} million)"
+            raise _too_large(path, f"it has {pixels} to decode")
+        try:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+        except unreadable as exc:
+            raise _unreadable(path, exc) from None
+    if im.mode.startswith("I"):  # 16/32-bit greyscale: scale 0..65535 to 0..255
+        array = np.asarray(im, dtype=np.float64) / 257.0
+        return np.repeat(np.clip(array, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+    if "A" in im.mode or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _rgb_from_array(source) -> np.ndarray:
+    """An image array as uint8 RGB (H, W, 3)."""
+    array = check_pixels(source, "an image array")
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or min(array.shape[:2]) < 1:
+        raise ValueError(
+            f"An image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), not "
+            f"{array.shape}; for a batch, call this once per image"
+        )
+    if array.dtype != np.uint8:
+        array = np.round(array * 255.0).astype(np.uint8)
+    if array.shape[-1] == 4:
+        alpha = array[..., 3:].astype(np.float64) / 255.0
+        array = np.round(array[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array)
+
+
+def model_image_size(model) -> tuple[int, int]:
+    """(height, width) a single-input image model takes; 32x32 where the model leaves it open."""
+    shape = model.input_shape
+    if isinstance(shape, list | dict) or len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(
+            f"An image classifier here takes one batch of RGB images (B, H, W, 3); this "
+            f"model's input_shape is {shape}"
+        )
+    return shape[1] or 32, shape[2] or 32
+
+
+def predict_image(
+    model, path_or_array, top_k: int = 5, class_names=FINE_LABEL_NAMES
+) -> list[tuple[str, float]]:
+    """Classify one photo of any size into the 100 CIFAR-100 fine classes.
+
+    The image is read with :func:`load_image` (PNG/JPEG/..., RGB/RGBA/greyscale, or an
+    array), resized (squashed, like Keras' ``image_dataset_from_directory``, with Pillow's
+    antialiasing Lanczos filter) to the model's input ``(H, W)`` from ``model.input_shape``
+    (32x32 where it is ``None``), and normalised as in training (float32 [0, 1], see
+    :func:`predict_proba`). ``class_names``: the 100 names of the model's outputs, in order
+    (:data:`FINE_LABEL_NAMES`, or those :func:`load_exported_model` read from a file).
+
+    Returns:
+        ``[(class_name, probability), ...]``: the ``top_k`` classes, most probable
+        first (probabilities are floats in [0, 1] summing to at most 1).
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`load_image`; also ``top_k`` outside
+            [1, 100] or a model that does not output 100 classes.
+    """
+    if not 1 <= top_k <= 100:
+        raise ValueError(f"top_k must be between 1 and 100, not {top_k}")
+    image = load_image(path_or_array, size=model_image_size(model))
+    probs = predict_proba(model, image[None])[0]
+    if probs.shape != (100,):
+        raise ValueError(
+            f"The model outputs {probs.shape[0]} values; predict_image needs CIFAR-100's 100 "
+            "fine-class probabilities"
+        )
+    best = np.argsort(-probs, kind="stable")[:top_k]
+    return [(class_names[i], float(probs[i])) for i in best]
+
+
+#: Photos that ship inside scikit-image (``skimage/data``, no download needed):
+#: name -> (file, the CIFAR-100 class it shows or None, description from scikit-image).
+SAMPLE_PHOTOS = {
+    "rocket": ("rocket.jpg", "rocket", "Launch photo of DSCOVR on Falcon 9 by SpaceX"),
+    "coffee": ("coffee.png", "cup", "Coffee cup, courtesy of Pikolo Espresso Bar"),
+    "chelsea": ("chelsea.png", None, "Chelsea the cat (CIFAR-100 has no cat class)"),
+    "astronaut": ("astronaut.png", "woman", "Astronaut Eileen Collins, NASA"),
+}
+
+
+def sample_photo(name: str = "rocket") -> Path:
+    """Path of a real photo shipped with scikit-image (:data:`SAMPLE_PHOTOS`), for demos.
+
+    The default, ``rocket.jpg`` (640x427 RGB JPEG, SpaceX's DSCOVR launch), shows a
+    CIFAR-100 class (``rocket``). Other names: ``coffee`` (a cup), ``chelsea`` (a cat,
+    not a CIFAR-100 class), ``astronaut`` (a woman).
+
+    Raises:
+        ValueError: unknown ``name``. FileNotFoundError: scikit-image lacks the file.
+    """
+    from importlib.resources import files
+
+    if name not in SAMPLE_PHOTOS:
+        raise ValueError(f"Unknown sample photo {name!r}; choose one of {sorted(SAMPLE_PHOTOS)}")
+    path = Path(str(files("skimage.data") / SAMPLE_PHOTOS[name][0]))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall scikit-image (requirements.txt)")
+    return path

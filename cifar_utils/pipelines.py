@@ -1,0 +1,138 @@
+"""``make_dataset``: the ``tf.data`` pipelines of the notebooks' "Input pipelines" step.
+
+uint8 images in, float32 batches in [0, 1] and one-hot float32 labels out; training
+pipelines shuffle and augment with draws fixed by the seed, the epoch and the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from .augment import augment_with_seeds, derive_seed, describe_augmentation, fold_seed
+from .checks import check_labels, check_pixels, check_positive_int
+from .data import data_fingerprint
+
+
+def _check_images(x) -> tuple[np.ndarray, float]:
+    """Images (N, H, W, 3) as given and the divisor that maps them to [0, 1]."""
+    x = check_pixels(x)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"images must be (N, H, W, 3), not shape {x.shape}")
+    if x.dtype == np.uint8:
+        return x, 255.0
+    return x.astype(np.float32, copy=False), 1.0
+
+
+def make_dataset(
+    x,
+    y,
+    *,
+    batch_size: int,
+    training: bool,
+    augment=None,
+    num_classes: int = 100,
+    seed: int = 0,
+    batch_transform=None,
+):
+    """A ``tf.data`` pipeline: (shuffle), batch, (augment), normalise, one-hot, prefetch.
+
+    Args:
+        x: images ``(N, H, W, 3)``: uint8 in [0, 255] (as loaded), or float in [0, 1];
+            y: int labels ``(N,)`` in [0, num_classes).
+        batch_size: images per batch (the last batch of an epoch may be smaller).
+        training: shuffle every epoch and apply ``augment`` / ``batch_transform``.
+        augment: Keras image preprocessing layers (e.g. :func:`augmentation_layers`), on
+            float32 batches in [0, 1].
+        seed: the run's seed; the shuffle, each augmentation layer and ``batch_transform``
+            each draw from their own stream of it (:func:`derive_seed`).
+        batch_transform: a callable ``(images, batch_seed) -> images`` on uint8 batches
+            (B, H, W, 3) in [0, 255], applied before normalisation when ``training``, e.g.
+            :func:`albumentations_batch_transform`; ``batch_seed`` is an int64 scalar tensor.
+
+    Returns:
+        ``tf.data.Dataset`` of ``(images float32 (B, H, W, 3) in [0, 1],
+        labels float32 one-hot (B, num_classes))``. A training dataset is one epoch; each
+        iteration of it is a new epoch, as ``model.fit(ds, epochs=...)`` expects. Its order
+        and augmentation depend only on ``seed``, the epoch and the batch index, never on
+        how the parallel map happens to run, so a run repeats exactly. It also carries
+        ``steps_per_epoch`` (``ceil(N / batch_size)``), ``plan`` (what :func:`train`
+        records: data fingerprint, batch size, seed, augmentation) and
+        ``from_epoch(first, last)``: epochs ``first`` to ``last - 1`` (0-based) as one
+        dataset, the same batches whichever run asks for them. :func:`train` uses it, so
+        a resumed run trains on the batches an uninterrupted one would have seen.
+
+    Raises:
+        ValueError: images not (N, H, W, 3), float images with NaN/inf or outside [0, 1],
+            labels invalid or not one per image, ``batch_transform`` with float images.
+    """
+    x, scale = _check_images(x)
+    y = check_labels(y, num_classes, "labels")
+    if len(x) != len(y) or not len(x):
+        raise ValueError(
+            f"need one label per image and at least one image, got {len(x)} "
+            f"images and {len(y)} labels"
+        )
+    steps = steps_per_epoch(len(x), batch_size)
+
+    def prepare(images, labels):
+        return tf.cast(images, tf.float32) / scale, tf.one_hot(labels, num_classes)
+
+    if not training:
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+        return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    if batch_transform is not None and x.dtype != np.uint8:
+        raise ValueError("batch_transform takes uint8 batches: pass the uint8 images")
+    images, labels = tf.constant(x), tf.constant(y)
+    order_seed = derive_seed(seed, "shuffle")
+    transform_seed = derive_seed(seed, "batch_transform")
+
+    def one_epoch(epoch):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(len(x), dtype=tf.int64), seed=fold_seed(order_seed, epoch)
+        )
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+        return batches.map(lambda b, idx: (epoch, b, idx))
+
+    def load(epoch, b, idx):
+        batch = tf.gather(images, idx)
+        if batch_transform is not None:
+            batch = batch_transform(batch, fold_seed(transform_seed, epoch, b)[0])
+        batch, onehot = prepare(batch, tf.gather(labels, idx))
+        if augment is not None:
+            batch = augment_with_seeds(augment, batch, seed, (epoch, b))
+        return batch, onehot
+
+    def stream(epochs, count):
+        ds = epochs.flat_map(one_epoch)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(count * steps))  # for Keras
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    epoch_keys = tf.data.Dataset.random(
+        seed=derive_seed(seed, "epochs"), rerandomize_each_iteration=True
+    )
+    ds = stream(epoch_keys.take(1), 1)  # a new epoch at every iteration, for model.fit
+    ds.steps_per_epoch = steps
+    ds.from_epoch = lambda first, last: stream(tf.data.Dataset.range(first, last), last - first)
+    ds.plan = {
+        "data": data_fingerprint(x, y),
+        "images": len(x),
+        "batch_size": int(batch_size),
+        "seed": int(seed),
+        "augmentation": describe_augmentation(augment, batch_transform),
+    }
+    return ds
+
+
+def steps_per_epoch(train_size: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch: ``ceil(train_size / batch_size)``.
+
+    :func:`make_dataset` keeps the last, smaller batch, and every batch is one optimizer
+    step: 391 steps for 50,000 images at batch 128, 352 for a 45,000/5,000 split.
+
+    Raises:
+        ValueError: ``train_size`` or ``batch_size`` is not a positive integer.
+    """
+    train_size = check_positive_int(train_size, "train_size")
+    return -(-train_size // check_positive_int(batch_size, "batch_size"))

@@ -1,0 +1,216 @@
+"""Every figure of the notebooks and the ``curves`` command (matplotlib).
+
+Each ``plot_*`` returns the figure and, given ``path``, also saves it (atomically).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .checks import check_label_pair, check_labels
+from .data import COARSE_LABEL_NAMES, FINE_LABEL_NAMES
+from .devices import is_chief
+from .evaluation import to_superclass
+from .files import atomic_path
+from .photos import load_image, model_image_size, predict_image
+
+
+def _finish(fig, path):
+    """Save ``fig`` to ``path`` (atomically, creating its folder) if given; return ``fig``.
+
+    Under a multi-worker run only the chief saves (:func:`is_chief`).
+    """
+    if path is not None and is_chief():
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix[1:] or "png", dpi=100, bbox_inches="tight")
+    return fig
+
+
+def plot_samples(x, y, label_names=FINE_LABEL_NAMES, n: int = 25, seed: int = 0, path=None):
+    """Grid of ``n`` random images (uint8 (N, H, W, 3)) titled with their label names."""
+    import matplotlib.pyplot as plt
+
+    idx = np.random.default_rng(seed).choice(len(x), size=min(n, len(x)), replace=False)
+    cols = int(np.ceil(np.sqrt(len(idx))))
+    rows = int(np.ceil(len(idx) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.75 * rows))
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    for ax, i in zip(np.ravel(axes), idx, strict=False):
+        ax.imshow(x[i])
+        ax.set_title(label_names[int(y[i])], fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_augmentation(image, augment, n: int = 7, path=None):
+    """The original uint8 image (H, W, 3) beside ``n`` augmented versions of it.
+
+    ``augment`` maps a float32 batch in [0, 1] to an augmented batch (e.g.
+    :func:`augmentation_layers`, called with ``training=True``).
+    """
+    import matplotlib.pyplot as plt
+
+    batch = np.repeat(image[None].astype(np.float32) / 255.0, n, axis=0)
+    out = np.clip(np.asarray(augment(batch, training=True)), 0, 1)
+    fig, axes = plt.subplots(1, n + 1, figsize=(1.6 * (n + 1), 1.9))
+    axes[0].imshow(image)
+    axes[0].set_title("original", fontsize=8)
+    for i, ax in enumerate(axes[1:]):
+        ax.imshow(out[i])
+        ax.set_title(f"augmented {i + 1}", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_history(history: dict, title: str = "", path=None, phases=()):
+    """Training curves: accuracy and loss (train vs validation), and the learning rate.
+
+    ``history`` maps metric names (``accuracy``, ``val_accuracy``, ``loss``, ``val_loss``,
+    ``learning_rate``) to per-epoch lists, as :func:`train` returns in ``state["history"]``
+    or :func:`read_log` reads from a run's ``log.csv``; its ``epoch`` list (1-based), when
+    present, places the points, else they are epochs 1, 2, ... A third panel shows
+    ``learning_rate`` on a log scale when the history has it. Epoch ticks are integers.
+    ``phases``: ``[{"name", "first_epoch"}, ...]`` (1-based epochs, e.g. from
+    :func:`join_runs`), each marked by a dashed line and its name inside the axes. Values
+    are printed without an offset.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    panels = ["accuracy", "loss"] + (["learning_rate"] if history.get("learning_rate") else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8))
+    last = 1
+    for ax, metric in zip(axes, panels, strict=True):
+        for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
+            values = history.get(key)
+            if values:
+                epochs = history.get("epoch") or np.arange(1, len(values) + 1)
+                ax.plot(epochs, values, marker=".", label=label)
+                last = max(last, int(epochs[-1]))
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="x", useOffset=False)
+        ax.grid(alpha=0.3)
+        if metric == "learning_rate":
+            ax.set_yscale("log")
+            ax.set_ylabel("learning rate")
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)
+            ax.set_ylabel(metric)
+            ax.legend()
+    for ax in axes:
+        ax.set_xlim(0.5, last + 0.5)
+        for name, start in ((p["name"], p["first_epoch"]) for p in phases):
+            ax.axvline(start - 0.5, color="gray", linestyle="--", linewidth=1)
+            left = start - 0.5 < (last + 1) / 2  # label on the side with more room
+            ax.text(
+                start - 0.5,
+                0.98,
+                f" {name} ",
+                ha="left" if left else "right",
+                va="top",
+                fontsize=8,
+                transform=ax.get_xaxis_transform(),
+                clip_on=True,
+            )
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_superclass_confusion(y_true, y_pred, normalize: str | None = "true", path=None):
+    """Confusion matrix over the 20 superclasses of fine predictions (scikit-learn display).
+
+    ``y_true``, ``y_pred``: fine labels, int (N,) in [0, 99], mapped to superclasses with
+    :data:`FINE_TO_COARSE`. ``normalize="true"`` shows each row as shares of that
+    superclass's images (rows sum to 1); ``None`` shows counts.
+    """
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    y_true, y_pred = check_label_pair(y_true, y_pred, 100)
+    fig, ax = plt.subplots(figsize=(10, 9))
+    ConfusionMatrixDisplay.from_predictions(
+        to_superclass(y_true),
+        to_superclass(y_pred),
+        labels=np.arange(20),
+        display_labels=COARSE_LABEL_NAMES,
+        normalize=normalize,
+        include_values=False,
+        xticks_rotation="vertical",
+        ax=ax,
+    )
+    ax.set_title("Superclass confusion" + (" (share of each true superclass)" if normalize else ""))
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_misclassified(x, y_true, probs, n: int = 16, label_names=FINE_LABEL_NAMES, path=None):
+    """Grid of the ``n`` most confidently misclassified images, titled true / predicted (p).
+
+    Args:
+        x: uint8 images (N, H, W, 3) in [0, 255]; y_true: int labels (N,);
+        probs: class probabilities (N, C), e.g. from :func:`predict_proba`.
+
+    Raises:
+        ValueError: mismatched lengths, or no image is misclassified.
+    """
+    import matplotlib.pyplot as plt
+
+    probs = np.asarray(probs)
+    y_true = check_labels(y_true, len(label_names), "y_true")
+    if not len(x) == len(y_true) == len(probs):
+        raise ValueError(f"x ({len(x)}), y_true ({len(y_true)}) and probs ({len(probs)}) differ")
+    y_pred = probs.argmax(axis=1)
+    confidence = probs.max(axis=1)
+    wrong = np.flatnonzero(y_pred != y_true)
+    if not len(wrong):
+        raise ValueError("No image is misclassified: nothing to show")
+    idx = wrong[np.argsort(-confidence[wrong], kind="stable")][:n]
+    cols = int(np.ceil(np.sqrt(len(idx))))
+    rows = int(np.ceil(len(idx) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), idx, strict=False):
+        ax.imshow(x[i])
+        ax.set_title(
+            f"true: {label_names[y_true[i]]}\npred: {label_names[y_pred[i]]} ({confidence[i]:.2f})",
+            fontsize=7,
+        )
+    fig.suptitle("Most confident mistakes")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_prediction(model, path_or_array, top_k: int = 5, path=None):
+    """The photo beside a bar chart of the model's ``top_k`` classes (see :func:`predict_image`)."""
+    import matplotlib.pyplot as plt
+
+    image = load_image(path_or_array)
+    top = predict_image(model, image, top_k=top_k)
+    fig, (ax_img, ax_bar) = plt.subplots(
+        1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 1.3]}
+    )
+    ax_img.imshow(image)
+    ax_img.axis("off")
+    height, width = model_image_size(model)
+    ax_img.set_title(f"{image.shape[1]}x{image.shape[0]} photo, seen at {width}x{height}")
+    names, values = zip(*top, strict=True)
+    ax_bar.barh(np.arange(len(top)), values)
+    ax_bar.set_yticks(np.arange(len(top)), names)
+    ax_bar.invert_yaxis()
+    ax_bar.set_xlim(0, 1)
+    ax_bar.set_xlabel("probability")
+    for i, v in enumerate(values):
+        ax_bar.text(min(v + 0.01, 0.9), i, f"{v:.2f}", va="center", fontsize=8)
+    ax_bar.set_title(f"top-{top_k} of 100 classes")
+    fig.tight_layout()
+    return _finish(fig, path)
