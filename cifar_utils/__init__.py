@@ -76,7 +76,7 @@ _PUBLIC = {
     ),
     "photos": ("load_image", "predict_image", "SAMPLE_PHOTOS", "sample_photo"),
     "results": (
-        "write_results", "evaluate_and_save", "markdown_table", "describe_hardware",
+        "write_results", "evaluate_and_save", "markdown_table", "total_params", "describe_hardware",
         "RESULTS_START", "RESULTS_END", "full_runs",
         "RUN_ONLY_PARAMETERS", "results_table", "update_readme_results",
     ),

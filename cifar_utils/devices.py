@@ -86,7 +86,9 @@ def configure_precision(mixed: bool) -> str:
 def _tf_config() -> tuple[int, str, int] | None:
     """``(workers, task type, task index)`` from ``$TF_CONFIG``; ``None`` if it is unset.
 
-    ``workers`` counts the worker tasks, chief included.
+    ``workers`` counts the worker tasks, chief included. TensorFlow's
+    ``TFConfigClusterResolver`` reads the same variable, but raises a bare ``JSONDecodeError``
+    on a typo and accepts a task index outside the cluster; this says what to fix.
     """
     raw = os.environ.get("TF_CONFIG", "").strip()
     if not raw:

@@ -140,6 +140,14 @@ RESULTS_START = "<!-- results:start -->"
 RESULTS_END = "<!-- results:end -->"
 
 
+def total_params(params) -> int | None:
+    """The total parameter count from a results file's ``params`` field: the dict of
+    :func:`cifar_utils.models.parameter_counts` (its ``total``) or, in older files, an int.
+    ``None`` when it is neither (missing, or not a whole number)."""
+    total = params.get("total") if isinstance(params, dict) else params
+    return total if isinstance(total, int) and not isinstance(total, bool) else None
+
+
 def _format_seconds(seconds) -> str | None:
     if seconds is None:
         return None
@@ -231,12 +239,10 @@ def results_table(results_dir="results") -> str:
     """
     rows = {}
     for record in full_runs(results_dir)[0]:
-        params = record.get("params")
-        if isinstance(params, dict):
-            params = params.get("total")
+        params = total_params(record.get("params"))
         rows[record["model"]] = {
             "model": record["model"],
-            "params": f"{params:,}" if isinstance(params, int) else None,
+            "params": f"{params:,}" if params is not None else None,
             "epochs": record.get("epochs"),
             "time": _format_seconds(record.get("seconds")),
             **{k: record.get(k) for k in ("val_top1", "val_top5", "test_top1", "test_top5")},

@@ -62,6 +62,11 @@ def test_complex_cnn_follows_every_sentence_of_the_seed():
     assert model.output.shape == (None, 100)
 
 
+def test_complex_cnn_rejects_sizes_the_pools_cannot_halve():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        cu.build_complex_cnn(input_shape=(28, 28, 3))
+
+
 def test_a_run_of_the_old_simple_layout_is_refused_on_resume(tmp_path, cifar_archive):
     """A run folder written before the network matched the seed's table is never loaded into
     the new layout: the resume names what differs."""

@@ -1,4 +1,4 @@
-"""Performance switches: strategies, dtype policy, XLA switch, fast small-conv gradients."""
+"""cifar_utils.devices: strategies, dtype policy, XLA switch, fast small-conv gradients."""
 
 import json
 import warnings
