@@ -97,7 +97,9 @@ def markdown_table(rows: list[dict], columns=None) -> str:
     """A GitHub markdown table of ``rows`` (dicts); ``columns`` picks and orders the keys.
 
     ``columns`` is a list of keys, or of ``(key, header)`` pairs; default: the first row's
-    keys. Floats print with 3 decimals, missing values as an em dash.
+    keys. Floats print with 3 decimals, missing values as an em dash. (pandas'
+    ``DataFrame.to_markdown`` does this with pandas and tabulate, which the project does not
+    otherwise need.)
     """
     if columns is None:
         columns = list(rows[0]) if rows else []
