@@ -17,6 +17,7 @@ import numpy as np
 from .data import default_cache_dir
 from .errors import WeightsError
 from .files import file_digest
+from .published import TRANSFER_DROPOUT, TRANSFER_IMAGE_SIZE
 
 #: Dropout rates of the simple network: after convs 1, 2 and 3 and after the global average
 #: pooling. The seed gives none; these are our choice: rising with depth as in the complex
@@ -238,7 +239,9 @@ def _load_base_weights(base, path) -> None:
         )
 
 
-def build_efficientnet_b0(weights="imagenet", num_classes: int = 100, image_size: int = 224):
+def build_efficientnet_b0(
+    weights="imagenet", num_classes: int = 100, image_size: int = TRANSFER_IMAGE_SIZE
+):
     """EfficientNetB0 (``efficientnet`` 1.1.1, no top) with a new head, for 32x32 images.
 
     Input float32 (B, 32, 32, 3) in [0, 1] (as :func:`make_dataset` gives) -> Resizing to
@@ -274,7 +277,7 @@ def build_efficientnet_b0(weights="imagenet", num_classes: int = 100, image_size
     )(h)
     h = base(h)
     h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
-    h = keras.layers.Dropout(0.2, name="top_dropout")(h)
+    h = keras.layers.Dropout(TRANSFER_DROPOUT, name="top_dropout")(h)
     outputs = keras.layers.Dense(
         num_classes, activation="softmax", dtype="float32", name="predictions"
     )(h)

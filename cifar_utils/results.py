@@ -16,7 +16,7 @@ from .devices import cpu_info, is_chief
 from .evaluation import evaluation_summary, predict_proba
 from .files import atomic_path, write_json
 from .models import parameter_counts
-from .published import TEST_TOP1
+from .published import TEST_TOP1, TRAINING_SECONDS
 
 
 def write_results(output_dir, name: str, **fields) -> Path:
@@ -233,7 +233,8 @@ def results_table(results_dir="results") -> str:
     ``hardware`` (see :func:`describe_hardware`), and the notebook settings that differ
     from its defaults (``settings_changed``, without where files went: "defaults" if
     none); a missing field shows as an em dash. One more column gives the seed's
-    published test top-1 (:data:`TEST_TOP1`), clearly labelled; models with a
+    published test top-1 and training time (:mod:`cifar_utils.published`), clearly labelled;
+    models with a
     published figure but no run get a row with only that figure.
 
     Raises:
@@ -254,7 +255,9 @@ def results_table(results_dir="results") -> str:
     for model in TEST_TOP1:
         rows.setdefault(model, {"model": model})
     for row in rows.values():
-        row["published"] = TEST_TOP1.get(row["model"])
+        if row["model"] in TEST_TOP1:
+            seconds = TRAINING_SECONDS[row["model"]]
+            row["published"] = f"{TEST_TOP1[row['model']]:.3f} (about {_format_seconds(seconds)})"
     columns = [
         ("model", "Model"),
         ("params", "Params"),
@@ -266,7 +269,7 @@ def results_table(results_dir="results") -> str:
         ("test_top5", "Test top-5"),
         ("hardware", "Hardware"),
         ("settings", "Settings (not the notebook's defaults)"),
-        ("published", "Seed's published test top-1 (not measured here)"),
+        ("published", "Seed's published test top-1 and training time (not measured here)"),
     ]
     return markdown_table(list(rows.values()), columns)
 

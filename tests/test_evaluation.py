@@ -382,18 +382,19 @@ def test_report_command_writes_the_table(tmp_path):
     assert lines[0] == (
         "| Model | Params | Epochs | Train time | Val top-1 | Val top-5 | Test top-1 | "
         "Test top-5 | Hardware | Settings (not the notebook's defaults) | "
-        "Seed's published test top-1 (not measured here) |"
+        "Seed's published test top-1 and training time (not measured here) |"
     )
     rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
     assert rows["complex_cnn"] == (
-        "| complex_cnn | 15,047,588 | 1 | 30 s | — | — | 0.050 | — | — | defaults | 0.629 |"
+        "| complex_cnn | 15,047,588 | 1 | 30 s | — | — | 0.050 | — | — | defaults | "
+        "0.629 (about 5.0 h) |"
     )
     assert rows["simple_cnn"] == (
         "| simple_cnn | 1,777,636 | 3 | 2.1 min | 0.247 | 0.501 | 0.239 | 0.499 | "
-        "AMD EPYC (2 logical CPUs) | EPOCHS=3, MIXED_PRECISION=True | 0.483 |"
+        "AMD EPYC (2 logical CPUs) | EPOCHS=3, MIXED_PRECISION=True | 0.483 (about 80.0 min) |"
     )
     assert rows["efficientnet_b0"] == (
-        "| efficientnet_b0 | — | — | — | — | — | — | — | — | — | 0.797 |"
+        "| efficientnet_b0 | — | — | — | — | — | — | — | — | — | 0.797 (about 40.0 min) |"
     )
     assert set(rows) == {"simple_cnn", "complex_cnn", "efficientnet_b0"}  # benchmark skipped
     assert "stale" not in text and "Updated" in done.stdout
