@@ -6,6 +6,8 @@ import pytest
 import synthetic_cifar
 from conftest import run_notebook
 
+import cifar_utils as cu
+
 SEED_COUNTS = {"total": 15_047_588, "trainable": 15_038_116, "non_trainable": 9_472}
 
 
@@ -30,6 +32,19 @@ def test_complex_notebook_on_two_replicas_resumes_a_stopped_run(tmp_path, monkey
     assert len(history["loss"]) == len(history["val_accuracy"]) == 2
     assert history["loss"][0] == first["history"]["loss"][0]  # epoch 1 kept, not retrained
     state = json.loads((run_dir / "state.json").read_text())
+    # The seed's settings (cifar_utils.published), as the run's plan records them.
+    seed, optimizer = cu.OPTIMIZERS["complex_cnn"], state["plan"]["optimizer"]
+    assert (optimizer["class"], optimizer["momentum"]) == (seed["class"], seed["momentum"])
+    schedule = optimizer["learning_rate"]
+    assert schedule["class_name"] == seed["schedule"] == "ExponentialDecay"
+    assert schedule["config"]["initial_learning_rate"] == seed["learning_rate"] == 0.1
+    layers = {a["layer"]: a for a in state["plan"]["data"]["augmentation"]}
+    assert layers["RandomFlip"]["mode"] == "horizontal"
+    shift = cu.AUGMENTATION["complex_cnn"]["shift"]
+    assert layers["RandomTranslation"]["width_factor"] == shift == 0.1
+    degrees = cu.AUGMENTATION["complex_cnn"]["rotation_degrees"]
+    assert layers["RandomRotation"]["factor"] == pytest.approx([-degrees / 360, degrees / 360])
+    assert degrees == 15
     assert (state["initial_epoch"], state["step"]) == (1, 8)  # resumed at epoch 2
     # EPOCHS=2 plans 0.1 -> 0.001 over 2 x 4 steps. Continuing from the restored step 4, the
     # second epoch ends at 0.001; had the step restarted at 0 it would end at 0.01. (Run 1

@@ -57,6 +57,16 @@ def test_readme_quick_commands_work_as_written(tmp_path):
     assert record["full_cifar100"] is False and record["data"]["official"] is False
     assert record["settings_changed"]["TRAIN_LIMIT"] == 1000
     assert (results / "simple_cnn.keras").is_file()
+    # The notebook trains with the seed's settings (cifar_utils.published), as its plan records.
+    plan = json.loads((results / "simple_cnn" / "state.json").read_text())["plan"]
+    seed = cu.OPTIMIZERS["simple_cnn"]
+    assert plan["optimizer"]["class"] == seed["class"] == "Adam"
+    assert plan["optimizer"]["learning_rate"] == pytest.approx(seed["learning_rate"])
+    flip, shift = plan["data"]["augmentation"]
+    assert (flip["layer"], flip["mode"], shift["layer"]) == (
+        "RandomFlip", "horizontal", "RandomTranslation"
+    )  # fmt: skip
+    assert shift["height_factor"] == shift["width_factor"] == cu.AUGMENTATION["simple_cnn"]["shift"]
     assert {p.name for p in (results / "figures").iterdir()} == {
         f"simple_cnn_{n}.png"
         for n in ("samples", "augmentation", "curves", "superclass_confusion", "mistakes",
