@@ -93,6 +93,10 @@ def _mode(monitor: str, mode: str) -> str:
 class _RunKeeper(keras.callbacks.Callback):
     """Guards the run and commits each good epoch (checkpoints, then ``state.json``).
 
+    Replicas are aligned (:func:`align_replicas`) at each epoch's start and before its
+    validation, so the validation numbers (the history, ``log.csv``, the best epoch) are those
+    of the weights the epoch's checkpoints save, under every strategy.
+
     Every ``check_every`` batches and at each epoch's end, before anything is written: every
     model and optimizer variable must be finite and the model's outputs on a fixed probe
     batch must be probabilities; with the loss checked at every batch. Otherwise training
@@ -109,6 +113,10 @@ class _RunKeeper(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()
         self._epoch = epoch + 1
+        align_replicas(self.model)
+
+    def on_test_begin(self, logs=None):
+        """Before ``fit`` validates: every replica gets the weights the checkpoint will hold."""
         align_replicas(self.model)
 
     def _stop(self, where: str, what: str) -> None:
