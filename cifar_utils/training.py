@@ -34,6 +34,32 @@ from .models import layer_config, leaf_layers, parameter_counts
 from .pipelines import steps_per_epoch
 
 
+def load_best(model, run: dict) -> dict:
+    """Load a finished phase's best checkpoint into ``model``, to start the next phase from.
+
+    The transfer notebook fine-tunes from the head phase's best-validation epoch, not from
+    its last as keras.io's fine-tuning recipe does: validation picks the weights everywhere
+    in this project (the final model is the fine-tuning's best epoch too), and a later head
+    epoch that validated worse has no claim to be the better start.
+
+    Args:
+        model: the model ``run`` trained (its weights are replaced).
+        run: the state :func:`train` returned, with a ``best_epoch``.
+
+    Returns:
+        ``run`` with ``"next_phase_from": {"epoch": best_epoch, "weights": "best.weights.h5"}``,
+        which :func:`join_runs` records as the next phase's ``starts_from``.
+
+    Raises:
+        FileNotFoundError: ``run["run_dir"]`` has no ``best.weights.h5``.
+    """
+    path = Path(run["run_dir"]) / "best.weights.h5"
+    if not path.is_file():
+        raise FileNotFoundError(f"No best checkpoint {path}: train that phase first (cu.train)")
+    model.load_weights(path)
+    return {**run, "next_phase_from": {"epoch": run["best_epoch"], "weights": path.name}}
+
+
 def join_runs(**runs) -> dict:
     """One run state from consecutive training phases, e.g. ``head=..., finetune=...``.
 
@@ -46,23 +72,33 @@ def join_runs(**runs) -> dict:
         ``"best_epoch"`` (counted from the first phase's start), ``"params"`` and
         ``"run_dir"`` of the last phase (whose ``best.weights.h5`` is the final model);
         ``"phases"``: ``[{"name", "first_epoch" (1-based), "epochs", "trainable_params"},
-        ...]`` for :func:`plot_history` and the results file. :func:`evaluate_and_save`
-        takes it as ``run``.
+        ...]`` for :func:`plot_history` and the results file; every phase after the first
+        also has ``"starts_from": {"phase", "epoch" (1-based, within that phase),
+        "weights"}``: the previous phase's best epoch if it went through
+        :func:`load_best`, else its last (``train`` leaves the model there).
+        :func:`evaluate_and_save` takes it as ``run``.
     """
     if not runs:
         raise ValueError("join_runs needs at least one phase, e.g. join_runs(head=run)")
-    history, phases, done = {}, [], 0
+    history, phases, done, previous = {}, [], 0, None
     for name, run in runs.items():
         trainable = run["params"]["trainable"] if "params" in run else None
         phases.append(
             {"name": name, "first_epoch": done + 1, "epochs": run["epoch"],
              "trainable_params": trainable}
         )  # fmt: skip
+        if previous is not None:
+            ended = {"epoch": previous[1]["epoch"], "weights": "last.weights.h5"}
+            phases[-1]["starts_from"] = {
+                "phase": previous[0],
+                **previous[1].get("next_phase_from", ended),
+            }
         for key in set(history) | set(run["history"]):
             values = list(run["history"].get(key, []))
             history.setdefault(key, [np.nan] * done)
             history[key] += values + [np.nan] * (run["epoch"] - len(values))
         done += run["epoch"]
+        previous = (name, run)
     last = list(runs.values())[-1]
     return {
         "epoch": done,
