@@ -69,7 +69,9 @@ _PUBLIC = {
     ),
     "divergence": ("check_probabilities", "nonfinite_variables", "training_state_problem"),
     "checkpoints": ("check_checkpoint_path", "save_checkpoint", "read_log"),
-    "training": ("join_runs", "compile_metrics", "run_plan", "train", "exponential_decay"),
+    "training": (
+        "load_best", "join_runs", "compile_metrics", "run_plan", "train", "exponential_decay",
+    ),
     "evaluation": (
         "predict_proba", "top_k_accuracy", "per_class_accuracy", "to_superclass",
         "superclass_accuracy", "classification_report", "evaluation_summary", "most_confused",

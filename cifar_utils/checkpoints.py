@@ -68,19 +68,37 @@ def restore(model, run_dir: Path) -> None:
 
 
 def align_replicas(model) -> None:
-    """Give every local replica of a mirrored variable the first replica's value.
+    """Give every replica's copy of the model's non-trainable variables the first replica's.
 
-    Under ``MirroredStrategy`` BatchNorm's moving statistics are kept per replica (each
-    from its own share of the batch) and a checkpoint holds the first replica's. Aligning
-    them at each epoch's start makes an uninterrupted run continue from exactly what a
-    resumed one restores. Nothing to do on one device or with one replica per worker.
+    Under ``MirroredStrategy`` and ``MultiWorkerMirroredStrategy`` BatchNorm's moving
+    statistics are updated by each replica from its own share of the batch (Keras 3 does not
+    all-reduce them), while a checkpoint holds the first replica's (of the chief, under
+    several workers). Trainable weights and the optimizer's state stay identical anyway (their
+    updates are all-reduced). Called before each epoch's validation, so validation scores on
+    every replica the very weights the checkpoint of that epoch saves, and at each epoch's
+    start, so an uninterrupted run continues from exactly what a resumed one restores.
+
+    The first replica's values reach all the others through one all-reduce (a sum in which
+    the other replicas give zeros), so under several workers every worker must call this at
+    the same point, as ``fit``'s callbacks do. Nothing to do with one replica in all.
     """
-    for variable in model.variables:
-        value = getattr(variable, "value", variable)
-        if isinstance(value, tf.distribute.DistributedValues) and len(value.values) > 1:
-            first = value.values[0].read_value()
-            for replica in value.values[1:]:
-                replica.assign(first)
+    strategy = model.distribute_strategy
+    variables = [getattr(v, "value", v) for v in model.non_trainable_variables]
+    if strategy.num_replicas_in_sync == 1 or not variables:
+        return
+
+    def first_replica_values():
+        context = tf.distribute.get_replica_context()
+        first = context.replica_id_in_sync_group == 0
+        return context.all_reduce(
+            tf.distribute.ReduceOp.SUM,
+            [tf.where(first, v.read_value(), tf.zeros_like(v)) for v in variables],
+        )
+
+    local = strategy.experimental_local_results(strategy.run(first_replica_values))
+    for i, variable in enumerate(variables):
+        for component, values in zip(variable.values, local, strict=True):
+            component.assign(values[i])
 
 
 def seed_states(model) -> list:

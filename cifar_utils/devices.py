@@ -217,7 +217,8 @@ def choose_strategy(cpu_devices: int | None = None):
     results file, figures and exported model (:func:`is_chief`); every worker writes its
     own checkpoints (:func:`worker_run_dir`) and resumes from them. Trainable weights stay
     identical on all workers; BatchNorm moving statistics are updated from each worker's
-    own batches (Keras 3 does not all-reduce them), so they differ slightly between workers.
+    own batches (Keras 3 does not all-reduce them), and :func:`train` gives every worker the
+    chief's before each validation, so all workers validate and save the chief's weights.
 
     Raises:
         ValueError: ``$TF_CONFIG`` is set but is not valid JSON of that form, or this

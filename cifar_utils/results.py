@@ -53,7 +53,8 @@ def evaluate_and_save(
         ``(record, test_probs)``: the record written to ``output_dir/<name>.json`` (by the
         chief only: :func:`is_chief`): parameter counts while training (``params``; its
         ``trainable`` is the last phase's), ``phases`` (name, epochs and trainable
-        parameters of each), epochs, training seconds, history, best epoch, hardware, data
+        parameters of each; from :func:`join_runs`, the epoch each phase started from),
+        epochs, training seconds, history, best epoch, hardware, data
         provenance, settings and :func:`evaluation_summary` of validation and test
         (``val_top1``, ``test_top5``, ... floats in [0, 1]), and the test-set probabilities,
         float32 (N, 100).

@@ -34,6 +34,32 @@ from .models import layer_config, leaf_layers, parameter_counts
 from .pipelines import steps_per_epoch
 
 
+def load_best(model, run: dict) -> dict:
+    """Load a finished phase's best checkpoint into ``model``, to start the next phase from.
+
+    The transfer notebook fine-tunes from the head phase's best-validation epoch, not from
+    its last as keras.io's fine-tuning recipe does: validation picks the weights everywhere
+    in this project (the final model is the fine-tuning's best epoch too), and a later head
+    epoch that validated worse has no claim to be the better start.
+
+    Args:
+        model: the model ``run`` trained (its weights are replaced).
+        run: the state :func:`train` returned, with a ``best_epoch``.
+
+    Returns:
+        ``run`` with ``"next_phase_from": {"epoch": best_epoch, "weights": "best.weights.h5"}``,
+        which :func:`join_runs` records as the next phase's ``starts_from``.
+
+    Raises:
+        FileNotFoundError: ``run["run_dir"]`` has no ``best.weights.h5``.
+    """
+    path = Path(run["run_dir"]) / "best.weights.h5"
+    if not path.is_file():
+        raise FileNotFoundError(f"No best checkpoint {path}: train that phase first (cu.train)")
+    model.load_weights(path)
+    return {**run, "next_phase_from": {"epoch": run["best_epoch"], "weights": path.name}}
+
+
 def join_runs(**runs) -> dict:
     """One run state from consecutive training phases, e.g. ``head=..., finetune=...``.
 
@@ -46,23 +72,33 @@ def join_runs(**runs) -> dict:
         ``"best_epoch"`` (counted from the first phase's start), ``"params"`` and
         ``"run_dir"`` of the last phase (whose ``best.weights.h5`` is the final model);
         ``"phases"``: ``[{"name", "first_epoch" (1-based), "epochs", "trainable_params"},
-        ...]`` for :func:`plot_history` and the results file. :func:`evaluate_and_save`
-        takes it as ``run``.
+        ...]`` for :func:`plot_history` and the results file; every phase after the first
+        also has ``"starts_from": {"phase", "epoch" (1-based, within that phase),
+        "weights"}``: the previous phase's best epoch if it went through
+        :func:`load_best`, else its last (``train`` leaves the model there).
+        :func:`evaluate_and_save` takes it as ``run``.
     """
     if not runs:
         raise ValueError("join_runs needs at least one phase, e.g. join_runs(head=run)")
-    history, phases, done = {}, [], 0
+    history, phases, done, previous = {}, [], 0, None
     for name, run in runs.items():
         trainable = run["params"]["trainable"] if "params" in run else None
         phases.append(
             {"name": name, "first_epoch": done + 1, "epochs": run["epoch"],
              "trainable_params": trainable}
         )  # fmt: skip
+        if previous is not None:
+            ended = {"epoch": previous[1]["epoch"], "weights": "last.weights.h5"}
+            phases[-1]["starts_from"] = {
+                "phase": previous[0],
+                **previous[1].get("next_phase_from", ended),
+            }
         for key in set(history) | set(run["history"]):
             values = list(run["history"].get(key, []))
             history.setdefault(key, [np.nan] * done)
             history[key] += values + [np.nan] * (run["epoch"] - len(values))
         done += run["epoch"]
+        previous = (name, run)
     last = list(runs.values())[-1]
     return {
         "epoch": done,
@@ -93,6 +129,10 @@ def _mode(monitor: str, mode: str) -> str:
 class _RunKeeper(keras.callbacks.Callback):
     """Guards the run and commits each good epoch (checkpoints, then ``state.json``).
 
+    Replicas are aligned (:func:`align_replicas`) at each epoch's start and before its
+    validation, so the validation numbers (the history, ``log.csv``, the best epoch) are those
+    of the weights the epoch's checkpoints save, under every strategy.
+
     Every ``check_every`` batches and at each epoch's end, before anything is written: every
     model and optimizer variable must be finite and the model's outputs on a fixed probe
     batch must be probabilities; with the loss checked at every batch. Otherwise training
@@ -109,6 +149,10 @@ class _RunKeeper(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()
         self._epoch = epoch + 1
+        align_replicas(self.model)
+
+    def on_test_begin(self, logs=None):
+        """Before ``fit`` validates: every replica gets the weights the checkpoint will hold."""
         align_replicas(self.model)
 
     def _stop(self, where: str, what: str) -> None:
@@ -190,9 +234,31 @@ class _CommittedCSVLogger(keras.callbacks.CSVLogger):
             super().on_train_end(logs)
 
 
+@keras.saving.register_keras_serializable(package="cifar_utils")
+def top5_hits(y_true, y_pred):
+    """1.0 where the true class is among the 5 highest scores, else 0.0: float32 ``(N,)``.
+
+    ``y_true``: one-hot ``(N, C)``; ``y_pred``: scores ``(N, C)``. Equal scores rank by
+    class index, lower first, as ``argmax`` (Keras' ``accuracy``) and
+    :func:`cifar_utils.evaluation.top_k_accuracy` rank them. Keras'
+    ``TopKCategoricalAccuracy`` (``in_top_k``) counts every class tied at the fifth place
+    instead, so a saturated softmax (exact zeros) scored higher in the history than in the
+    results file.
+    """
+    label = keras.ops.cast(keras.ops.argmax(y_true, axis=-1), "int32")[:, None]
+    p_true = keras.ops.take_along_axis(y_pred, label, axis=-1)
+    index = keras.ops.arange(keras.ops.shape(y_pred)[-1], dtype="int32")[None, :]
+    ahead = (y_pred > p_true) | ((y_pred == p_true) & (index < label))
+    return keras.ops.cast(keras.ops.sum(keras.ops.cast(ahead, "int32"), axis=-1) < 5, "float32")
+
+
 def compile_metrics() -> list:
-    """Fresh metric objects for ``model.compile``: top-1 ``accuracy`` and ``top5_accuracy``."""
-    return ["accuracy", keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy")]
+    """Fresh metric objects for ``model.compile``: top-1 ``accuracy`` and ``top5_accuracy``.
+
+    Both break ties as the results files do (:func:`top5_hits`), so the history's
+    validation numbers are those :func:`evaluate_and_save` finds for the same weights.
+    """
+    return ["accuracy", keras.metrics.MeanMetricWrapper(top5_hits, name="top5_accuracy")]
 
 
 def _flatten(obj, prefix: str = "") -> dict:

@@ -86,6 +86,56 @@ def test_superclass_accuracy_hand_computed():
     json.dumps(summary, allow_nan=False)  # strict JSON: no NaN
 
 
+def _saturated_row():
+    """A saturated softmax: four classes share all the probability, 96 are exactly 0."""
+    row = np.zeros((1, 100), np.float32)
+    row[0, [40, 50, 60, 70]] = 0.25
+    return row
+
+
+def test_top5_ties_go_to_the_lower_class_index_everywhere():
+    """Class 0 and class 99 tie at 0: the fifth place goes to class 0, as argmax and
+    predict_image rank; scikit-learn's top_k_accuracy_score gives it to class 99, and Keras'
+    in_top_k counts both."""
+    from sklearn.metrics import top_k_accuracy_score
+
+    row = _saturated_row()
+    assert [cu.top_k_accuracy([c], row, k=5) for c in (0, 99)] == [1.0, 0.0]
+    sklearn = [top_k_accuracy_score([c], row, k=5, labels=np.arange(100)) for c in (0, 99)]
+    assert sklearn == [0.0, 1.0]  # the rule the results files followed before
+    top5 = cu.compile_metrics()[1]  # the history's top5_accuracy (and val_top5_accuracy)
+    for c, expected in ((0, 1.0), (99, 0.0)):
+        top5.reset_state()
+        top5.update_state(keras.utils.to_categorical([c], 100), row)
+        assert float(top5.result()) == expected, c
+
+
+def test_fully_tied_rows_agree_in_every_metric(tmp_path):
+    """A model whose softmax is exactly uniform: every class ties, class 0 wins everywhere."""
+    uniform = keras.Sequential(
+        [keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(),
+         keras.layers.Dense(100, "softmax", kernel_initializer="zeros")]
+    )  # fmt: skip
+    images = np.zeros((4, 32, 32, 3), np.uint8)
+    probs = cu.predict_proba(uniform, images)
+    assert (probs == probs[0, 0]).all()  # softmax of equal logits: exactly equal
+    y = np.array([0, 0, 5, 99])
+    summary = cu.evaluation_summary(y, probs)
+    assert summary["test_top1"] == summary["test_top5"] == 0.5  # scikit-learn's rule: 0.25
+    names = cu.FINE_LABEL_NAMES
+    assert summary["test_per_class"][names[0]] == 1.0
+    assert summary["test_per_class"][names[5]] == summary["test_per_class"][names[99]] == 0.0
+    confused = cu.most_confused(y, probs.argmax(1))
+    assert [(r["true"], r["predicted"]) for r in confused] == [(names[5], names[0]),
+                                                               (names[99], names[0])]  # fmt: skip
+    assert [name for name, _ in cu.predict_image(uniform, images[0], top_k=5)] == list(names[:5])
+    metrics = cu.compile_metrics()
+    uniform.compile(loss="categorical_crossentropy", metrics=metrics)
+    scores = uniform.evaluate(images, keras.utils.to_categorical(y, 100), verbose=0,
+                              return_dict=True)  # fmt: skip
+    assert scores["accuracy"] == scores["top5_accuracy"] == 0.5  # in_top_k's rule: 1.0
+
+
 def test_metrics_refuse_bad_input():
     with pytest.raises(ValueError, match="outside"):
         cu.per_class_accuracy([0, 100], [0, 1])

@@ -396,8 +396,9 @@ def test_join_runs_and_phase_markers():
     assert np.isnan(run["history"]["lr"][:2]).all() and run["history"]["lr"][2:] == [1e-5] * 3
     assert run["phases"] == [
         {"name": "head", "first_epoch": 1, "epochs": 2, "trainable_params": 3},
-        {"name": "finetune", "first_epoch": 3, "epochs": 3, "trainable_params": 8},
-    ]
+        {"name": "finetune", "first_epoch": 3, "epochs": 3, "trainable_params": 8,
+         "starts_from": {"phase": "head", "epoch": 2, "weights": "last.weights.h5"}},
+    ]  # fmt: skip
     assert (run["epoch"], run["seconds"], run["best_epoch"], run["best"]) == (5, 30.0, 4, 0.6)
     assert run["run_dir"] == "r/finetune" and run["params"]["trainable"] == 8
     fig = cu.plot_history(run["history"], phases=run["phases"])
@@ -421,6 +422,29 @@ def test_join_runs_and_phase_markers():
     assert all(ax.yaxis.get_major_formatter().get_offset() == "" for ax in flat.axes)
     with pytest.raises(ValueError, match="at least one phase"):
         cu.join_runs()
+
+
+def test_finetuning_starts_from_the_heads_best_epoch(tmp_path):
+    """The head's best epoch (1 of 3 here) is loaded and recorded, not its last one."""
+    import keras
+
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    (tmp_path / "head").mkdir()
+    net.save_weights(tmp_path / "head" / "best.weights.h5")  # the head's epoch 1
+    best = [np.asarray(w) for w in net.weights]
+    net.set_weights([w + 1 for w in best])  # the head's last epoch, as train leaves it
+    head = {"epoch": 3, "best_epoch": 1, "seconds": 1.0, "run_dir": str(tmp_path / "head"),
+            "history": {"val_accuracy": [0.3, 0.2, 0.25]}}  # fmt: skip
+    head = cu.load_best(net, head)
+    for loaded, saved in zip(net.weights, best, strict=True):
+        np.testing.assert_array_equal(np.asarray(loaded), saved)
+    fine = {"epoch": 2, "best_epoch": 2, "seconds": 1.0, "run_dir": str(tmp_path / "fine"),
+            "history": {"val_accuracy": [0.4, 0.5]}}  # fmt: skip
+    phases = cu.join_runs(head=head, finetune=fine)["phases"]
+    assert "starts_from" not in phases[0]
+    assert phases[1]["starts_from"] == {"phase": "head", "epoch": 1, "weights": "best.weights.h5"}
+    with pytest.raises(FileNotFoundError, match="No best checkpoint"):
+        cu.load_best(net, fine)
 
 
 # ------------------------------------------------------------------ notebook
@@ -452,10 +476,14 @@ def test_readme_quick_check_then_resumed_on_two_replicas(tmp_path, monkeypatch):
     assert "That run already has 1 epoch(s), EPOCHS=1: nothing to train" in outputs  # head
     results = json.loads((out / "efficientnet_b0.json").read_text())
     # What trained: the head alone, then everything but BatchNorm (frozen, in inference mode).
-    assert results["phases"] == [
+    assert [{k: v for k, v in p.items() if k != "starts_from"} for p in results["phases"]] == [
         {"name": "head", "first_epoch": 1, "epochs": 1, "trainable_params": 128_100},
         {"name": "finetune", "first_epoch": 2, "epochs": 2, "trainable_params": 4_093_632},
     ]
+    head = json.loads((out / "efficientnet_b0" / "head" / "state.json").read_text())
+    assert results["phases"][1]["starts_from"] == {
+        "phase": "head", "epoch": head["best_epoch"], "weights": "best.weights.h5"
+    }  # fmt: skip
     assert results["params"] == {
         "total": 4_177_664,
         "trainable": 4_093_632,
@@ -472,7 +500,6 @@ def test_readme_quick_check_then_resumed_on_two_replicas(tmp_path, monkeypatch):
     )
     assert results["weights"] is None and results["image_size"] == 32
     assert results["settings"]["FINETUNE_EPOCHS"] == 2 and results["full_cifar100"] is False
-    head = json.loads((out / "efficientnet_b0" / "head" / "state.json").read_text())
     fine = json.loads((out / "efficientnet_b0" / "finetune" / "state.json").read_text())
     assert (head["epoch"], head["initial_epoch"]) == (1, 0)  # written by the first run only
     assert (fine["epoch"], fine["initial_epoch"], fine["step"]) == (2, 1, 8)  # 4 steps/epoch
