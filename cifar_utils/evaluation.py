@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import weakref
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -17,6 +18,7 @@ from .data import COARSE_LABEL_NAMES, FINE_LABEL_NAMES, FINE_TO_COARSE
 from .devices import to_numpy
 from .divergence import check_probabilities
 from .pipelines import make_dataset
+from .training import top_k_hits
 
 _FORWARD = weakref.WeakKeyDictionary()  # model -> its traced inference function
 
@@ -55,11 +57,9 @@ def top_k_accuracy(y_true, probs, k: int = 1) -> float:
 
     Returns:
         A float in [0, 1]. Equal scores rank by class index, lower first, as ``argmax``
-        breaks ties (and so every other metric here, the confusion matrices and
-        :func:`cifar_utils.photos.predict_image`): with ``k=1`` this is exactly the share of
-        rows whose ``argmax`` is the true label. scikit-learn's ``top_k_accuracy_score``
-        ranks ties the other way (higher index first), which would make a saturated softmax
-        (exact zeros) score differently here than in the per-class figures.
+        breaks ties (:func:`cifar_utils.training.top_k_hits`, the one rule of every metric
+        here): with ``k=1`` this is exactly the share of rows whose ``argmax`` is the true
+        label. (scikit-learn's ``top_k_accuracy_score`` ranks ties the other way.)
 
     Raises:
         ValueError: labels invalid or not one per row, ``probs`` not (N, C) or ``k`` outside
@@ -74,9 +74,7 @@ def top_k_accuracy(y_true, probs, k: int = 1) -> float:
         raise ValueError(f"need one label per row and at least one row: {len(y_true)} and {n}")
     if not 1 <= k <= classes:
         raise ValueError(f"k must be in [1, {classes}], not {k}")
-    p_true = probs[np.arange(n), y_true][:, None]
-    ahead = (probs > p_true) | ((probs == p_true) & (np.arange(classes) < y_true[:, None]))
-    return float(np.mean(ahead.sum(axis=1) < k))
+    return float(np.mean(keras.ops.convert_to_numpy(top_k_hits(y_true, probs, k))))
 
 
 def per_class_accuracy(y_true, y_pred, num_classes: int = 100) -> np.ndarray:

@@ -234,22 +234,29 @@ class _CommittedCSVLogger(keras.callbacks.CSVLogger):
             super().on_train_end(logs)
 
 
+def top_k_hits(labels, scores, k: int):
+    """1.0 where the label is among the ``k`` highest scores of its row, else 0.0.
+
+    ``labels``: int ``(N,)`` class indices; ``scores``: float ``(N, C)``; returns float32
+    ``(N,)`` (a Keras tensor; numpy arrays are accepted). Equal scores rank by class index,
+    lower first, as ``argmax`` (Keras' ``accuracy``) ranks them: the one rule for ties of
+    every metric here (:func:`cifar_utils.evaluation.top_k_accuracy`, the compiled
+    ``top5_accuracy``). Keras' ``TopKCategoricalAccuracy`` (``in_top_k``) counts every class
+    tied at the k-th place instead, and scikit-learn's ``top_k_accuracy_score`` ranks ties
+    the other way, so a saturated softmax (exact zeros) would score differently in the
+    history, the results file and the per-class figures.
+    """
+    label = keras.ops.cast(labels, "int32")[:, None]
+    p_true = keras.ops.take_along_axis(scores, label, axis=-1)
+    index = keras.ops.arange(keras.ops.shape(scores)[-1], dtype="int32")[None, :]
+    ahead = (scores > p_true) | ((scores == p_true) & (index < label))
+    return keras.ops.cast(keras.ops.sum(keras.ops.cast(ahead, "int32"), axis=-1) < k, "float32")
+
+
 @keras.saving.register_keras_serializable(package="cifar_utils")
 def top5_hits(y_true, y_pred):
-    """1.0 where the true class is among the 5 highest scores, else 0.0: float32 ``(N,)``.
-
-    ``y_true``: one-hot ``(N, C)``; ``y_pred``: scores ``(N, C)``. Equal scores rank by
-    class index, lower first, as ``argmax`` (Keras' ``accuracy``) and
-    :func:`cifar_utils.evaluation.top_k_accuracy` rank them. Keras'
-    ``TopKCategoricalAccuracy`` (``in_top_k``) counts every class tied at the fifth place
-    instead, so a saturated softmax (exact zeros) scored higher in the history than in the
-    results file.
-    """
-    label = keras.ops.cast(keras.ops.argmax(y_true, axis=-1), "int32")[:, None]
-    p_true = keras.ops.take_along_axis(y_pred, label, axis=-1)
-    index = keras.ops.arange(keras.ops.shape(y_pred)[-1], dtype="int32")[None, :]
-    ahead = (y_pred > p_true) | ((y_pred == p_true) & (index < label))
-    return keras.ops.cast(keras.ops.sum(keras.ops.cast(ahead, "int32"), axis=-1) < 5, "float32")
+    """:func:`top_k_hits` with ``k=5`` for ``model.compile``: one-hot ``y_true`` ``(N, C)``."""
+    return top_k_hits(keras.ops.argmax(y_true, axis=-1), y_pred, 5)
 
 
 def compile_metrics() -> list:
