@@ -253,6 +253,15 @@ def test_predict_reports_an_unreadable_image_and_classifies_the_others(
     assert "not a readable image" in _one_error_line(captured.err)
 
 
+def test_predict_refuses_a_huge_image_in_one_line_and_goes_on(model_file, huge_png, capsys):
+    path, rocket = model_file[0], cu.sample_photo()
+    assert cu.main(["predict", "--model", str(path), str(huge_png), str(rocket)]) == 2
+    captured = capsys.readouterr()
+    error = _one_error_line(captured.err)
+    assert "'huge.png' is too large to open safely: it has 13000x13000 pixels" in error
+    assert list(_parse_text(captured.out)) == [str(rocket)]
+
+
 def test_predict_says_what_a_folder_skips_and_goes_on_past_an_empty_one(
     model_file, tmp_path, capsys
 ):
