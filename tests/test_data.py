@@ -495,13 +495,36 @@ def test_stratified_seeded_split(cifar_archive):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [({"val_size": 50}, "val_size=50 must be between 100"), ({"train_limit": 10}, "train_limit")],
-)
-def test_split_rejects_sizes_smaller_than_the_classes(cifar_archive, kwargs, match):
-    (x, y), _ = cu.load_cifar100(cifar_archive)
-    with pytest.raises(ValueError, match=match):
-        cu.train_val_split(x, y, **{"val_size": 500, **kwargs})
+    ("sizes", "message"),
+    [
+        ({"val_size": 50}, "VAL_SIZE = 50: this data has 3,000 training images in 100 classes; "
+                           "VAL_SIZE must be an int between 100 (one image per class) and 2,900 "
+                           "(one per class left to train on)"),
+        ({"val_size": 4000}, "VAL_SIZE = 4000: this data has 3,000 training images in 100"),
+        ({"train_limit": 5000}, "TRAIN_LIMIT = 5000: this data has 3,000 training images, 2,500 "
+                                "left to train on after VAL_SIZE = 500; TRAIN_LIMIT must be None "
+                                "(all of them) or an int between 100 (one image per class) and "
+                                "2,500"),
+        ({"train_limit": 10}, "TRAIN_LIMIT = 10: this data has 3,000 training images, 2,500 left"),
+    ],
+)  # fmt: skip
+def test_split_sizes_that_do_not_fit_the_data_name_the_notebook_parameter(sizes, message):
+    y = np.arange(3000) % 100
+    with pytest.raises(cu.ParameterError) as err:
+        cu.train_val_split(np.zeros((3000, 1)), y, **{"val_size": 500, **sizes})
+    assert str(err.value).startswith(message)
+    assert err.value._render_traceback_() == [f"ParameterError: {err.value}"]  # in a notebook
+
+
+def test_split_sizes_at_their_bounds():
+    x, y = np.arange(3000)[:, None], np.arange(3000) % 100
+    (x_tr, _), (x_val, _) = cu.train_val_split(x, y, val_size=2900)
+    assert (len(x_tr), len(x_val)) == (100, 2900)
+    (x_tr, _), _ = cu.train_val_split(x, y, val_size=500, train_limit=2500)
+    assert len(x_tr) == 2500
+    (x_tr, y_tr), _ = cu.train_val_split(x, y, val_size=500, train_limit=2450)
+    assert len(x_tr) == 2450 and len(np.unique(x_tr)) == 2450  # 50 left out: fewer than classes
+    assert np.bincount(y_tr, minlength=100).min() > 0
 
 
 # ------------------------------------------------------------------ provenance
