@@ -213,7 +213,7 @@ def check_parameters(namespace: dict, notebook) -> NotebookParameters:
     values = {name: namespace.get(name, default) for name, default in defaults.items()}
     for name, value in values.items():
         test, what = _expected(name, defaults[name])
-        if name not in ("VAL_SIZE", "TRAIN_LIMIT") and not test(value):
+        if name not in ("VAL_SIZE", "TRAIN_LIMIT") and not test(value):  # those two: below
             problems.append(f"{name} = {value!r}: must be {what}")
     val, limit, batch = values["VAL_SIZE"], values["TRAIN_LIMIT"], values["BATCH_SIZE"]
     split = split_problem(TRAIN_IMAGES, len(FINE_LABEL_NAMES), val, limit, data="CIFAR-100")
