@@ -139,6 +139,14 @@ def write_log(run_dir: Path, history: dict) -> None:
         writer.writerows([i, *(history[k][i] for k in keys)] for i in range(rows))
 
 
+#: Where the notebooks train, for the messages of :func:`read_log`.
+_RUN_FOLDERS = (
+    "The notebooks train in results/simple_cnn, results/complex_cnn and "
+    "results/efficientnet_b0 (which holds head/ and finetune/), under their OUTPUT_DIR "
+    "(results/ by default); a run folder gets its log.csv when training starts"
+)
+
+
 def read_log(run_dir) -> dict:
     """The per-epoch history in ``run_dir/log.csv`` (Keras' CSVLogger in :func:`train`).
 
@@ -151,21 +159,15 @@ def read_log(run_dir) -> dict:
         counts from 0), as :func:`plot_history` takes.
 
     Raises:
-        FileNotFoundError: no folder ``run_dir``, or it has no ``log.csv`` (no training run).
+        FileNotFoundError: no folder ``run_dir``, or it has no ``log.csv`` (no training run);
+            the message names the notebooks' run folders.
         ValueError: no complete row yet, or a line is not a CSVLogger row.
     """
     path = Path(run_dir) / "log.csv"
     if not Path(run_dir).is_dir():
-        raise FileNotFoundError(
-            f"No folder '{run_dir}'. A run folder is a notebook's OUTPUT_DIR (results/ by "
-            "default) followed by the model's name (simple_cnn, complex_cnn, or "
-            "efficientnet_b0/head and efficientnet_b0/finetune); it exists once training starts"
-        )
+        raise FileNotFoundError(f"No folder '{run_dir}'. {_RUN_FOLDERS}")
     if not path.is_file():
-        raise FileNotFoundError(
-            f"'{run_dir}' is not a training run: it has no log.csv (cu.train writes one "
-            "into its run_dir, e.g. results/simple_cnn)"
-        )
+        raise FileNotFoundError(f"'{run_dir}' has no log.csv: it is no run folder. {_RUN_FOLDERS}")
     text = path.read_text(encoding="utf-8")
     lines = text.splitlines()
     if not text.endswith("\n"):

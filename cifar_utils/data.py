@@ -24,13 +24,16 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from .errors import CifarDataError
+from .checks import is_int
+from .errors import CifarDataError, ParameterError
 from .files import atomic_path, file_digest
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
 FOLDER_NAME = "cifar-100-python"
+#: Training images in the official archive (its test set has 10,000).
+TRAIN_IMAGES = 50_000
 
 
 # Superclass -> its five classes, as listed on https://www.cs.toronto.edu/~kriz/cifar.html.
@@ -445,38 +448,68 @@ def data_provenance(source, members=None) -> dict:
     return info
 
 
+def split_problem(
+    n_images: int, n_classes: int, val_size, train_limit, data: str = "this data"
+) -> str | None:
+    """What is wrong with a split's sizes, in the notebooks' words, or None if they fit.
+
+    ``val_size`` (the notebooks' ``VAL_SIZE``) must be an int in ``[n_classes, n_images -
+    n_classes]``: one image per class in each part; ``train_limit`` (``TRAIN_LIMIT``) None
+    or an int in ``[n_classes, n_images - val_size]``. ``data`` names the images in the
+    message, e.g. "CIFAR-100" before it is loaded. ``TRAIN_LIMIT`` is judged only once
+    ``VAL_SIZE`` fits.
+    """
+    low, high = n_classes, n_images - n_classes
+    if not (is_int(val_size) and low <= val_size <= high):
+        return (
+            f"VAL_SIZE = {val_size!r}: {data} has {n_images:,} training images in {n_classes} "
+            f"classes; VAL_SIZE must be an int between {low:,} (one image per class) and "
+            f"{high:,} (one per class left to train on)"
+        )
+    left = n_images - val_size
+    if train_limit is None or (is_int(train_limit) and low <= train_limit <= left):
+        return None
+    return (
+        f"TRAIN_LIMIT = {train_limit!r}: {data} has {n_images:,} training images, {left:,} "
+        f"left to train on after VAL_SIZE = {val_size:,}; TRAIN_LIMIT must be None (all of "
+        f"them) or an int between {low:,} (one image per class) and {left:,}"
+    )
+
+
 def train_val_split(x, y, val_size: int = 5000, seed: int = 0, train_limit: int | None = None):
     """Seeded, stratified split of the training set into train and validation parts.
 
     Args:
         x: images (N, ...) of any dtype; y: int labels (N,).
         val_size: images held out for validation (model selection); CIFAR-100's test
-            set is kept for the final number only.
+            set is kept for the final number only. The notebooks' ``VAL_SIZE``.
         seed: the split's random seed.
-        train_limit: keep only this many training images (stratified), for quick runs.
+        train_limit: keep only this many training images (stratified), for quick runs;
+            ``None``: all ``N - val_size``. The notebooks' ``TRAIN_LIMIT``.
 
     Returns:
-        ``(x_train, y_train), (x_val, y_val)``; each class keeps its share in both.
+        ``(x_train, y_train), (x_val, y_val)``; each class keeps its share in both (when
+        ``train_limit`` leaves out fewer images than there are classes, those few are
+        drawn at random).
 
     Raises:
-        ValueError: ``val_size`` or ``train_limit`` leave fewer images than classes.
+        ParameterError: a ValueError whose message names ``VAL_SIZE`` or ``TRAIN_LIMIT``
+            and their bounds for these data (:func:`split_problem`): each part needs one
+            image per class, and ``train_limit`` at most the ``N - val_size`` images left.
     """
     from sklearn.model_selection import train_test_split
 
     n_classes = len(np.unique(y))
-    if not n_classes <= val_size <= len(y) - n_classes:
-        raise ValueError(
-            f"val_size={val_size} must be between {n_classes} (one per class) and "
-            f"{len(y) - n_classes} for {len(y)} images"
-        )
+    problem = split_problem(len(y), n_classes, val_size, train_limit)
+    if problem:
+        raise ParameterError(problem)
     x_tr, x_val, y_tr, y_val = train_test_split(
         x, y, test_size=val_size, random_state=seed, stratify=y
     )
     if train_limit is not None and train_limit < len(y_tr):
-        if train_limit < n_classes:
-            raise ValueError(f"train_limit={train_limit} is below the {n_classes} classes")
+        stratify = y_tr if len(y_tr) - train_limit >= n_classes else None  # as sklearn needs
         x_tr, _, y_tr, _ = train_test_split(
-            x_tr, y_tr, train_size=train_limit, random_state=seed, stratify=y_tr
+            x_tr, y_tr, train_size=train_limit, random_state=seed, stratify=stratify
         )
     return (x_tr, y_tr), (x_val, y_val)
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from .checks import is_int
+from .data import FINE_LABEL_NAMES, TRAIN_IMAGES, split_problem
 from .errors import ParameterError
 from .photos import load_image
 
@@ -25,6 +26,20 @@ class NotebookParameters(dict):
     def changed(self) -> dict:
         """The parameters whose value differs from the notebook's default (JSON-able)."""
         return {k: _jsonable(v) for k, v in self.items() if v != self.defaults.get(k)}
+
+    def check_batch_size(self, train_images: int, replicas: int = 1) -> None:
+        """Refuse a ``BATCH_SIZE`` larger than the training images the data left.
+
+        ``BATCH_SIZE`` is per replica: the global batch is ``BATCH_SIZE x replicas``. A
+        global batch above ``train_images`` would make every epoch one short step; the
+        notebooks call this after :func:`train_val_split`, with ``len(y_train)``.
+
+        Raises:
+            ParameterError: the message names ``BATCH_SIZE``, the training images and the
+                largest ``BATCH_SIZE`` that fits.
+        """
+        if self["BATCH_SIZE"] * replicas > train_images:
+            raise ParameterError(_batch_too_large(self["BATCH_SIZE"], replicas, train_images))
 
 
 def _jsonable(value):
@@ -101,13 +116,8 @@ def _readable_image(v) -> bool:
 _PARAMETER_RULES = (
     (lambda n: n.endswith("EPOCHS"), lambda v: is_int(v) and v >= 1, "an int >= 1"),
     (lambda n: n == "LR" or n.endswith("_LR"), lambda v: _is_real(v) and v > 0, "a number > 0"),
-    (lambda n: n == "BATCH_SIZE", lambda v: is_int(v) and 1 <= v <= 50_000,
-     "an int in [1, 50000] (images per batch and device)"),
-    (lambda n: n == "VAL_SIZE", lambda v: is_int(v) and 100 <= v <= 49_900,
-     "an int in [100, 49900]: at least one image per class, at most all but 100 of the 50,000"),
-    (lambda n: n.endswith("_LIMIT"), lambda v: v is None or (is_int(v) and 100 <= v <= 49_900),
-     "None (all images) or an int in [100, 49900]: at least one image per class, and "
-     "VAL_SIZE of the 50,000 left for validation"),
+    (lambda n: n == "BATCH_SIZE", lambda v: is_int(v) and v >= 1,
+     "an int >= 1 (images per batch and device)"),
     (lambda n: n == "SEED", lambda v: is_int(v) and 0 <= v < 2**32, "an int in [0, 2**32)"),
     (lambda n: n == "IMAGE_SIZE", lambda v: is_int(v) and 32 <= v <= 1024,
      "an int in [32, 1024] (pixels; 224 is EfficientNet's ImageNet size)"),
@@ -140,6 +150,19 @@ def _expected(name: str, default) -> tuple:
     return (lambda v: True), "anything"
 
 
+def _batch_too_large(batch_size: int, replicas: int, train_images: int) -> str:
+    """The message for a ``BATCH_SIZE`` whose global batch exceeds ``train_images``."""
+    per = total = ""
+    if replicas > 1:
+        per, total = " per replica", f" x {replicas} replicas = {batch_size * replicas:,} a step"
+    return (
+        f"BATCH_SIZE = {batch_size}{total}: more than the {train_images:,} training images, "
+        f"so every epoch would be a single, smaller step. BATCH_SIZE must be at most "
+        f"{train_images // replicas:,}{per}, or TRAIN_LIMIT and VAL_SIZE must leave more "
+        "images to train on"
+    )
+
+
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
 
 
@@ -155,13 +178,15 @@ def check_parameters(namespace: dict, notebook) -> NotebookParameters:
       closest known name ("EPOCH: no such parameter; did you mean EPOCHS?"): any global
       in ``namespace`` written like a parameter (upper case) or close to one, that no
       cell of the notebook assigns.
-    - Values by name: ``*EPOCHS`` ints >= 1; ``*_LR`` numbers > 0; ``BATCH_SIZE``,
-      ``VAL_SIZE``, ``*_LIMIT``, ``SEED``, ``IMAGE_SIZE`` ints in range for CIFAR-100
-      (50,000 training images; the loaded data are checked again by
-      :func:`train_val_split`); ``XLA`` True/False/"auto"; ``WEIGHTS`` "imagenet", None or
-      an existing file; ``PHOTO`` None or a readable image file; ``DATA_DIR`` None or an
-      existing path; other ``*_DIR`` paths; any other parameter must have its default's
-      type (bool, int, number, string). ``TRAIN_LIMIT`` must leave ``VAL_SIZE`` out.
+    - Values by name: ``*EPOCHS`` ints >= 1; ``*_LR`` numbers > 0; ``VAL_SIZE``,
+      ``TRAIN_LIMIT`` and ``BATCH_SIZE`` ints that fit CIFAR-100's 50,000 training images
+      (:func:`split_problem`; ``BATCH_SIZE`` at most the images left to train on; the
+      loaded data are checked again by :func:`train_val_split` and
+      :meth:`NotebookParameters.check_batch_size`); ``SEED``, ``IMAGE_SIZE`` ints in range;
+      ``XLA`` True/False/"auto"; ``WEIGHTS`` "imagenet", None or an existing file;
+      ``PHOTO`` None or a readable image file; ``DATA_DIR`` None or an existing path;
+      other ``*_DIR`` paths; any other parameter must have its default's type (bool, int,
+      number, string).
 
     Args:
         namespace: the notebook's globals (``globals()``).
@@ -188,14 +213,16 @@ def check_parameters(namespace: dict, notebook) -> NotebookParameters:
     values = {name: namespace.get(name, default) for name, default in defaults.items()}
     for name, value in values.items():
         test, what = _expected(name, defaults[name])
-        if not test(value):
+        if name not in ("VAL_SIZE", "TRAIN_LIMIT") and not test(value):  # those two: below
             problems.append(f"{name} = {value!r}: must be {what}")
-    limit, val = values.get("TRAIN_LIMIT"), values.get("VAL_SIZE")
-    if is_int(limit) and is_int(val) and limit + val > 50_000:
-        problems.append(
-            f"TRAIN_LIMIT = {limit} with VAL_SIZE = {val}: together more than CIFAR-100's "
-            "50,000 training images"
-        )
+    val, limit, batch = values["VAL_SIZE"], values["TRAIN_LIMIT"], values["BATCH_SIZE"]
+    split = split_problem(TRAIN_IMAGES, len(FINE_LABEL_NAMES), val, limit, data="CIFAR-100")
+    if split:
+        problems.append(split)
+    else:
+        left = min(limit or TRAIN_IMAGES, TRAIN_IMAGES - val)  # the images to train on
+        if is_int(batch) and batch > left:
+            problems.append(_batch_too_large(batch, 1, left))
     if problems:
         raise ParameterError("Bad notebook parameters:\n  " + "\n  ".join(problems))
     return NotebookParameters(values, defaults)

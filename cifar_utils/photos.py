@@ -98,7 +98,7 @@ def _decode_file(path: Path) -> np.ndarray:
             raise _too_large(path, f"it has {pixels} to decode")
         try:
             im.load()
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # a copy only if it must turn
         except unreadable as exc:
             raise _unreadable(path, exc) from None
     if im.mode.startswith("I"):  # 16/32-bit greyscale: scale 0..65535 to 0..255
@@ -108,7 +108,7 @@ def _decode_file(path: Path) -> np.ndarray:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, rgba)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
 
 
 def _rgb_from_array(source) -> np.ndarray:

@@ -1,11 +1,15 @@
 """Shared fixtures: a learnable archive in the official cifar-100-python layout; helpers that
 run notebooks and the README's marked commands."""
 
+import json
 import os
 import re
 import socket
+import struct
 import subprocess
+import sys
 import time
+import zlib
 from pathlib import Path
 
 import keras
@@ -24,6 +28,29 @@ def cifar_archive(tmp_path_factory):
     return synthetic_cifar.write_archive(tmp_path_factory.mktemp("cifar"), 3000, 1000, seed=0)
 
 
+@pytest.fixture(scope="session")
+def huge_png(tmp_path_factory):
+    """Path of a 13000x13000 RGBA PNG of zeros: 600 KB that would take 676 MB to decode.
+
+    Written chunk by chunk (signature, IHDR, one zlib-compressed IDAT, IEND), so making it
+    never holds the pixels either.
+    """
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    side, packer = 13_000, zlib.compressobj()
+    row = bytes(1 + 4 * side)  # filter type 0, then RGBA zeros
+    pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    path = tmp_path_factory.mktemp("huge") / "huge.png"
+    header = struct.pack(">IIBBBBB", side, side, 8, 6, 0, 0, 0)  # 8-bit RGBA
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """Keep every test away from the user's ~/.keras cache and CIFAR100_DIR."""
@@ -32,6 +59,30 @@ def _isolated_home(tmp_path, monkeypatch):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_memory(setup: str, action: str) -> tuple[float, str]:
+    """Run the statements ``setup``, then the expression ``action``, in a fresh interpreter
+    from the repository root. Returns how many MB its peak resident memory rose above what
+    it held after ``setup`` (Linux: the peak is reset in between), and the ``repr`` of
+    ``action``'s value, or ``"Type: message"`` of what it raised."""
+    code = (
+        f"import json, sys\n{setup}\n"
+        "def rss(key):\n"
+        "    status = dict(line.split(':', 1) for line in open('/proc/self/status'))\n"
+        "    return int(status[key].split()[0]) / 1024\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # the peak starts again from here\n"
+        "start = rss('VmRSS')\n"
+        f"try:\n    result = repr({action})\n"
+        "except Exception as exc:\n    result = f'{type(exc).__name__}: {exc}'\n"
+        "print(json.dumps({'mb': rss('VmHWM') - start, 'result': result}))\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.splitlines()[-1])
+    return measured["mb"], measured["result"]
 
 
 def labelled_images(n_train: int, n_val: int) -> tuple:

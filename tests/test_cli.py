@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import cifar_utils as cu
+import cifar_utils.plots
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -108,6 +109,31 @@ def test_curves_command_writes_the_png(tmp_path, capsys):
     assert sorted(p.name for p in run.iterdir()) == ["curves.png", "log.csv"]  # no temp
 
 
+def test_curves_of_a_two_phase_run_join_both_phases(tmp_path, capsys, monkeypatch):
+    """The transfer notebook's run folder holds head/log.csv and finetune/log.csv."""
+    run = tmp_path / "results" / "efficientnet_b0"
+    finetune = LOG.split("\r\n")[0] + "\r\n0,0.02,1e-05,4.5,0.08,0.02,4.5,0.08\r\n"
+    for phase, log in (("head", LOG), ("finetune", finetune)):
+        (run / phase).mkdir(parents=True)
+        (run / phase / "log.csv").write_text(log, newline="")
+    drawn, plot = {}, cifar_utils.plots.plot_history
+
+    def spy(history, **kwargs):  # what the command hands the figure
+        drawn.update(kwargs, history=history)
+        return plot(history, **kwargs)
+
+    monkeypatch.setattr(cifar_utils.plots, "plot_history", spy)
+    assert cu.main(["curves", str(run)]) == 0
+    logs = f"{run / 'head' / 'log.csv'}, {run / 'finetune' / 'log.csv'}"
+    assert capsys.readouterr().out == f"Wrote {run / 'curves.png'}: 4 epoch(s) from {logs}\n"
+    assert drawn["history"]["epoch"] == [1, 2, 3, 4]
+    assert drawn["history"]["learning_rate"] == [0.001, 0.0005, 0.00025, 1e-05]
+    marks = [(phase["name"], phase["first_epoch"]) for phase in drawn["phases"]]
+    assert marks == [("head", 1), ("finetune", 4)]
+    with Image.open(run / "curves.png") as png:
+        assert png.format == "PNG" and png.width > 3 * png.height > 0
+
+
 @pytest.mark.slow
 def test_curves_of_a_real_run(tmp_path):
     """cu.train's own log.csv: two epochs of a tiny model."""
@@ -136,7 +162,7 @@ def test_curves_of_a_real_run(tmp_path):
 @pytest.mark.parametrize(
     ("log", "message"),
     [
-        (None, "is not a training run: it has no log.csv"),
+        (None, "has no log.csv: it is no run folder. The notebooks train in results/simple_cnn"),
         ("no folder", "No folder '"),
         ("", "has no complete row yet"),
         ("epoch,accuracy,loss\r\n", "has no complete row yet"),
@@ -150,7 +176,9 @@ def test_curves_errors(tmp_path, capsys, log, message):
         (tmp_path / "log.csv").write_text(log, newline="")
     assert cu.main(["curves", str(run_dir)]) == 2
     captured = capsys.readouterr()
-    assert message in _one_error_line(captured.err) and captured.out == ""
+    error = _one_error_line(captured.err)
+    assert message in error and captured.out == ""
+    assert "cu." not in error and "run_dir" not in error  # no internal names
     assert not (tmp_path / "curves.png").exists()
 
 
@@ -251,6 +279,15 @@ def test_predict_reports_an_unreadable_image_and_classifies_the_others(
     assert [p["image"] for p in document["predictions"]] == [str(files[0]), str(files[2])]
     assert [e["image"] for e in document["errors"]] == [str(files[1])]
     assert "not a readable image" in _one_error_line(captured.err)
+
+
+def test_predict_refuses_a_huge_image_in_one_line_and_goes_on(model_file, huge_png, capsys):
+    path, rocket = model_file[0], cu.sample_photo()
+    assert cu.main(["predict", "--model", str(path), str(huge_png), str(rocket)]) == 2
+    captured = capsys.readouterr()
+    error = _one_error_line(captured.err)
+    assert "'huge.png' is too large to open safely: it has 13000x13000 pixels" in error
+    assert list(_parse_text(captured.out)) == [str(rocket)]
 
 
 def test_predict_says_what_a_folder_skips_and_goes_on_past_an_empty_one(

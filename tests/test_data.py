@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import pickletools
+import re
 import socket
 import tarfile
 import threading
@@ -14,6 +15,7 @@ import threading
 import numpy as np
 import pytest
 import synthetic_cifar
+from conftest import peak_memory
 
 import cifar_utils as cu
 import cifar_utils.data
@@ -30,15 +32,17 @@ def _extract(archive, dest):
 
 
 def _rewrite(archive, dest, **replace):
-    """Copy ``archive`` to ``dest`` with members replaced (bytes) or dropped (None)."""
+    """Copy ``archive`` to ``dest`` with members replaced (bytes, or a file object that has
+    a ``len``) or dropped (None)."""
     with tarfile.open(archive) as src, tarfile.open(dest, "w:gz") as out:
         for info in src.getmembers():
             name = info.name.split("/")[-1]
             if name in replace:
                 if replace[name] is None:
                     continue
-                info.size = len(replace[name])
-                out.addfile(info, io.BytesIO(replace[name]))
+                content = replace[name]
+                info.size = len(content)
+                out.addfile(info, content if hasattr(content, "read") else io.BytesIO(content))
             else:
                 out.addfile(info, src.extractfile(info) if info.isfile() else None)
     return dest
@@ -219,6 +223,59 @@ def test_missing_member(cifar_archive, tmp_path, member):
     folder = _extract(bad, tmp_path / "x")
     with pytest.raises(cu.CifarDataError, match=f"missing \\['{member}'\\].*incomplete"):
         cu.load_cifar100(folder)
+
+
+class _Zeros:
+    """``size`` zero bytes to read like a file, never all in memory."""
+
+    def __init__(self, size):
+        self.size = self.left = size
+
+    def __len__(self):
+        return self.size
+
+    def read(self, n=-1):
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return bytes(n)
+
+
+@pytest.fixture(scope="module")
+def archive_bomb(cifar_archive, tmp_path_factory):
+    """The test archive with a ``train`` member of 200,000,000 zero bytes (195 KB of gzip)."""
+    folder = tmp_path_factory.mktemp("bomb")
+    return _rewrite(cifar_archive, folder / cu.ARCHIVE_NAME, train=_Zeros(200_000_000))
+
+
+def test_a_member_larger_than_any_cifar100_file_is_never_read(archive_bomb, tmp_path):
+    too_large = (
+        " is 200,000,000 bytes, more than any CIFAR-100 file (170,000,000 at most; the "
+        "official train file is about 155 MB): not the CIFAR-100 archive"
+    )
+    load = f"data.load_cifar100({str(archive_bomb)!r})"
+    grew, result = peak_memory("import cifar_utils.data as data", load)
+    assert result.startswith(f"CifarDataError: {archive_bomb}:cifar-100-python/train{too_large}")
+    assert grew < 50, f"peak memory rose by {grew:.0f} MB"
+    folder = _extract(_rewrite(archive_bomb, tmp_path / "c.tar.gz", train=b""), tmp_path / "x")
+    os.truncate(folder / "train", 200_000_000)  # sparse: no disk space taken
+    with pytest.raises(cu.CifarDataError, match=re.escape(f"{folder / 'train'}{too_large}")):
+        cu.load_cifar100(folder)
+
+
+@pytest.mark.parametrize("folder", ["other/", ""])
+def test_members_outside_the_official_folder_are_not_read(cifar_archive, tmp_path, folder):
+    moved = tmp_path / cu.ARCHIVE_NAME
+    with tarfile.open(cifar_archive) as src, tarfile.open(moved, "w:gz") as out:
+        for info in filter(tarfile.TarInfo.isfile, src.getmembers()):
+            content = src.extractfile(info)
+            info.name = folder + info.name.split("/")[-1]  # e.g. other/train, or train
+            out.addfile(info, content)
+    expected = (
+        "has no ['cifar-100-python/train', 'cifar-100-python/test', 'cifar-100-python/meta'] "
+        f"member(s): not a complete {cu.ARCHIVE_NAME}"
+    )
+    with pytest.raises(cu.CifarDataError, match=re.escape(expected)):
+        cu.load_cifar100(moved)
 
 
 def test_truncated_pickle_member(cifar_archive, tmp_path):
@@ -438,13 +495,36 @@ def test_stratified_seeded_split(cifar_archive):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [({"val_size": 50}, "val_size=50 must be between 100"), ({"train_limit": 10}, "train_limit")],
-)
-def test_split_rejects_sizes_smaller_than_the_classes(cifar_archive, kwargs, match):
-    (x, y), _ = cu.load_cifar100(cifar_archive)
-    with pytest.raises(ValueError, match=match):
-        cu.train_val_split(x, y, **{"val_size": 500, **kwargs})
+    ("sizes", "message"),
+    [
+        ({"val_size": 50}, "VAL_SIZE = 50: this data has 3,000 training images in 100 classes; "
+                           "VAL_SIZE must be an int between 100 (one image per class) and 2,900 "
+                           "(one per class left to train on)"),
+        ({"val_size": 4000}, "VAL_SIZE = 4000: this data has 3,000 training images in 100"),
+        ({"train_limit": 5000}, "TRAIN_LIMIT = 5000: this data has 3,000 training images, 2,500 "
+                                "left to train on after VAL_SIZE = 500; TRAIN_LIMIT must be None "
+                                "(all of them) or an int between 100 (one image per class) and "
+                                "2,500"),
+        ({"train_limit": 10}, "TRAIN_LIMIT = 10: this data has 3,000 training images, 2,500 left"),
+    ],
+)  # fmt: skip
+def test_split_sizes_that_do_not_fit_the_data_name_the_notebook_parameter(sizes, message):
+    y = np.arange(3000) % 100
+    with pytest.raises(cu.ParameterError) as err:
+        cu.train_val_split(np.zeros((3000, 1)), y, **{"val_size": 500, **sizes})
+    assert str(err.value).startswith(message)
+    assert err.value._render_traceback_() == [f"ParameterError: {err.value}"]  # in a notebook
+
+
+def test_split_sizes_at_their_bounds():
+    x, y = np.arange(3000)[:, None], np.arange(3000) % 100
+    (x_tr, _), (x_val, _) = cu.train_val_split(x, y, val_size=2900)
+    assert (len(x_tr), len(x_val)) == (100, 2900)
+    (x_tr, _), _ = cu.train_val_split(x, y, val_size=500, train_limit=2500)
+    assert len(x_tr) == 2500
+    (x_tr, y_tr), _ = cu.train_val_split(x, y, val_size=500, train_limit=2450)
+    assert len(x_tr) == 2450 and len(np.unique(x_tr)) == 2450  # 50 left out: fewer than classes
+    assert np.bincount(y_tr, minlength=100).min() > 0
 
 
 # ------------------------------------------------------------------ provenance

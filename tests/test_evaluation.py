@@ -1,5 +1,6 @@
 """Evaluation metrics, predict-your-own-image, evaluation plots and the README report command."""
 
+import ast
 import json
 import os
 import subprocess
@@ -10,9 +11,11 @@ import keras
 import matplotlib
 import numpy as np
 import pytest
+from conftest import peak_memory
 from PIL import Image
 
 import cifar_utils as cu
+from cifar_utils.photos import JPEG_DRAFT_SIDE, MAX_IMAGE_PIXELS
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -276,6 +279,17 @@ def test_load_image_composites_transparency_on_white(tmp_path):
         assert (rgb[:, 5:] == [255, 0, 0]).all()
 
 
+def test_load_image_turns_a_jpeg_as_its_exif_orientation_says(tmp_path):
+    pixels = np.zeros((10, 30, 3), np.uint8)
+    pixels[:, :5] = 255  # a white left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: shown turned 90 degrees clockwise
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = cu.load_image(tmp_path / "phone.jpg")
+    assert shown.shape == (30, 10, 3)
+    assert shown[:4].min() > 200 and shown[6:].max() < 50  # the left edge is on top
+
+
 def test_predict_image_refuses_bad_files_and_arrays(tmp_path, tiny_model):
     (tmp_path / "noise.png").write_bytes(os.urandom(2048))
     (tmp_path / "notes.jpg").write_text("not an image at all\n")
@@ -294,6 +308,28 @@ def test_predict_image_refuses_bad_files_and_arrays(tmp_path, tiny_model):
         cu.predict_image(tiny_model, np.full((8, 8, 3), 2.0))
     with pytest.raises(ValueError, match="top_k"):
         cu.predict_image(tiny_model, _photo(), top_k=0)
+
+
+def test_a_huge_image_is_refused_from_its_header(huge_png):
+    """A 600 KB PNG declaring 13000x13000 RGBA pixels (676 MB to decode) is never decoded."""
+    load = f"photos.load_image({str(huge_png)!r})"
+    grew, result = peak_memory("import cifar_utils.photos as photos", load)
+    assert result.startswith("ValueError: 'huge.png' is too large to open safely: it has ")
+    assert "13000x13000 pixels (169 million) to decode" in result
+    assert f"more than the {MAX_IMAGE_PIXELS // 10**6} million pixels" in result
+    assert grew < 50, f"peak memory rose by {grew:.0f} MB"
+
+
+def test_a_48_megapixel_jpeg_is_decoded_shrunk(tmp_path):
+    """A phone's 8000x6000 JPEG is decoded at half scale by the JPEG decoder itself."""
+    path = tmp_path / "phone.jpg"
+    Image.new("RGB", (8000, 6000), (90, 140, 200)).save(path)
+    shape = f"photos.load_image({str(path)!r}).shape"
+    grew, result = peak_memory("import cifar_utils.photos as photos", shape)
+    height, width, channels = ast.literal_eval(result)
+    assert JPEG_DRAFT_SIDE <= width <= 2 * JPEG_DRAFT_SIDE and channels == 3
+    assert width / height == pytest.approx(8000 / 6000, rel=0.01)
+    assert grew < 150, f"peak memory rose by {grew:.0f} MB (undrafted: 192 MB for the pixels alone)"
 
 
 def test_sample_photo_is_a_real_shipped_photo():
