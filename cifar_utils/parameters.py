@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from .checks import is_int
+from .devices import PRECISION_POLICIES
 from .errors import ParameterError
 from .photos import load_image
 
@@ -113,6 +114,9 @@ _PARAMETER_RULES = (
      "an int in [32, 1024] (pixels; 224 is EfficientNet's ImageNet size)"),
     (lambda n: n == "XLA", lambda v: v is True or v is False or v == "auto",
      'True, False or "auto"'),
+    (lambda n: n == "MIXED_PRECISION",
+     lambda v: v == "auto" or (isinstance(v, bool | str) and v in PRECISION_POLICIES),
+     '"auto" (from the hardware), True or "float16", "bfloat16", or False or "float32"'),
     (lambda n: n == "WEIGHTS", lambda v: v is None or v == "imagenet" or _existing_file(v),
      '"imagenet", None (random weights) or the path of an existing .h5 weights file'),
     (lambda n: n == "PHOTO", lambda v: v is None or _readable_image(v),
@@ -158,10 +162,12 @@ def check_parameters(namespace: dict, notebook) -> NotebookParameters:
     - Values by name: ``*EPOCHS`` ints >= 1; ``*_LR`` numbers > 0; ``BATCH_SIZE``,
       ``VAL_SIZE``, ``*_LIMIT``, ``SEED``, ``IMAGE_SIZE`` ints in range for CIFAR-100
       (50,000 training images; the loaded data are checked again by
-      :func:`train_val_split`); ``XLA`` True/False/"auto"; ``WEIGHTS`` "imagenet", None or
-      an existing file; ``PHOTO`` None or a readable image file; ``DATA_DIR`` None or an
-      existing path; other ``*_DIR`` paths; any other parameter must have its default's
-      type (bool, int, number, string). ``TRAIN_LIMIT`` must leave ``VAL_SIZE`` out.
+      :func:`train_val_split`); ``XLA`` True/False/"auto"; ``MIXED_PRECISION`` "auto",
+      True/"float16", "bfloat16" or False/"float32" (:func:`choose_precision`);
+      ``WEIGHTS`` "imagenet", None or an existing file; ``PHOTO`` None or a readable image
+      file; ``DATA_DIR`` None or an existing path; other ``*_DIR`` paths; any other
+      parameter must have its default's type (bool, int, number, string). ``TRAIN_LIMIT``
+      must leave ``VAL_SIZE`` out.
 
     Args:
         namespace: the notebook's globals (``globals()``).

@@ -53,10 +53,11 @@ def evaluate_and_save(
         ``(record, test_probs)``: the record written to ``output_dir/<name>.json`` (by the
         chief only: :func:`is_chief`): parameter counts while training (``params``; its
         ``trainable`` is the last phase's), ``phases`` (name, epochs and trainable
-        parameters of each), epochs, training seconds, history, best epoch, hardware, data
-        provenance, settings and :func:`evaluation_summary` of validation and test
-        (``val_top1``, ``test_top5``, ... floats in [0, 1]), and the test-set probabilities,
-        float32 (N, 100).
+        parameters of each), epochs, training seconds, history, best epoch, hardware,
+        ``precision`` (the model's dtype policy: ``"float32"``, ``"mixed_bfloat16"`` or
+        ``"mixed_float16"``), data provenance, settings and :func:`evaluation_summary` of
+        validation and test (``val_top1``, ``test_top5``, ... floats in [0, 1]), and the
+        test-set probabilities, float32 (N, 100).
 
     Raises:
         NotProbabilities: the model's outputs are no probabilities (a diverged model).
@@ -79,6 +80,7 @@ def evaluate_and_save(
         "best_epoch": run.get("best_epoch"),
         "seconds": round(run["seconds"], 1),
         "hardware": describe_hardware(),
+        "precision": model.dtype_policy.name,
         "train_images": n_train,
         "full_cifar100": bool(whole and data.get("official")),
         "data": data,
