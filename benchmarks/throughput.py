@@ -238,8 +238,7 @@ def table(rows: list[dict], precisions: dict) -> str:
         ("guard", "guard ms (% of 50 steps)"),
     ]  # fmt: skip
     peaks = "; ".join(
-        f"{label} ({p['policy']}) {p['matmul_peak_gflop_per_s']:.1f} GFLOP/s"
-        for label, p in precisions.items()
+        f"{label} {p['matmul_peak_gflop_per_s']:.1f} GFLOP/s" for label, p in precisions.items()
     )
     return cu.markdown_table(cells, columns) + f"\n\nMatmul peak: {peaks}"
 

@@ -343,10 +343,10 @@ def train(
     check_positive_int(epochs, "epochs")
     if getattr(model, "optimizer", None) is None:
         raise ValueError("compile the model (optimizer, loss, metrics) before cu.train")
-    output = keras.backend.standardize_dtype(model.outputs[0].dtype)
-    if output != "float32":
+    dtypes = [keras.backend.standardize_dtype(t.dtype) for t in getattr(model, "outputs", [])]
+    if any(d != "float32" for d in dtypes):
         raise ValueError(
-            f"{model.name}'s output is {output} (its last layer computes under "
+            f"{model.name}'s output is {dtypes[0]} (its last layer computes under "
             f'{model.layers[-1].dtype_policy.name}): build that layer with dtype="float32", '
             "so the softmax, the loss and the divergence guard's checks stay float32 (the "
             "notebooks' models do)"
