@@ -332,7 +332,7 @@ def main(argv=None) -> dict:
     record = {
         "machine": machine(),
         "settings": {
-            "auto_precision": dict(zip(("policy", "reason"), cu.choose_precision("auto"))),
+            "auto_precision": dict(zip(("policy", "reason"), cu.choose_precision(), strict=True)),
             "xla": args.xla,
             "deterministic": args.deterministic,
             "steps": args.steps,
