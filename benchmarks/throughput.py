@@ -1,9 +1,11 @@
 """Training and inference throughput of the three notebooks' models against this machine's limit.
 
-For each model: training and inference images/s at the notebook's batch size (one
-batch held in memory, so the input pipeline is not involved), forward GFLOPs per image
-counted from the layers, achieved GFLOP/s and its fraction of the machine's dense
-float32 matmul rate measured in the same run; then the input pipeline alone, with that
+For each precision asked for (``--precision``: float32, bfloat16, float16, and ``auto``, what
+``MIXED_PRECISION = "auto"`` picks here) and each model: training and inference images/s at
+the notebook's batch size (one batch held in memory, so the input pipeline is not
+involved), forward GFLOPs per image counted from the layers, achieved GFLOP/s and its
+fraction of the machine's dense matmul rate in that same precision, measured in the same
+run; then the input pipeline alone, with that
 notebook's augmentation, in images/s and as a multiple of the training rate (it must be
 at least 10x, or the pipeline would hold the model back); and the cost of ``cu.train``'s
 divergence guard (every variable checked for NaN/inf, outputs on 8 images checked as
@@ -17,15 +19,17 @@ Conventions:
   to the activations, gradient with respect to the weights).
 - Rates come from the median step time of the timed steps (robust to other programs
   briefly taking the cores); warm-up steps (tracing, first allocations) are excluded.
-- Peak: ``tf.matmul`` of two float32 N x N matrices (2 N^3 FLOPs), best of several runs,
-  measured before and after the models; the higher figure is used.
+- Peak, per precision: ``tf.matmul`` of two N x N matrices in that precision's compute
+  dtype (float32, bfloat16, float16; 2 N^3 FLOPs), the best of a few runs at each of a few
+  sizes (``--matmul-sizes``), measured before and after that precision's models; the
+  highest figure is used, so each row's share of peak is against its own precision's.
 
 Usage::
 
-    python benchmarks/throughput.py                      # all three models, default settings
+    python benchmarks/throughput.py                      # all three models, float32 and auto
     python benchmarks/throughput.py --quick --models simple
     python benchmarks/throughput.py --models complex --batch-size 256 --xla on
-    python benchmarks/throughput.py --mixed-precision    # GPUs with tensor cores
+    python benchmarks/throughput.py --precision float32,bfloat16,float16
     python benchmarks/throughput.py --deterministic      # the notebooks' DETERMINISTIC = True
 
 Speed is measured here, never asserted in the tests.
@@ -50,6 +54,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import cifar_utils as cu  # noqa: E402
+from cifar_utils.devices import cpu_info  # noqa: E402
+from cifar_utils.models import leaf_layers  # noqa: E402
 
 #: The notebooks' batch sizes (per replica); ``--batch-size`` overrides them all.
 BATCH_SIZE = {"simple": 128, "complex": 128, "efficientnet": 64}
@@ -73,6 +79,11 @@ def _efficientnet():
 
 
 BUILDERS = {"simple": _simple, "complex": _complex, "efficientnet": _efficientnet}
+#: ``--precision`` names -> ``MIXED_PRECISION`` values (``auto``: the machine's choice).
+PRECISIONS = ("float32", "bfloat16", "float16", "auto")
+#: CPU flags that decide or limit the low-precision speed, shown when present.
+PRECISION_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                   "amx_fp16")  # fmt: skip
 #: ``cu.train``'s default ``check_every``: batches between two divergence-guard checks.
 GUARD_EVERY = 50
 
@@ -84,12 +95,8 @@ def forward_flops(model) -> int:
     convolutions alike (the kernel holds KH*KW*Cin/groups*Cout or KH*KW*Cin*multiplier
     entries, each used once per output pixel). Nested models are walked.
     """
-    total, stack = 0, list(model.layers)
-    while stack:
-        layer = stack.pop()
-        if hasattr(layer, "layers"):
-            stack.extend(layer.layers)
-            continue
+    total = 0
+    for layer in leaf_layers(model):
         kernel = getattr(layer, "kernel", None)
         if kernel is None or not isinstance(
             layer, keras.layers.Conv2D | keras.layers.DepthwiseConv2D | keras.layers.Dense
@@ -101,18 +108,21 @@ def forward_flops(model) -> int:
     return total
 
 
-def matmul_peak(n: int, repeats: int) -> float:
-    """Best float32 ``tf.matmul`` rate of two n x n matrices, in GFLOP/s."""
-    a = tf.random.normal((n, n), seed=1)
-    b = tf.random.normal((n, n), seed=2)
-    product = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)))
-    product().numpy()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def matmul_peak(dtype: str, sizes, repeats: int) -> float:
+    """Best ``tf.matmul`` rate of two n x n ``dtype`` matrices over the ``sizes``, in GFLOP/s."""
+    best = 0.0
+    for n in sizes:
+        a = tf.cast(tf.random.normal((n, n), seed=1), dtype)
+        b = tf.cast(tf.random.normal((n, n), seed=2), dtype)
+        product = tf.function(lambda a=a, b=b: tf.reduce_sum(tf.cast(tf.matmul(a, b), "float32")))
         product().numpy()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+        fastest = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product().numpy()
+            fastest = min(fastest, time.perf_counter() - start)
+        best = max(best, 2 * n**3 / fastest / 1e9)
+    return best
 
 
 def _median_rate(step, batch: int, warmup: int, steps: int) -> float:
@@ -186,16 +196,12 @@ def bench_model(name: str, args) -> dict:
 
 
 def machine() -> dict:
-    """What this ran on: CPU model, core count, GPUs, library versions."""
-    cpu = platform.processor() or platform.machine()
-    with __import__("contextlib").suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    """What this ran on: CPU model, its precision-relevant flags, cores, GPUs, library versions."""
+    cpu = cpu_info()
     return {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
+        "cpu": cpu["model"],
+        "cpu_flags": [f for f in PRECISION_FLAGS if f in cpu["flags"]],
+        "cpu_cores": cpu["cores"],
         "gpus": [g.name for g in tf.config.list_physical_devices("GPU")],
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
@@ -205,23 +211,52 @@ def machine() -> dict:
     }
 
 
-def table(results: dict, peak: float) -> str:
-    """The figures as a Markdown table (also what the README shows)."""
-    head = (
-        "| model | batch | train img/s | infer img/s | GFLOPs/img (fwd) | train GFLOP/s "
-        "| % of matmul peak | pipeline img/s | pipeline / train | guard ms (% of 50 steps) |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+def table(rows: list[dict], precisions: dict) -> str:
+    """The figures as a Markdown table (also what the README shows), then each peak."""
+    cells = [
+        {
+            "model": r["model"],
+            "precision": r["precision"],
+            "batch": r["batch_size"],
+            "train": f"{r['train_images_per_s']:.0f}",
+            "infer": f"{r['inference_images_per_s']:.0f}",
+            "gflops": f"{r['forward_gflops_per_image']:.3f}",
+            "gflop_s": f"{r['train_gflop_per_s']:.1f}",
+            "peak": f"{100 * r['fraction_of_matmul_peak']:.0f}%",
+            "pipeline": f"{r['pipeline_images_per_s']:.0f}",
+            "ratio": f"{r['pipeline_to_train_ratio']:.0f}x",
+            "guard": f"{1000 * r['guard_seconds']:.0f} "
+            f"({100 * r['guard_share_every_50_steps']:.2f}%)",
+        }
+        for r in rows
+    ]
+    columns = [
+        ("model", "model"), ("precision", "precision"), ("batch", "batch"),
+        ("train", "train img/s"), ("infer", "infer img/s"), ("gflops", "GFLOPs/img (fwd)"),
+        ("gflop_s", "train GFLOP/s"), ("peak", "% of its matmul peak"),
+        ("pipeline", "pipeline img/s"), ("ratio", "pipeline / train"),
+        ("guard", "guard ms (% of 50 steps)"),
+    ]  # fmt: skip
+    peaks = "; ".join(
+        f"{label} {p['matmul_peak_gflop_per_s']:.1f} GFLOP/s" for label, p in precisions.items()
     )
-    rows = []
-    for name, r in results.items():
-        rows.append(
-            f"| {name} | {r['batch_size']} | {r['train_images_per_s']:.0f} "
-            f"| {r['inference_images_per_s']:.0f} | {r['forward_gflops_per_image']:.3f} "
-            f"| {r['train_gflop_per_s']:.1f} | {100 * r['train_gflop_per_s'] / peak:.0f}% "
-            f"| {r['pipeline_images_per_s']:.0f} | {r['pipeline_to_train_ratio']:.0f}x "
-            f"| {1000 * r['guard_seconds']:.0f} ({100 * r['guard_share_every_50_steps']:.2f}%) |"
-        )
-    return head + "\n".join(rows) + f"\n\nMatmul peak (float32): {peak:.1f} GFLOP/s"
+    return cu.markdown_table(cells, columns) + f"\n\nMatmul peak: {peaks}"
+
+
+def resolve_precisions(names) -> dict:
+    """``--precision`` names -> ``{label: policy}``, one entry per distinct policy, in order.
+
+    ``auto`` becomes what :func:`cu.choose_precision` picks on this machine; its label says
+    so (``"bfloat16 (auto)"``), and a precision also asked for by name is listed once.
+    """
+    auto = cu.choose_precision("auto")[0]
+    labels = {}
+    for name in names:
+        policy = auto if name == "auto" else cu.choose_precision(name)[0]
+        labels.setdefault(policy, keras.DTypePolicy(policy).compute_dtype)
+    if "auto" in names:
+        labels[auto] += " (auto)"
+    return {label: policy for policy, label in labels.items()}
 
 
 def parse_args(argv=None):
@@ -230,7 +265,11 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     parser.add_argument("--batch-size", type=int, help="override the notebook batch sizes")
-    parser.add_argument("--mixed-precision", action="store_true", help="mixed_float16 policy")
+    parser.add_argument(
+        "--precision",
+        default="float32,auto",
+        help=f"comma-separated, from {', '.join(PRECISIONS)} (auto: the machine's choice)",
+    )
     parser.add_argument("--xla", choices=("auto", "on", "off"), default="auto")
     parser.add_argument(
         "--deterministic", action="store_true", help="TensorFlow op determinism (DETERMINISTIC)"
@@ -239,7 +278,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--no-fast-conv", action="store_true", help="keep TF's small-conv gradient kernel"
     )
-    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument(
+        "--matmul-sizes", default="1024,2048,4096", help="comma-separated matmul sizes N"
+    )
     parser.add_argument("--pipeline-batches", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke run")
     parser.add_argument("--output", default=str(ROOT / "results" / "benchmark.json"))
@@ -251,6 +292,14 @@ def parse_args(argv=None):
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
+    unknown = sorted(set(args.precision) - set(PRECISIONS))
+    if unknown or not args.precision:
+        parser.error(f"--precision {unknown or 'empty'}: choose from {', '.join(PRECISIONS)}")
+    try:
+        args.matmul_sizes = [int(n) for n in args.matmul_sizes.split(",")]
+    except ValueError:
+        parser.error(f"--matmul-sizes must be comma-separated ints, not {args.matmul_sizes!r}")
     return args
 
 
@@ -258,36 +307,47 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    policy = cu.configure_precision(args.mixed_precision)
     if args.deterministic:
         tf.config.experimental.enable_op_determinism()
-    peaks = [matmul_peak(args.matmul_size, 5)]
-    results = {}
-    for name in args.models:
-        print(f"benchmarking {name} ...", flush=True)
-        results[name] = bench_model(name, args)
-    peaks.append(matmul_peak(args.matmul_size, 5))
-    peak = max(peaks)
-    for r in results.values():
-        r["fraction_of_matmul_peak"] = r["train_gflop_per_s"] / peak
+    precisions, rows = {}, []
+    try:
+        for label, policy in resolve_precisions(args.precision).items():
+            keras.mixed_precision.set_global_policy(policy)
+            dtype = keras.mixed_precision.global_policy().compute_dtype
+            peaks = [matmul_peak(dtype, args.matmul_sizes, 3)]
+            start = len(rows)
+            for name in args.models:
+                print(f"benchmarking {name} in {label} ...", flush=True)
+                rows.append({"model": name, "precision": label, **bench_model(name, args)})
+            peaks.append(matmul_peak(dtype, args.matmul_sizes, 3))
+            for row in rows[start:]:
+                row["fraction_of_matmul_peak"] = row["train_gflop_per_s"] / max(peaks)
+            precisions[label] = {
+                "policy": policy,
+                "matmul_peak_gflop_per_s": max(peaks),
+                "matmul_peak_runs_gflop_per_s": peaks,
+            }
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     record = {
         "machine": machine(),
         "settings": {
-            "dtype_policy": policy,
+            "auto_precision": dict(zip(("policy", "reason"), cu.choose_precision(), strict=True)),
             "xla": args.xla,
             "deterministic": args.deterministic,
             "steps": args.steps,
             "warmup": args.warmup,
             "fast_conv": not args.no_fast_conv,
+            "matmul_sizes": args.matmul_sizes,
             "conventions": "FLOPs = 2 x MACs of conv/dense layers; training = 3 x forward; "
-            "rates from median step times",
+            "rates from median step times; share of peak against the matmul peak in the "
+            "row's precision",
         },
-        "matmul_peak_gflop_per_s": peak,
-        "matmul_peak_runs_gflop_per_s": peaks,
-        "models": results,
+        "precisions": precisions,
+        "rows": rows,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    print(table(results, peak))
+    print(table(rows, precisions))
     print(f"wrote {cu.write_json(args.output, record)}")
     return record
 

@@ -63,9 +63,9 @@ _PUBLIC = {
     ),
     "pipelines": ("make_dataset", "steps_per_epoch"),
     "devices": (
-        "seed_everything", "configure_precision", "is_chief", "worker_run_dir", "to_numpy",
-        "choose_strategy", "global_batch_size", "resolve_jit_compile",
-        "fast_small_conv_gradients",
+        "seed_everything", "choose_precision", "configure_precision", "is_chief",
+        "worker_run_dir", "to_numpy", "choose_strategy", "global_batch_size",
+        "resolve_jit_compile", "fast_small_conv_gradients",
     ),
     "divergence": ("check_probabilities", "nonfinite_variables", "training_state_problem"),
     "checkpoints": ("check_checkpoint_path", "save_checkpoint", "read_log"),

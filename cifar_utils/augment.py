@@ -51,23 +51,27 @@ def augmentation_layers(
             so flips, shifts and rotations are drawn independently of each other.
 
     Returns:
-        ``keras.Sequential`` mapping float32 batches (B, H, W, C) to the same shape;
-        it only augments when called with ``training=True``. Borders are filled with
-        the nearest pixel, as Keras' old ``ImageDataGenerator`` did. Inside
-        :func:`make_dataset` the layers draw from seeds given per batch instead, so the
-        augmentation of every batch is fixed by the seed, the epoch and the batch index.
+        ``keras.Sequential`` mapping float32 batches (B, H, W, C) to the same shape, in
+        float32 under every dtype policy (a mixed policy set by :func:`configure_precision`
+        is for the model, not the input pipeline); it only augments when called with
+        ``training=True``. Borders are filled with the nearest pixel, as Keras' old
+        ``ImageDataGenerator`` did. Inside :func:`make_dataset` the layers draw from seeds
+        given per batch instead, so the augmentation of every batch is fixed by the seed,
+        the epoch and the batch index.
     """
-    steps = []
+    steps, f32 = [], "float32"  # the pipeline's images, whatever the global dtype policy
     if flip:
-        steps.append(lambda s: keras.layers.RandomFlip("horizontal", seed=s))
+        steps.append(lambda s: keras.layers.RandomFlip("horizontal", seed=s, dtype=f32))
     if shift:
         steps.append(
-            lambda s: keras.layers.RandomTranslation(shift, shift, fill_mode="nearest", seed=s)
+            lambda s: keras.layers.RandomTranslation(
+                shift, shift, fill_mode="nearest", seed=s, dtype=f32
+            )
         )
     if rotation_degrees:
         steps.append(
             lambda s: keras.layers.RandomRotation(
-                rotation_degrees / 360.0, fill_mode="nearest", seed=s
+                rotation_degrees / 360.0, fill_mode="nearest", seed=s, dtype=f32
             )
         )
     own = [None if seed is None else derive_seed(seed, "augment", i) for i in range(len(steps))]

@@ -56,31 +56,134 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def configure_precision(mixed: bool) -> str:
-    """Set Keras' global dtype policy; call it before building the model.
+#: ``MIXED_PRECISION`` values that force a precision -> Keras dtype policy.
+PRECISION_POLICIES = {
+    True: "mixed_float16",
+    False: "float32",
+    "float16": "mixed_float16",
+    "bfloat16": "mixed_bfloat16",
+    "float32": "float32",
+}
+#: CPU flags (``/proc/cpuinfo``) of native bfloat16 arithmetic: AVX512_BF16 or AMX.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _native(policy: str, cpu_flags, gpus: list) -> bool:
+    """Whether this hardware computes ``policy`` natively (so at least as fast as float32)."""
+    if policy == "mixed_float16":
+        return bool(gpus) and all(cc and cc[0] >= 7 for cc in gpus)
+    if policy == "mixed_bfloat16":
+        if gpus:
+            return all(cc and cc[0] >= 8 for cc in gpus)
+        return bool(set(BF16_CPU_FLAGS) & set(cpu_flags))
+    return True
+
+
+def _gpu_capabilities() -> list:
+    """Compute capability ``(major, minor)`` of each visible GPU (``None`` where unknown)."""
+    return [
+        tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        for gpu in tf.config.list_physical_devices("GPU")
+    ]
+
+
+def _auto_precision(cpu_flags, gpus: list) -> tuple[str, str]:
+    """``(policy, reason)`` that ``MIXED_PRECISION = "auto"`` picks for this hardware."""
+    if gpus:
+        if not all(gpus):
+            return "float32", "a GPU whose compute capability TensorFlow does not report"
+        major, minor = min(tuple(cc) for cc in gpus)
+        cc = f"GPU compute capability {major}.{minor}"
+        if _native("mixed_bfloat16", cpu_flags, gpus):
+            return "mixed_bfloat16", f"{cc} (8.0 or newer: native bfloat16)"
+        if _native("mixed_float16", cpu_flags, gpus):
+            return "mixed_float16", f"{cc} (7.x: float16 tensor cores, with loss scaling)"
+        return "float32", f"{cc} (below 7.0: no fast low-precision units)"
+    if not cpu_flags:
+        return "float32", "no GPU, and the CPU's flags are unknown (no /proc/cpuinfo)"
+    if _native("mixed_bfloat16", cpu_flags, gpus):
+        native = ", ".join(sorted(set(BF16_CPU_FLAGS) & set(cpu_flags)))
+        return "mixed_bfloat16", f"no GPU; the CPU has native bfloat16 ({native})"
+    return "float32", (
+        "no GPU, and the CPU has no avx512_bf16 or amx_bf16 flag (bfloat16 would be emulated "
+        "and slower)"
+    )
+
+
+def choose_precision(setting="auto", *, cpu_flags=None, gpus=None) -> tuple[str, str]:
+    """The Keras dtype policy for the ``MIXED_PRECISION`` parameter, and why, in words.
+
+    ``"auto"`` decides from the hardware: on GPUs (the lowest compute capability of all
+    visible ones) ``"mixed_bfloat16"`` from 8.0 (Ampere) on, ``"mixed_float16"`` on 7.x
+    (Volta, Turing; Keras adds loss scaling at ``compile``), ``"float32"`` below or when the
+    capability is unknown; without a GPU ``"mixed_bfloat16"`` when the CPU has the
+    ``avx512_bf16`` or ``amx_bf16`` flag, else ``"float32"`` (also when the flags cannot be
+    read, e.g. not on Linux). ``True``/``"float16"``, ``"bfloat16"`` and ``False``/
+    ``"float32"`` force ``"mixed_float16"``, ``"mixed_bfloat16"`` and ``"float32"``.
 
     Args:
-        mixed: ``True`` for ``"mixed_float16"`` (layers compute in float16, variables
-            stay float32; about 2-3x faster on NVIDIA GPUs with tensor cores, Volta or
-            newer), ``False`` for plain ``"float32"``.
+        setting: ``"auto"``, ``True``, ``False``, ``"float16"``, ``"bfloat16"`` or
+            ``"float32"``.
+        cpu_flags: the CPU's flags (default: :func:`cpu_info`'s).
+        gpus: compute capability ``(major, minor)`` per visible GPU, ``None`` where unknown
+            (default: TensorFlow's device details; ``[]``: no GPU).
 
     Returns:
-        The policy name now in force. Under ``mixed_float16`` the models' final softmax
-        ``Dense`` is built with ``dtype="float32"``, so predictions and the loss stay
-        float32, and ``model.compile`` wraps the optimizer in a ``LossScaleOptimizer``
-        itself (Keras' ``auto_scale_loss``). Models built earlier keep their policy.
-        A ``UserWarning`` says so when mixed precision is asked for without a GPU: CPUs
-        gain nothing from float16 and usually run it slower.
+        ``(policy, reason)``: the policy name and one phrase saying why (for a forced
+        choice: what ``"auto"`` would pick here).
+
+    Raises:
+        ValueError: ``setting`` is none of the six values.
     """
-    name = "mixed_float16" if mixed else "float32"
-    if mixed and not tf.config.list_physical_devices("GPU"):
+    gpus = _gpu_capabilities() if gpus is None else list(gpus)
+    cpu_flags = cpu_info()["flags"] if cpu_flags is None else frozenset(cpu_flags)
+    auto, why = _auto_precision(cpu_flags, gpus)
+    if isinstance(setting, str) and setting == "auto":
+        return auto, f'MIXED_PRECISION = "auto": {why}'
+    if not isinstance(setting, bool | str) or setting not in PRECISION_POLICIES:
+        raise ValueError(
+            f'MIXED_PRECISION = {setting!r}: must be "auto" (decide from the hardware), '
+            'True or "float16", "bfloat16", or False or "float32"'
+        )
+    return PRECISION_POLICIES[setting], (
+        f'MIXED_PRECISION = {setting!r} forces it; "auto" would pick {auto} here ({why})'
+    )
+
+
+def configure_precision(setting="auto", *, cpu_flags=None, gpus=None) -> str:
+    """Set Keras' global dtype policy from ``MIXED_PRECISION``; call it before building models.
+
+    The policy is :func:`choose_precision`'s (``cpu_flags``, ``gpus``: see there); one line
+    says which and why, e.g. ``Precision: mixed_bfloat16 (MIXED_PRECISION = "auto": no GPU;
+    the CPU has native bfloat16 (amx_bf16, avx512_bf16))``. Under a mixed policy layers
+    compute in bfloat16 or float16 and keep float32 variables; the models' final softmax
+    ``Dense`` is float32 (so are predictions and the loss), and under ``mixed_float16``
+    ``model.compile`` wraps the optimizer in a ``LossScaleOptimizer`` (Keras'
+    ``auto_scale_loss``). Models built earlier keep their policy. A forced choice the
+    hardware does not compute natively warns (``UserWarning``): float16 without a GPU of
+    compute capability 7.0+, bfloat16 without a GPU of 8.0+ or a CPU flag of
+    :data:`BF16_CPU_FLAGS`; they run slower than float32 there.
+
+    Returns:
+        The policy name now in force: ``"float32"``, ``"mixed_bfloat16"`` or
+        ``"mixed_float16"``.
+
+    Raises:
+        ValueError: ``setting`` is none of the values :func:`choose_precision` takes.
+    """
+    gpus = _gpu_capabilities() if gpus is None else list(gpus)
+    cpu_flags = cpu_info()["flags"] if cpu_flags is None else frozenset(cpu_flags)
+    policy, reason = choose_precision(setting, cpu_flags=cpu_flags, gpus=gpus)
+    print(f"Precision: {policy} ({reason})")
+    if not _native(policy, cpu_flags, gpus):
+        where = "a CPU" if not gpus else "this GPU"
         warnings.warn(
-            "mixed_float16 on a machine without a GPU: CPUs run float16 slower, not faster. "
-            "Set MIXED_PRECISION = False here.",
+            f"{policy} on {where} without native {policy.removeprefix('mixed_')} runs slower "
+            'than float32, not faster. Set MIXED_PRECISION = "auto" here.',
             stacklevel=2,
         )
-    keras.mixed_precision.set_global_policy(name)
-    return name
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
 
 
 def _tf_config() -> tuple[int, str, int] | None:

@@ -17,6 +17,7 @@ from .checks import check_model_file
 from .data import FINE_LABEL_NAMES
 from .devices import is_chief
 from .files import atomic_path
+from .models import leaf_layers
 from .photos import model_image_size
 
 #: Members that :func:`export_model` adds to a ``.keras`` zip (and :func:`export_saved_model`
@@ -26,15 +27,40 @@ CLASS_NAMES_MEMBER = "class_names.json"
 METADATA_MEMBER = "export_metadata.json"
 
 
+def _float32_config(layer) -> dict:
+    """``layer``'s config, with a float32 dtype policy where it has a mixed one."""
+    config = layer.get_config()
+    if layer.dtype_policy.name.startswith("mixed_"):  # computes in bfloat16 or float16
+        config["dtype"] = layer.dtype_policy.variable_dtype  # float32, as its weights
+    return config
+
+
+def _float32_twin(model):
+    """``model`` if it computes in float32, else a copy of it (same layer classes and
+    weights) computing in float32: what its float32 export must match."""
+    if not any(layer.dtype_policy.name.startswith("mixed_") for layer in leaf_layers(model)):
+        return model
+    twin = keras.models.clone_model(
+        model,
+        clone_function=lambda layer: type(layer).from_config(_float32_config(layer)),
+        recursive=True,
+    )
+    twin.set_weights(model.get_weights())
+    return twin
+
+
 def _plain_keras_layer(layer):
     """``clone_function`` for :func:`export_model`: ``layer`` rebuilt from Keras built-ins only.
 
+    A layer under a mixed dtype policy (``mixed_bfloat16``, ``mixed_float16``) becomes a
+    float32 one (its variables are float32 already), so the file computes in float32 on
+    every machine, also those without fast bfloat16 or float16.
     A subclass of ``Dropout`` (such as the ``efficientnet`` package's ``FixedDropout``,
     identical at inference) becomes a plain ``Dropout`` of the same rate; a custom activation
     function becomes the Keras built-in of the same name (the package's ``swish`` -> Keras'
     ``swish``); any other custom layer is refused.
     """
-    config = layer.get_config()
+    config = _float32_config(layer)
     activation = getattr(layer, "activation", None)
     if callable(activation) and not isinstance(keras.activations.serialize(activation), str):
         name = getattr(activation, "__name__", repr(activation))
@@ -66,10 +92,14 @@ def export_model(model, path, /, class_names=FINE_LABEL_NAMES, **metadata) -> Pa
     :func:`_plain_keras_layer`; the ``efficientnet`` package's ``FixedDropout`` and ``swish``
     are replaced by their Keras equivalents, and :func:`fast_small_conv_gradients` is not
     carried over), with the same weights, so ``keras.saving.load_model(path)`` works in a
-    Python process that never imports this module or ``efficientnet``. Its outputs are
-    checked against ``model`` on two random images before writing (max abs difference
-    below 1e-5). No optimizer state is saved. The file is written atomically, and only by
-    the chief of a multi-worker run (:func:`is_chief`).
+    Python process that never imports this module or ``efficientnet``. It computes in
+    float32 whatever precision ``model`` trained in (a ``mixed_bfloat16`` or
+    ``mixed_float16`` model's layers become float32 ones: its variables are float32
+    already), so it runs on any machine and its outputs differ from the mixed model's only
+    by that rounding. Its outputs are checked before writing against ``model`` computing
+    in float32, on two random images (max abs difference below 1e-5). No optimizer state
+    is saved. The file is written atomically, and only by the chief of a multi-worker run
+    (:func:`is_chief`).
 
     Inside the ``.keras`` zip, beside Keras' own members, ``class_names.json`` holds the JSON
     list of class names (one per output unit) and ``export_metadata.json`` the JSON object
@@ -112,7 +142,8 @@ def export_model(model, path, /, class_names=FINE_LABEL_NAMES, **metadata) -> Pa
     plain.set_weights(model.get_weights())
     height, width = model_image_size(model)
     probe = np.random.default_rng(0).random((2, height, width, 3), dtype=np.float32)
-    outputs = [np.asarray(m(probe, training=False)) for m in (plain, model)]  # keeps BN stats
+    reference = _float32_twin(model)
+    outputs = [np.asarray(m(probe, training=False)) for m in (plain, reference)]  # BN stats kept
     gap = float(np.max(np.abs(outputs[0] - outputs[1])))
     if gap >= 1e-5:
         raise ValueError(f"The exported copy's outputs differ from the model's by {gap:.3g}")

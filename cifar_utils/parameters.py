@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .checks import is_int
 from .data import FINE_LABEL_NAMES, TRAIN_IMAGES, split_problem
+from .devices import PRECISION_POLICIES
 from .errors import ParameterError
 from .photos import load_image
 
@@ -123,6 +124,9 @@ _PARAMETER_RULES = (
      "an int in [32, 1024] (pixels; 224 is EfficientNet's ImageNet size)"),
     (lambda n: n == "XLA", lambda v: v is True or v is False or v == "auto",
      'True, False or "auto"'),
+    (lambda n: n == "MIXED_PRECISION",
+     lambda v: v == "auto" or (isinstance(v, bool | str) and v in PRECISION_POLICIES),
+     '"auto" (from the hardware), True or "float16", "bfloat16", or False or "float32"'),
     (lambda n: n == "WEIGHTS", lambda v: v is None or v == "imagenet" or _existing_file(v),
      '"imagenet", None (random weights) or the path of an existing .h5 weights file'),
     (lambda n: n == "PHOTO", lambda v: v is None or _readable_image(v),
@@ -183,10 +187,11 @@ def check_parameters(namespace: dict, notebook) -> NotebookParameters:
       (:func:`split_problem`; ``BATCH_SIZE`` at most the images left to train on; the
       loaded data are checked again by :func:`train_val_split` and
       :meth:`NotebookParameters.check_batch_size`); ``SEED``, ``IMAGE_SIZE`` ints in range;
-      ``XLA`` True/False/"auto"; ``WEIGHTS`` "imagenet", None or an existing file;
-      ``PHOTO`` None or a readable image file; ``DATA_DIR`` None or an existing path;
-      other ``*_DIR`` paths; any other parameter must have its default's type (bool, int,
-      number, string).
+      ``XLA`` True/False/"auto"; ``MIXED_PRECISION`` "auto", True/"float16", "bfloat16" or
+      False/"float32" (:func:`choose_precision`); ``WEIGHTS`` "imagenet", None or an
+      existing file; ``PHOTO`` None or a readable image file; ``DATA_DIR`` None or an
+      existing path; other ``*_DIR`` paths; any other parameter must have its default's
+      type (bool, int, number, string).
 
     Args:
         namespace: the notebook's globals (``globals()``).

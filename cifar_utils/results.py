@@ -54,7 +54,8 @@ def evaluate_and_save(
         chief only: :func:`is_chief`): parameter counts while training (``params``; its
         ``trainable`` is the last phase's), ``phases`` (name, epochs and trainable
         parameters of each; from :func:`join_runs`, the epoch each phase started from),
-        epochs, training seconds, history, best epoch, hardware, data
+        epochs, training seconds, history, best epoch, hardware, ``precision`` (the model's
+        dtype policy: ``"float32"``, ``"mixed_bfloat16"`` or ``"mixed_float16"``), data
         provenance, settings and :func:`evaluation_summary` of validation and test
         (``val_top1``, ``test_top5``, ... floats in [0, 1]), and the test-set probabilities,
         float32 (N, 100).
@@ -80,6 +81,7 @@ def evaluate_and_save(
         "best_epoch": run.get("best_epoch"),
         "seconds": round(run["seconds"], 1),
         "hardware": describe_hardware(),
+        "precision": model.dtype_policy.name,
         "train_images": n_train,
         "full_cifar100": bool(whole and data.get("official")),
         "data": data,

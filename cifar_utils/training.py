@@ -27,7 +27,7 @@ from .checkpoints import (
     write_log,
 )
 from .checks import check_positive_int
-from .devices import any_worker, to_numpy, worker_run_dir
+from .devices import PRECISION_POLICIES, any_worker, to_numpy, worker_run_dir
 from .divergence import training_state_problem
 from .errors import ResumeError, TrainingDiverged
 from .models import layer_config, leaf_layers, parameter_counts
@@ -308,12 +308,14 @@ def run_plan(model, train_ds, plan: dict | None = None, **training) -> dict:
     """What a checkpoint of ``model`` trained on ``train_ds`` means, as JSON-able dict.
 
     ``model``: its parameter counts, what each layer computes (:func:`_layers_plan`:
-    rates, activations, sizes), its loss, and a digest of the weights it starts from
-    (initialisation, or an earlier phase's result); its optimizer and learning-rate
-    schedule (class and config); the data pipeline's ``plan`` from :func:`make_dataset`
-    (data fingerprint, image count, batch size, seed, augmentation); ``training``: how
-    :func:`train` runs (monitor, mode, epoch offset); and ``plan``: what the code cannot
-    see (e.g. ``{"weights": "imagenet", "image_size": 224}``), whose keys replace those above.
+    rates, activations, sizes), its loss, a digest of the weights it starts from
+    (initialisation, or an earlier phase's result) and its dtype policy (the precision it
+    was built under: ``"float32"``, ``"mixed_bfloat16"``, ``"mixed_float16"``); its
+    optimizer and learning-rate schedule (class and config); the data pipeline's ``plan``
+    from :func:`make_dataset` (data fingerprint, image count, batch size, seed,
+    augmentation); ``training``: how :func:`train` runs (monitor, mode, epoch offset); and
+    ``plan``: what the code cannot see (e.g. ``{"weights": "imagenet", "image_size":
+    224}``), whose keys replace those above.
     """
     loss = (
         model.loss
@@ -326,6 +328,7 @@ def run_plan(model, train_ds, plan: dict | None = None, **training) -> dict:
             "layers": _layers_plan(model),
             "loss": loss,
             "start_weights": _weights_digest(model),
+            "dtype_policy": model.dtype_policy.name,
         },
         "optimizer": _optimizer_plan(model.optimizer),
         "data": getattr(train_ds, "plan", None),
@@ -406,11 +409,21 @@ def train(
             probabilities; the last good checkpoint is kept and nothing of that epoch saved.
         ResumeError: (a ValueError) the saved checkpoint does not fit the model, holds
             NaN/inf, or its plan differs.
-        ValueError: ``epochs`` < 1; ``mode`` unknown or undecidable for ``monitor``.
+        ValueError: ``epochs`` < 1; ``mode`` unknown or undecidable for ``monitor``; the
+            model's output is not float32 (a mixed-precision model whose last layer lacks
+            ``dtype="float32"``).
     """
     check_positive_int(epochs, "epochs")
     if getattr(model, "optimizer", None) is None:
         raise ValueError("compile the model (optimizer, loss, metrics) before cu.train")
+    dtypes = [keras.backend.standardize_dtype(t.dtype) for t in getattr(model, "outputs", [])]
+    if any(d != "float32" for d in dtypes):
+        raise ValueError(
+            f"{model.name}'s output is {dtypes[0]} (its last layer computes under "
+            f'{model.layers[-1].dtype_policy.name}): build that layer with dtype="float32", '
+            "so the softmax, the loss and the divergence guard's checks stay float32 (the "
+            "notebooks' models do)"
+        )
     mode = _mode(monitor, mode)
     run_dir = worker_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -492,6 +505,11 @@ def _resume(model, run_dir: Path, saved: dict, plan: dict, epochs: int) -> dict:
                 if "model.start_weights" in differ
                 else ""
             )
+            + (
+                _precision_hint(old.get("model.dtype_policy"))
+                if "model.dtype_policy" in differ
+                else ""
+            )
             + ". Its checkpoints mean something else. Start over with RESUME=False, or use "
             "another OUTPUT_DIR to keep that run"
         )
@@ -521,6 +539,17 @@ def _resume(model, run_dir: Path, saved: dict, plan: dict, epochs: int) -> dict:
             "train. Set RESUME=False (or another OUTPUT_DIR) to train again."
         )
     return {**saved, "epochs": epochs, "plan": plan}
+
+
+def _precision_hint(then: str | None) -> str:
+    """Why a resume under another dtype policy is refused, and how to resume that run."""
+    setting = {p: n for n, p in PRECISION_POLICIES.items() if isinstance(n, str)}.get(then)
+    if setting is None:
+        return " (that run was planned before runs recorded their precision)"
+    return (
+        f" (the precision differs: that run trained under {then}; set "
+        f'MIXED_PRECISION = "{setting}" to resume it)'
+    )
 
 
 def _schedule_change(model, saved_plan, step: int) -> str:

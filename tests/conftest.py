@@ -85,6 +85,15 @@ def peak_memory(setup: str, action: str) -> tuple[float, str]:
     return measured["mb"], measured["result"]
 
 
+@pytest.fixture
+def policy(request):
+    """Keras' global dtype policy for one test: ``request.param`` (parametrize with
+    ``indirect=True``; default ``"float32"``), and ``"float32"`` again after it."""
+    keras.mixed_precision.set_global_policy(getattr(request, "param", "float32"))
+    yield keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy("float32")
+
+
 def labelled_images(n_train: int, n_val: int) -> tuple:
     """``(x, y)`` training and validation pairs of learnable generated images (uint8
     (N, 32, 32, 3)), labels cycling through the 100 classes, for quick training tests."""

@@ -33,7 +33,12 @@ class ZeroNaNSoftmax(keras.layers.Layer):
 def bn_cnn(output="softmax"):
     """A small BatchNorm CNN (SGD 0.9), its head a plain or a NaN-to-zeros softmax."""
     keras.utils.set_random_seed(0)
-    head = ZeroNaNSoftmax() if output == "zeros" else keras.layers.Activation("softmax")
+    f32 = "float32"  # the output stays float32 under a mixed policy, as cu's models' do
+    head = (
+        ZeroNaNSoftmax(dtype=f32)
+        if output == "zeros"
+        else keras.layers.Activation("softmax", dtype=f32)
+    )
     model = keras.Sequential(
         [
             keras.Input((32, 32, 3)),
@@ -75,9 +80,13 @@ def test_what_this_machines_softmax_does_with_nan():
     np.testing.assert_allclose(probs[1], [1 / 3] * 3, rtol=1e-6)
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"], indirect=True)
 @pytest.mark.parametrize("output", ["softmax", "zeros"])
-def test_nan_weight_mid_run_raises_and_leaves_the_run_folder_as_it_was(tmp_path, data, output):
+def test_nan_weight_mid_run_raises_and_leaves_the_run_folder_as_it_was(
+    tmp_path, data, output, policy
+):
     train_ds, val_ds = data
+    assert bn_cnn(output).get_layer("conv").compute_dtype == policy.removeprefix("mixed_")
     cu.train(bn_cnn(output), train_ds, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
     before = _files(tmp_path)
     assert {"last.weights.h5", "best.weights.h5", "state.json"} <= set(before)

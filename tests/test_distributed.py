@@ -107,11 +107,13 @@ def test_simple_notebook_on_two_replicas_resumes_exactly_and_repeats(
     small_archive, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("CIFAR_CPU_DEVICES", "2")
-    quick = dict(DATA_DIR=str(small_archive), **SMALL)
+    # bfloat16 forced (native here or emulated): the mirrored path under a mixed policy.
+    quick = dict(DATA_DIR=str(small_archive), MIXED_PRECISION="bfloat16", **SMALL)
     nb = "simple_image_clasifier.ipynb"
     photo = cu.sample_photo("chelsea")  # the PHOTO parameter replaces the sample photo
     first = run_notebook(nb, tmp_path, EPOCHS=1, PHOTO=str(photo), **quick)
     assert "MirroredStrategy: 2 replica(s), global batch 32" in _outputs(first)
+    assert "Precision: mixed_bfloat16 (MIXED_PRECISION = 'bfloat16' forces it" in _outputs(first)
     assert f"Classifying {photo}" in _outputs(first)
     results = tmp_path / "results"
     state = json.loads((results / "simple_cnn" / "state.json").read_text())
@@ -123,10 +125,13 @@ def test_simple_notebook_on_two_replicas_resumes_exactly_and_repeats(
     # The same command from scratch, same SEED: the very same run, resumed or not.
     run_notebook(nb, tmp_path, EPOCHS=2, RESUME=False, **quick)
     again = json.loads((results / "simple_cnn.json").read_text())
+    assert record["precision"] == again["precision"] == "mixed_bfloat16"
     assert again["history"] == record["history"]
     for key in ("val_top1", "test_top1", "test_top5", "test_per_class"):
         assert again[key] == record[key], key
     assert json.loads((results / "simple_cnn" / "state.json").read_text())["initial_epoch"] == 0
+    model = cu.load_exported_model(results / "simple_cnn.keras")[0]  # float32 for everyone
+    assert {layer.dtype_policy.name for layer in model.layers[1:]} == {"float32"}
 
 
 def _free_ports(n):
@@ -164,6 +169,7 @@ def _two_workers(tmp_path, archive, epochs, tag):
             str(epochs),
         ]
         command += [a for k, v in SMALL.items() for a in ("-p", k, str(v))]  # fmt: skip
+        command += ["-p", "MIXED_PRECISION", "float32"]  # forced: "auto" varies by machine
         procs.append((subprocess.Popen(command, cwd=ROOT, env=_env(TF_CONFIG=json.dumps(config)),
                                        stdout=log, stderr=subprocess.STDOUT), log))  # fmt: skip
     try:
@@ -212,4 +218,5 @@ def test_simple_notebook_as_two_workers_writes_results_once_and_resumes(small_ar
     assert record["epochs"] == 2 and record["history"]["loss"] == chief["history"]["loss"]
     # The reported validation accuracy is that of the chief's best.weights.h5.
     assert record["val_top1"] == round(chief["best"], 6) == round(other["best"], 6)
+    assert record["precision"] == chief["plan"]["model"]["dtype_policy"] == "float32"
     assert "Resuming from" in (tmp_path / "resumed-1.ipynb").read_text()

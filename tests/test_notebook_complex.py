@@ -18,7 +18,13 @@ def test_complex_notebook_on_two_replicas_resumes_a_stopped_run(tmp_path, monkey
     # logical CPU devices under MirroredStrategy, 16 images each: global batch 32.
     monkeypatch.setenv("CIFAR_CPU_DEVICES", "2")
     archive = synthetic_cifar.write_archive(tmp_path / "data", 300, 100, seed=1)
-    quick = dict(DATA_DIR=str(archive), TRAIN_LIMIT=100, VAL_SIZE=100, BATCH_SIZE=16)
+    quick = dict(
+        DATA_DIR=str(archive),
+        TRAIN_LIMIT=100,
+        VAL_SIZE=100,
+        BATCH_SIZE=16,
+        MIXED_PRECISION="float32",
+    )  # forced: what "auto" picks varies by machine
     run_notebook("complex_image_clasifier.ipynb", tmp_path, EPOCHS=1, **quick)
     run_dir = tmp_path / "results" / "complex_cnn"
     first = json.loads((run_dir / "state.json").read_text())

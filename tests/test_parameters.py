@@ -64,7 +64,9 @@ def test_unknown_names_are_refused_with_the_closest_known_one():
         ("XLA", "yes", 'True, False or "auto"'),
         ("RESUME", "False", "True or False"),
         ("DETERMINISTIC", 1, "True or False"),
-        ("MIXED_PRECISION", None, "True or False"),
+        ("MIXED_PRECISION", None, '"auto" (from the hardware), True or "float16"'),
+        ("MIXED_PRECISION", "bf16", '"bfloat16", or False or "float32"'),
+        ("MIXED_PRECISION", 1, '"auto" (from the hardware)'),
         ("PHOTO", "/no/such/photo.jpg", "an image file Pillow reads"),
         ("PHOTO", __file__, "an image file Pillow reads"),  # a file, but no image
         ("DATA_DIR", "/no/such/folder", "an existing file or folder"),
@@ -176,3 +178,16 @@ def test_a_notebook_names_a_val_size_too_large_for_the_data_loaded(cifar_archive
     )
     assert err.value.traceback == [f"ParameterError: {err.value.evalue}"]  # the message alone
     assert not (tmp_path / "results" / "simple_cnn").exists()  # no training started
+
+
+def test_mixed_precision_takes_exactly_its_six_values():
+    for nb in NOTEBOOKS:
+        assert cu.notebook_defaults(nb)["MIXED_PRECISION"] == "auto"
+    nb = "simple_image_clasifier.ipynb"
+    defaults = cu.notebook_defaults(nb)
+    for value in ("auto", True, False, "float16", "bfloat16", "float32"):
+        checked = cu.check_parameters({**defaults, "MIXED_PRECISION": value}, nb)
+        assert checked["MIXED_PRECISION"] == value
+    for value in ("Auto", "mixed_bfloat16", 0, 16, "fp16"):
+        message = _problems({**defaults, "MIXED_PRECISION": value})
+        assert f"MIXED_PRECISION = {value!r}: must be" in message

@@ -34,7 +34,7 @@ def dropout_model(lr=0.05, momentum=0.9, rate=0.3, loss="categorical_crossentrop
             keras.layers.BatchNormalization(),
             keras.layers.Dropout(rate),
             keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(100, activation="softmax"),
+            keras.layers.Dense(100, activation="softmax", dtype="float32"),  # also when mixed
         ]
     )
     model.compile(keras.optimizers.SGD(lr, momentum=momentum), loss, metrics=["accuracy"])
@@ -158,7 +158,8 @@ def test_epochs_are_fixed_by_seed_epoch_and_batch(arrays):
 
 
 @pytest.mark.slow
-def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, arrays):
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"], indirect=True)
+def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, arrays, policy):
     def run(folder, **kwargs):
         cu.seed_everything(0)  # a new process: same seed, fresh model and pipelines
         train, val = pipelines(arrays)
@@ -166,6 +167,7 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, arrays):
                         **kwargs)  # fmt: skip
 
     whole = run(tmp_path / "whole")
+    assert whole["plan"]["model"]["dtype_policy"] == policy
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", callbacks=[AtBatch(1, 2, ctrl_c)])  # stopped after epoch 1
     assert json.loads((tmp_path / "cut" / "state.json").read_text())["epoch"] == 1
@@ -180,6 +182,22 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, arrays):
         np.testing.assert_array_equal(a, b)
     again = run(tmp_path / "again", resume=False)  # the same seed on the same machine
     assert again["history"] == whole["history"]
+
+
+@pytest.mark.slow
+def test_resume_under_another_precision_is_refused_naming_it(tmp_path, arrays, policy):
+    train, val = pipelines(arrays)
+    cu.train(dropout_model(), train, val, epochs=1, run_dir=tmp_path, verbose=0)  # float32
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # MIXED_PRECISION changed
+    with pytest.raises(cu.ResumeError) as err:
+        cu.train(dropout_model(), train, val, epochs=2, run_dir=tmp_path, verbose=0)
+    message = str(err.value)
+    assert "model.dtype_policy: 'float32' then, 'mixed_bfloat16' now" in message
+    assert 'that run trained under float32; set MIXED_PRECISION = "float32" to resume it' in (
+        message
+    )
+    assert "Start over with RESUME=False" in message
+    assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 1  # left as it was
 
 
 # --------------------------------------------------------------------- run plans
