@@ -7,21 +7,46 @@ and see the top-5 of the 100 classes; scikit-image's sample photos are one click
 model's name, size and test top-1 come from the results file beside it
 (``results/<model>.json``). Nothing is sent anywhere: no analytics, no share link, no fonts
 or scripts from other sites.
+
+The server reads only the sample photos and files Gradio received as uploads, each for the
+session that uploaded it (:class:`UploadGuard`); uploads are deleted after
+``DELETE_UPLOADS[1]`` seconds and when the server stops (Ctrl-C or SIGTERM), and a session
+keeps at most ``UPLOADS_PER_SESSION``. What Gradio remembers per session is bounded by
+``SESSIONS_KEPT`` (see :func:`forget_finished_sessions`).
 """
 
 import os
 
+#: Sessions whose state Gradio keeps (``state_session_capacity``) and whose messages its
+#: queue holds, and events it keeps statistics of: every ``/call`` request is a new session,
+#: and Gradio's defaults (10,000 states of ~25 KB) let memory grow by ~250 MB before it levels
+#: off. Far more than the sessions whose events run at one time.
+SESSIONS_KEPT = 200
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry
+os.environ["GRADIO_ANALYTICS_MAX_EVENTS"] = str(SESSIONS_KEPT)
 
 import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
+from gradio import utils as gradio_utils  # noqa: E402
 
 import cifar_utils as cu  # noqa: E402
+
+UPLOADS_PER_SESSION = 3  # a session's older uploads are deleted (3 x 50 MB at most)
+DELETE_UPLOADS = (60, 600)  # gr.Blocks(delete_cache=): every minute, uploads over 10 minutes old
+HOUSEKEEPING_SECONDS = 5  # how often finished sessions and deleted uploads are forgotten
+REFUSED = (
+    "This demo reads only photos uploaded from its page in this session, and its sample "
+    "photos. Upload the photo again."
+)
 
 
 def _is_number(value) -> bool:
@@ -58,42 +83,184 @@ def describe_model(model_path) -> str:
     return text + f" · from `{results.name}`"
 
 
-def build_app(model_path) -> gr.Blocks:
-    """The demo page for the model file ``model_path`` (see ``cu.load_exported_model``).
+def _refused() -> gr.Error:
+    return gr.Error(REFUSED, title="Cannot classify this file", print_exception=False)
+
+
+def _identity(path: str) -> tuple[int, int]:
+    """Tells two files at one path apart: Gradio writes every upload as a new file renamed
+    into place, so the same photo uploaded again is a new inode at the same path. (An inode
+    number freed by a deletion may come back for a new upload; then that upload is refused
+    until :meth:`UploadGuard.forget_deleted` has run.)"""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
+
+
+class UploadGuard:
+    """Which file a classify call may read: a sample photo, or an upload of its own session.
+
+    Gradio 6.31 checks a file an event's payload names only when the payload carries
+    FileData's ``meta`` (``processing_utils.async_move_files_to_cache`` passes any other dict
+    through, and ``gr.Image``'s data model does not require it; with ``preprocess=False``
+    nothing else looks, and ``gr.Image``'s preprocess would open the path with PIL just the
+    same), and it never asks who uploaded a file: ``/gradio_api/upload`` takes no session,
+    and any file in its upload folder passes. (A payload with ``meta`` naming a file outside
+    that folder is refused by Gradio before classify runs, with no message for the client.)
+    So :meth:`path_for` runs Gradio's
+    own folder check (``utils.is_allowed_file``, as its file route does: ``..`` and symbolic
+    links resolved, ``blocked_paths`` honoured) on every payload, accepts only files Gradio's
+    upload route wrote (``Blocks.upload_file_set``, what ``delete_cache`` deletes), and gives
+    each upload to the first session that names it; a new upload of the same photo is a new
+    file (:func:`_identity`), free for the session that sent it. A session keeps its last
+    ``UPLOADS_PER_SESSION`` uploads: older ones are deleted. Every refusal is the one
+    :data:`REFUSED` message, whatever the path, so it tells nothing about what exists.
+    """
+
+    def __init__(self, blocks: gr.Blocks, samples):
+        self.blocks, self.samples = blocks, frozenset(samples)
+        self.owners = {}  # path -> (_identity, session)
+        self.kept = {}  # session -> its uploads' paths, oldest first
+        self.lock = threading.Lock()
+
+    def path_for(self, payload: dict, session: str) -> str:
+        """The path ``payload`` names if this session may read it; raises gr.Error otherwise."""
+        path = payload.get("path")
+        if path in self.samples:
+            return path
+        if not (isinstance(path, str) and path in self.blocks.upload_file_set):
+            raise _refused()
+        in_folder, _ = gradio_utils.is_allowed_file(
+            gradio_utils.abspath(path),
+            blocked_paths=self.blocks.blocked_paths,
+            allowed_paths=[],
+            created_paths=[gradio_utils.get_upload_folder()],
+        )
+        if not in_folder:  # e.g. a symbolic link put in place of an upload
+            raise _refused()
+        with self.lock:
+            try:
+                identity = _identity(path)
+            except OSError:  # deleted meanwhile
+                raise _refused() from None
+            owner = self.owners.get(path)
+            if owner is not None and owner[0] == identity:
+                if owner[1] != session:  # another session's upload
+                    raise _refused()
+                return path
+            if owner is not None:  # an earlier upload at this path, replaced by this one
+                self._forget(path)
+            self.owners[path] = identity, session
+            self.kept.setdefault(session, []).append(path)
+            for old in self.kept[session][:-UPLOADS_PER_SESSION]:
+                self._forget(old)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(old)
+                self.blocks.upload_file_set.discard(old)
+        return path
+
+    def _forget(self, path: str) -> None:
+        """Drop ``path``'s owner (call with the lock held)."""
+        _, session = self.owners.pop(path)
+        self.kept[session].remove(path)
+        if not self.kept[session]:
+            del self.kept[session]
+
+    def forget_deleted(self) -> None:
+        """Forget uploads no longer on disk as they were claimed (``delete_cache`` took them)."""
+        with self.lock:
+            for path, (identity, _) in list(self.owners.items()):
+                try:
+                    gone = _identity(path) != identity
+                except OSError:
+                    gone = True
+                if gone:
+                    self._forget(path)
+
+
+def forget_finished_sessions(queue) -> None:
+    """Drop Gradio's queue record of sessions that have nothing left to receive.
+
+    Gradio 6.31 keeps a set of pending event ids per session in
+    ``Queue.pending_event_ids_session`` and never removes a session's entry once its results
+    are delivered (an empty set stays), nor when the session's message queue has been evicted
+    from ``pending_messages_per_session`` (an LRU), after which its ids can never be
+    delivered. As every ``/call`` request is a new session, that dict grows without end.
+    Runs on the server's event loop, so never between Gradio's own updates of it.
+    """
+    pending, queues = queue.pending_event_ids_session, queue.pending_messages_per_session
+    for session in [s for s, ids in pending.items() if not ids or s not in queues]:
+        del pending[session]
+
+
+def _housekeeping(blocks: gr.Blocks, guard: UploadGuard):
+    """A FastAPI lifespan: the queue keeps message queues for at most ``SESSIONS_KEPT``
+    sessions (Gradio's LRU of 2,000, ~1.7 KB each, lowered: a session's queue is needed only
+    while its event runs), and every ``HOUSEKEEPING_SECONDS`` finished sessions
+    (:func:`forget_finished_sessions`) and deleted uploads (:meth:`UploadGuard.forget_deleted`)
+    are forgotten."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        blocks._queue.pending_messages_per_session.max_size = SESSIONS_KEPT
+
+        async def sweep():
+            while True:
+                await asyncio.sleep(HOUSEKEEPING_SECONDS)
+                forget_finished_sessions(blocks._queue)
+                await asyncio.to_thread(guard.forget_deleted)
+
+        task = asyncio.create_task(sweep())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    return lifespan
+
+
+def build_app(model_path) -> tuple[gr.Blocks, object]:
+    """The demo page for the model file ``model_path`` (see ``cu.load_exported_model``), and
+    the lifespan to serve it with (``launch(app_kwargs={"lifespan": ...})``: housekeeping).
 
     Raises:
         FileNotFoundError, ValueError: the model file is missing or not a CIFAR-100 model.
     """
     model, class_names, _ = cu.load_exported_model(model_path)
 
-    def classify(upload):
-        """Top-5 ``{class name: probability}`` of the uploaded file; gr.Error if unreadable."""
+    def classify(upload, request: gr.Request):
+        """Top-5 ``{class name: probability}`` of the uploaded file; gr.Error if unreadable
+        or not this session's upload or a sample photo (:class:`UploadGuard`)."""
         if upload is None:  # the image was cleared
             return None
+        path = guard.path_for(upload, request.session_hash)
         try:
-            top = cu.predict_image(model, upload["path"], top_k=5, class_names=class_names)
+            top = cu.predict_image(model, path, top_k=5, class_names=class_names)
         except (FileNotFoundError, ValueError) as exc:
-            name = upload.get("orig_name") or Path(upload["path"]).name
-            message = str(exc).replace(upload["path"], name)  # not the server's temp path
+            name = upload.get("orig_name") or Path(path).name
+            message = str(exc).replace(path, name)  # not the server's temp path
             raise gr.Error(
                 message, title="Cannot classify this file", print_exception=False
             ) from None
         return dict(top)
 
-    with gr.Blocks(title="CIFAR-100 classifier", analytics_enabled=False) as demo:
+    with gr.Blocks(
+        title="CIFAR-100 classifier", analytics_enabled=False, delete_cache=DELETE_UPLOADS
+    ) as demo:
         gr.Markdown("# CIFAR-100 classifier\n" + describe_model(model_path))
         with gr.Row():
             image = gr.Image(label="Photo", type="filepath", sources=["upload", "clipboard"])
             label = gr.Label(label="Top 5 of 100 classes", num_top_classes=5)
         # preprocess=False hands classify the uploaded file itself, so it is read by
-        # cu.load_image (exactly as predict_image reads a file) and bad files get its message.
+        # cu.load_image (exactly as predict_image reads a file) and bad files get its message;
+        # gr.Image's preprocess would decode it whole first. Which file: see UploadGuard.
         image.change(classify, image, label, preprocess=False)
         gr.Examples(
             [[str(cu.sample_photo(name))] for name in cu.SAMPLE_PHOTOS],
             inputs=image,
             label="Sample photos (shipped with scikit-image)",
         )
-    return demo
+    guard = UploadGuard(demo, image.keep_in_cache)  # Gradio's copies of the sample photos
+    return demo, _housekeeping(demo, guard)
 
 
 def main(argv=None) -> None:
@@ -104,7 +271,7 @@ def main(argv=None) -> None:
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
     try:
-        demo = build_app(args.model)
+        demo, housekeeping = build_app(args.model)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None  # as python -m cifar_utils's commands
@@ -118,8 +285,9 @@ def main(argv=None) -> None:
             theme=gr.themes.Default(),  # its fonts ship with gradio: no Google Fonts download
             ssr_mode=False,  # no Node server
             mcp_server=False,
-            allowed_paths=[str(cu.sample_photo().parent)],  # the sample photos
             max_file_size="50mb",
+            state_session_capacity=SESSIONS_KEPT,
+            app_kwargs={"lifespan": housekeeping},
         )
     except OSError as exc:  # the port is taken, or the address is not this machine's
         print(
@@ -129,6 +297,7 @@ def main(argv=None) -> None:
         )
         raise SystemExit(2) from None
     print(f"Serving the demo on {demo.local_url} (Ctrl-C to stop)", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as Ctrl-C: uploads deleted
     demo.block_thread()
 
 

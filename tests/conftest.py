@@ -51,6 +51,20 @@ def huge_png(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """A small exported model with confident, image-dependent outputs: (path, model)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    h = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    init = keras.initializers.RandomNormal(0, 3, seed=0)
+    outputs = keras.layers.Dense(100, activation="softmax", kernel_initializer=init)(h)
+    path = tmp_path_factory.mktemp("model") / "small.keras"
+    cu.export_model(keras.Model(inputs, outputs), path, model="small")
+    return path, cu.load_exported_model(path)[0]
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """Keep every test away from the user's ~/.keras cache and CIFAR100_DIR."""

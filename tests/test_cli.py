@@ -192,20 +192,6 @@ def test_curves_error_in_a_real_process(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    """A small exported model with confident, image-dependent outputs: (path, model)."""
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((32, 32, 3))
-    h = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    init = keras.initializers.RandomNormal(0, 3, seed=0)
-    outputs = keras.layers.Dense(100, activation="softmax", kernel_initializer=init)(h)
-    path = tmp_path_factory.mktemp("model") / "small.keras"
-    cu.export_model(keras.Model(inputs, outputs), path, model="small")
-    return path, cu.load_exported_model(path)[0]
-
-
-@pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """A folder of three photos of other sizes and modes (and a text file), plus the rocket."""
     folder = tmp_path_factory.mktemp("photos")
@@ -230,8 +216,8 @@ def _parse_text(out: str) -> dict:
     return result
 
 
-def test_predict_text_output_equals_predict_image(model_file, photos, capsys):
-    path, model = model_file
+def test_predict_text_output_equals_predict_image(small_model, photos, capsys):
+    path, model = small_model
     files = [cu.sample_photo("rocket"), photos / "a.jpg"]
     assert cu.main(["predict", "--model", str(path), *map(str, files), "--top-k", "3"]) == 0
     captured = capsys.readouterr()
@@ -245,8 +231,8 @@ def test_predict_text_output_equals_predict_image(model_file, photos, capsys):
     assert shown[str(files[0])][0][1] > 0.05  # a confident model: the numbers differ
 
 
-def test_predict_json_for_a_folder_equals_predict_image(model_file, photos, capsys):
-    path, model = model_file
+def test_predict_json_for_a_folder_equals_predict_image(small_model, photos, capsys):
+    path, model = small_model
     assert cu.main(["predict", "--model", str(path), str(photos), "--json"]) == 0
     captured = capsys.readouterr()
     document = json.loads(captured.out)
@@ -261,9 +247,9 @@ def test_predict_json_for_a_folder_equals_predict_image(model_file, photos, caps
 
 
 def test_predict_reports_an_unreadable_image_and_classifies_the_others(
-    model_file, photos, tmp_path, capsys
+    small_model, photos, tmp_path, capsys
 ):
-    path, model = model_file
+    path, model = small_model
     (tmp_path / "notes.png").write_text("a text file with an image's name\n")
     files = [photos / "a.jpg", tmp_path / "notes.png", photos / "b.png"]
     assert cu.main(["predict", "--model", str(path), *map(str, files), "--top-k", "1"]) == 2
@@ -281,8 +267,8 @@ def test_predict_reports_an_unreadable_image_and_classifies_the_others(
     assert "not a readable image" in _one_error_line(captured.err)
 
 
-def test_predict_refuses_a_huge_image_in_one_line_and_goes_on(model_file, huge_png, capsys):
-    path, rocket = model_file[0], cu.sample_photo()
+def test_predict_refuses_a_huge_image_in_one_line_and_goes_on(small_model, huge_png, capsys):
+    path, rocket = small_model[0], cu.sample_photo()
     assert cu.main(["predict", "--model", str(path), str(huge_png), str(rocket)]) == 2
     captured = capsys.readouterr()
     error = _one_error_line(captured.err)
@@ -291,9 +277,9 @@ def test_predict_refuses_a_huge_image_in_one_line_and_goes_on(model_file, huge_p
 
 
 def test_predict_says_what_a_folder_skips_and_goes_on_past_an_empty_one(
-    model_file, tmp_path, capsys
+    small_model, tmp_path, capsys
 ):
-    path, model = model_file
+    path, model = small_model
     folder, empty = tmp_path / "trip", tmp_path / "empty"
     (folder / "day1").mkdir(parents=True)  # subfolders are not searched: said so
     empty.mkdir()
@@ -324,8 +310,8 @@ def test_predict_says_what_a_folder_skips_and_goes_on_past_an_empty_one(
         ("empty folder", "holds no image files"),
     ],
 )
-def test_predict_errors(model_file, tmp_path, capsys, case, message):
-    model, photo, top_k = model_file[0], cu.sample_photo(), "5"
+def test_predict_errors(small_model, tmp_path, capsys, case, message):
+    model, photo, top_k = small_model[0], cu.sample_photo(), "5"
     if case == "missing model":
         model = tmp_path / "missing.keras"
     elif case == "text as model":
@@ -385,11 +371,11 @@ def test_the_demo_refuses_a_missing_model_in_one_line(tmp_path):
     assert "No model file at" in _one_error_line(done.stderr)
 
 
-def test_the_demo_page_header_never_shows_a_wrong_figure(model_file, tmp_path):
+def test_the_demo_page_header_never_shows_a_wrong_figure(small_model, tmp_path):
     import app
 
     path = tmp_path / "small.keras"
-    shutil.copy(model_file[0], path)
+    shutil.copy(small_model[0], path)
     results = path.with_suffix(".json")
     results.write_text('{"model": "small", "test_top1": 0.2')  # cut while being written
     assert "its results file `small.json` is unreadable" in app.describe_model(path)
@@ -400,13 +386,13 @@ def test_the_demo_page_header_never_shows_a_wrong_figure(model_file, tmp_path):
     assert "1,777,636 parameters · test top-1 0.250 (not a full CIFAR-100 run" in header
 
 
-def test_the_demo_says_when_its_port_is_taken(model_file):
+def test_the_demo_says_when_its_port_is_taken(small_model):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         done = subprocess.run(
-            [sys.executable, "app.py", "--model", str(model_file[0]), "--port", str(port)],
+            [sys.executable, "app.py", "--model", str(small_model[0]), "--port", str(port)],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -417,11 +403,11 @@ def test_the_demo_says_when_its_port_is_taken(model_file):
     assert f"error: cannot serve on 127.0.0.1:{port}" in _one_error_line(done.stderr)
 
 
-def test_predict_errors_in_a_real_process(model_file, tmp_path):
+def test_predict_errors_in_a_real_process(small_model, tmp_path):
     status, out, err = _run("predict", "--model", tmp_path / "missing.keras", cu.sample_photo())
     assert status == 2 and out == ""
     assert "No model file at" in _one_error_line(err)
     (tmp_path / "notes.png").write_text("not an image\n")
-    status, out, err = _run("predict", "--model", model_file[0], tmp_path / "notes.png")
+    status, out, err = _run("predict", "--model", small_model[0], tmp_path / "notes.png")
     assert status == 2 and out == ""
     assert "is not a readable image" in _one_error_line(err)
