@@ -70,12 +70,11 @@ def describe_model(model_path) -> str:
         return f"Model `{name}`: its results file `{results.name}` is unreadable ({exc})."
     if not isinstance(record, dict):
         return f"Model `{name}`: its results file `{results.name}` holds no results record."
-    params = record.get("params")
-    params = params.get("total") if isinstance(params, dict) else params
+    params = cu.total_params(record.get("params"))
     top1 = record.get("test_top1")
     text = (
         f"Model **{record.get('model', Path(model_path).stem)}** · "
-        f"{f'{params:,}' if _is_number(params) and isinstance(params, int) else '?'} parameters · "
+        f"{f'{params:,}' if params is not None else '?'} parameters · "
         f"test top-1 {f'{top1:.3f}' if _is_number(top1) else '?'}"
     )
     if record.get("full_cifar100") is not True:
