@@ -17,7 +17,7 @@ from .checks import check_label_pair, check_labels
 from .data import COARSE_LABEL_NAMES, FINE_LABEL_NAMES, FINE_TO_COARSE
 from .devices import to_numpy
 from .divergence import check_probabilities
-from .pipelines import make_dataset
+from .pipelines import model_input
 from .training import top_k_hits
 
 _FORWARD = weakref.WeakKeyDictionary()  # model -> its traced inference function
@@ -26,7 +26,8 @@ _FORWARD = weakref.WeakKeyDictionary()  # model -> its traced inference function
 def predict_proba(model, x, batch_size: int = 256) -> np.ndarray:
     """Class probabilities for images ``x`` (N, H, W, 3): uint8 in [0, 255] or float in [0, 1].
 
-    Images go through the same normalisation as :func:`make_dataset` (no augmentation).
+    Images go through the same normalisation as :func:`cifar_utils.pipelines.make_dataset`
+    (:func:`cifar_utils.pipelines.model_input`; no augmentation).
     The model runs batch by batch on this process's first device, in order, so the rows
     match ``x`` under every ``tf.distribute`` strategy (a multi-worker ``model.predict``
     would shard the data between workers).
@@ -36,15 +37,22 @@ def predict_proba(model, x, batch_size: int = 256) -> np.ndarray:
 
     Raises:
         NotProbabilities: a row holds NaN/inf or does not sum to 1 (e.g. NaN weights).
-        ValueError: bad images (see :func:`make_dataset`).
+        ValueError: no images, or bad ones (see :func:`cifar_utils.pipelines.model_input`).
     """
-    ds = make_dataset(x, np.zeros(len(x), np.int64), batch_size=batch_size, training=False)
+    x, scale = model_input(x)
+    if not len(x):
+        raise ValueError("no images to classify: x holds 0 images")
     if model not in _FORWARD:  # traced once per model, not once per call
         ref = weakref.ref(model)  # the cache must not keep the model alive
         _FORWARD[model] = tf.function(
             lambda images: ref()(images, training=False), reduce_retracing=True
         )
-    rows = [to_numpy(_FORWARD[model](images)).astype(np.float32) for images, _ in ds]
+    # Plain slices, not a tf.data pipeline: a new pipeline per call kept memory (the demo
+    # calls this once per photo).
+    batches = (
+        tf.cast(x[i : i + batch_size], tf.float32) / scale for i in range(0, len(x), batch_size)
+    )
+    rows = [to_numpy(_FORWARD[model](batch)).astype(np.float32) for batch in batches]
     return check_probabilities(np.concatenate(rows), f"{model.name}'s output")
 
 

@@ -14,14 +14,28 @@ from .checks import check_labels, check_pixels, check_positive_int
 from .data import data_fingerprint
 
 
-def _check_images(x) -> tuple[np.ndarray, float]:
-    """Images (N, H, W, 3) as given and the divisor that maps them to [0, 1]."""
+def model_input(x) -> tuple[np.ndarray, float]:
+    """Checked images and the divisor that maps them to the models' input range.
+
+    ``x``: images (N, H, W, 3), uint8 in [0, 255] or float in [0, 1]. Returns ``(images,
+    scale)``: uint8 images with 255.0, float ones as float32 with 1.0; the models take
+    :func:`scaled` of them, float32 in [0, 1] (:func:`make_dataset` and
+    :func:`cifar_utils.evaluation.predict_proba` alike).
+
+    Raises:
+        ValueError: not (N, H, W, 3); another dtype; NaN/inf or floats outside [0, 1].
+    """
     x = check_pixels(x)
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"images must be (N, H, W, 3), not shape {x.shape}")
     if x.dtype == np.uint8:
         return x, 255.0
     return x.astype(np.float32, copy=False), 1.0
+
+
+def scaled(images, scale: float):
+    """``images`` (a batch from :func:`model_input`) as the models take them: float32 in [0, 1]."""
+    return tf.cast(images, tf.float32) / scale
 
 
 def make_dataset(
@@ -66,7 +80,7 @@ def make_dataset(
         ValueError: images not (N, H, W, 3), float images with NaN/inf or outside [0, 1],
             labels invalid or not one per image, ``batch_transform`` with float images.
     """
-    x, scale = _check_images(x)
+    x, scale = model_input(x)
     y = check_labels(y, num_classes, "labels")
     if len(x) != len(y) or not len(x):
         raise ValueError(
@@ -76,7 +90,7 @@ def make_dataset(
     steps = steps_per_epoch(len(x), batch_size)
 
     def prepare(images, labels):
-        return tf.cast(images, tf.float32) / scale, tf.one_hot(labels, num_classes)
+        return scaled(images, scale), tf.one_hot(labels, num_classes)
 
     if not training:
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
