@@ -139,6 +139,9 @@ def export_model(model, path, /, class_names=FINE_LABEL_NAMES, **metadata) -> Pa
     except (TypeError, ValueError) as exc:
         raise ValueError(f"metadata must be JSON-able (str, number, list, dict): {exc}") from None
     plain = keras.models.clone_model(model, clone_function=_plain_keras_layer, recursive=True)
+    # clone_model copies the compile settings (the notebooks' custom top-5 metric, which plain
+    # Keras cannot load): the same layers as a fresh, uncompiled model.
+    plain = keras.Model(plain.input, plain.output, name=plain.name)
     plain.set_weights(model.get_weights())
     height, width = model_image_size(model)
     probe = np.random.default_rng(0).random((2, height, width, 3), dtype=np.float32)
