@@ -71,7 +71,7 @@ def describe_model(model_path) -> str:
     if not isinstance(record, dict):
         return f"Model `{name}`: its results file `{results.name}` holds no results record."
     params = cu.total_params(record.get("params"))
-    top1 = record.get("test_top1")
+    top1 = record.get("exported_test_top1", record.get("test_top1"))  # this file's figure
     text = (
         f"Model **{record.get('model', Path(model_path).stem)}** · "
         f"{f'{params:,}' if params is not None else '?'} parameters · "

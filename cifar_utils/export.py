@@ -17,7 +17,7 @@ from .checks import check_model_file
 from .data import FINE_LABEL_NAMES
 from .devices import is_chief
 from .files import atomic_path
-from .models import leaf_layers
+from .models import float32_config, float32_copy
 from .photos import model_image_size
 
 #: Members that :func:`export_model` adds to a ``.keras`` zip (and :func:`export_saved_model`
@@ -25,28 +25,6 @@ from .photos import model_image_size
 #: and a JSON object of metadata.
 CLASS_NAMES_MEMBER = "class_names.json"
 METADATA_MEMBER = "export_metadata.json"
-
-
-def _float32_config(layer) -> dict:
-    """``layer``'s config, with a float32 dtype policy where it has a mixed one."""
-    config = layer.get_config()
-    if layer.dtype_policy.name.startswith("mixed_"):  # computes in bfloat16 or float16
-        config["dtype"] = layer.dtype_policy.variable_dtype  # float32, as its weights
-    return config
-
-
-def _float32_twin(model):
-    """``model`` if it computes in float32, else a copy of it (same layer classes and
-    weights) computing in float32: what its float32 export must match."""
-    if not any(layer.dtype_policy.name.startswith("mixed_") for layer in leaf_layers(model)):
-        return model
-    twin = keras.models.clone_model(
-        model,
-        clone_function=lambda layer: type(layer).from_config(_float32_config(layer)),
-        recursive=True,
-    )
-    twin.set_weights(model.get_weights())
-    return twin
 
 
 def _plain_keras_layer(layer):
@@ -60,7 +38,7 @@ def _plain_keras_layer(layer):
     function becomes the Keras built-in of the same name (the package's ``swish`` -> Keras'
     ``swish``); any other custom layer is refused.
     """
-    config = _float32_config(layer)
+    config = float32_config(layer)
     activation = getattr(layer, "activation", None)
     if callable(activation) and not isinstance(keras.activations.serialize(activation), str):
         name = getattr(activation, "__name__", repr(activation))
@@ -145,7 +123,7 @@ def export_model(model, path, /, class_names=FINE_LABEL_NAMES, **metadata) -> Pa
     plain.set_weights(model.get_weights())
     height, width = model_image_size(model)
     probe = np.random.default_rng(0).random((2, height, width, 3), dtype=np.float32)
-    reference = _float32_twin(model)
+    reference = float32_copy(model)
     outputs = [np.asarray(m(probe, training=False)) for m in (plain, reference)]  # BN stats kept
     gap = float(np.max(np.abs(outputs[0] - outputs[1])))
     if gap >= 1e-5:

@@ -343,3 +343,26 @@ def leaf_layers(model) -> list:
         else:
             leaves.append(layer)
     return leaves
+
+
+def float32_config(layer) -> dict:
+    """``layer``'s config, with a float32 dtype policy where it has a mixed one."""
+    config = layer.get_config()
+    if layer.dtype_policy.name.startswith("mixed_"):  # computes in bfloat16 or float16
+        config["dtype"] = layer.dtype_policy.variable_dtype  # float32, as its weights
+    return config
+
+
+def float32_copy(model):
+    """``model`` if it computes in float32, else a copy of it (same layer classes and
+    weights) computing in float32: what its export (:func:`cifar_utils.export.export_model`)
+    computes, on every machine."""
+    if not any(layer.dtype_policy.name.startswith("mixed_") for layer in leaf_layers(model)):
+        return model
+    twin = keras.models.clone_model(
+        model,
+        clone_function=lambda layer: type(layer).from_config(float32_config(layer)),
+        recursive=True,
+    )
+    twin.set_weights(model.get_weights())
+    return twin

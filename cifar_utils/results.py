@@ -15,7 +15,7 @@ from . import data as dataset  # dataset.CIFAR100_MD5 read at call time (tests c
 from .devices import cpu_info, is_chief
 from .evaluation import evaluation_summary, predict_proba
 from .files import atomic_path, write_json
-from .models import parameter_counts
+from .models import float32_copy, parameter_counts
 from .published import TEST_TOP1, TRAINING_SECONDS
 
 
@@ -57,8 +57,11 @@ def evaluate_and_save(
         epochs, training seconds, history, best epoch, hardware, ``precision`` (the model's
         dtype policy: ``"float32"``, ``"mixed_bfloat16"`` or ``"mixed_float16"``), data
         provenance, settings and :func:`evaluation_summary` of validation and test
-        (``val_top1``, ``test_top5``, ... floats in [0, 1]), and the test-set probabilities,
-        float32 (N, 100).
+        (``val_top1``, ``test_top5``, ... floats in [0, 1]: the model as trained, in its
+        precision, so ``val_top1`` is the history's best), ``exported_test_top1`` and
+        ``exported_test_top5`` (the same weights computing in float32, as the exported
+        ``.keras`` file does: equal to ``test_top1``/``test_top5`` for a float32 run, within
+        bfloat16 round-off otherwise), and the test-set probabilities, float32 (N, 100).
 
     Raises:
         NotProbabilities: the model's outputs are no probabilities (a diverged model).
@@ -70,6 +73,8 @@ def evaluate_and_save(
         data.get("train_images"),
         data.get("test_images"),
     )
+    exported = float32_copy(model)  # what the exported .keras computes, on every machine
+    exported_probs = test_probs if exported is model else predict_proba(exported, test[0])
     params = run.get("params") or parameter_counts(model)
     phases = run.get("phases") or [
         {"name": "train", "epochs": run["epoch"], "trainable_params": params["trainable"]}
@@ -89,6 +94,11 @@ def evaluate_and_save(
         "settings_changed": settings.changed() if hasattr(settings, "changed") else None,
         **evaluation_summary(val[1], val_probs, "val"),
         **evaluation_summary(test[1], test_probs, "test"),
+        **{
+            key: value
+            for key, value in evaluation_summary(test[1], exported_probs, "exported_test").items()
+            if key in ("exported_test_top1", "exported_test_top5")
+        },
         **extra,
         "history": run["history"],
     }
