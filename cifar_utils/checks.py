@@ -75,8 +75,10 @@ def check_label_pair(y_true, y_pred, num_classes: int) -> tuple[np.ndarray, np.n
 
 
 def check_model_file(path) -> Path:
-    """``path`` as a Path if a file is there, else a FileNotFoundError naming the ``.keras``
-    files beside it and where the notebooks write theirs. Cheap: no TensorFlow."""
+    """``path`` as a Path if a ``.keras`` (or legacy ``.h5``) file is there.
+
+    Raises FileNotFoundError naming the ``.keras`` files beside it and where the notebooks
+    write theirs, or ValueError for another suffix. Cheap: no TensorFlow."""
     path = Path(path)
     if not path.is_file():
         beside = sorted(p.name for p in path.parent.glob("*.keras")) if path.parent.is_dir() else []
@@ -85,5 +87,25 @@ def check_model_file(path) -> Path:
             + (f"That folder holds {', '.join(beside)}. " if beside else "")
             + "A notebook writes OUTPUT_DIR/<model>.keras when it ends (simple_cnn.keras, "
             "complex_cnn.keras or efficientnet_b0.keras; OUTPUT_DIR is results/ by default)"
+        )
+    if path.suffix not in (".keras", ".h5"):
+        raise ValueError(
+            f"'{path}' is not a Keras model file (.keras, or a legacy .h5): give the .keras "
+            "file a notebook wrote at its end, e.g. results/simple_cnn.keras"
+        )
+    return path
+
+
+def check_new_folder(path) -> Path:
+    """``path`` as a Path if a new folder may be written there: nothing there yet, or an empty
+    folder. Raises FileExistsError for a symbolic link, a file or a folder holding anything
+    (nothing of the user's is ever replaced). Cheap: no TensorFlow."""
+    path = Path(path)
+    if path.is_symlink():
+        raise FileExistsError(f"'{path}' is a symbolic link; name a new folder")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(
+            f"'{path}' already exists and is not an empty folder; choose a new folder, or "
+            "remove it first to replace it"
         )
     return path

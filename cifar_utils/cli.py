@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .checks import check_model_file
+from .checks import check_model_file, check_new_folder
 
 #: The phase folders of a two-phase run (the transfer notebook's), in training order.
 PHASES = ("head", "finetune")
@@ -72,13 +72,20 @@ def _image_files(arguments) -> tuple[list[Path], list[dict]]:
     A folder stands for its image files (sorted; subfolders are not searched). Entries in
     it that are no image file Pillow reads by suffix are skipped, and stderr says how many
     and what they are, so a folder of HEIC photos or of subfolders is not silently empty.
-    Returns ``(files, errors)``: errors as ``{"image": folder, "error": message}``.
+    A path that does not exist is an error too. Returns ``(files, errors)``: errors as
+    ``{"image": path, "error": message}``. Needs no TensorFlow, so such mistakes answer at
+    once.
     """
     from PIL import Image
 
     readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
     files, errors = [], []
     for argument in map(Path, arguments):
+        if not argument.exists():
+            message = f"No image file at '{argument}'"
+            print(f"error: {message}", file=sys.stderr)
+            errors.append({"image": str(argument), "error": message})
+            continue
         if not argument.is_dir():
             files.append(argument)
             continue
@@ -110,12 +117,13 @@ def _entry_kind(path: Path) -> str:
 
 
 def _predict_command(args) -> int:
-    from .export import load_exported_model
-    from .photos import predict_image
-
-    model, names, _ = load_exported_model(args.model)
-    images, errors = _image_files(args.photos)
+    images, errors = _image_files(args.photos)  # before TensorFlow starts
     predictions = []
+    if images:
+        from .export import load_exported_model
+        from .photos import predict_image
+
+        model, names, _ = load_exported_model(args.model)
     for image in images:
         try:
             top = predict_image(model, image, top_k=args.top_k, class_names=names)
@@ -197,7 +205,16 @@ def main(argv=None) -> int:
     try:
         if hasattr(args, "model"):
             check_model_file(args.model)
+        if args.command == "export":
+            check_new_folder(args.out)
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, OSError) as exc:  # FileNotFoundError, FileExistsError among them
         print(f"error: {exc}", file=sys.stderr)
         return getattr(args, "error_status", 2)
+    except ImportError as exc:  # e.g. the system's python3 instead of the project's
+        print(
+            f"error: {exc}. Run the commands with the project's Python, "
+            "`.venv/bin/python -m cifar_utils ...`, after the README's install",
+            file=sys.stderr,
+        )
+        return 2

@@ -159,6 +159,9 @@ _MEMBERS = ("train", "test", "meta")
 #: ``meta`` 2 KB). A larger one is no CIFAR-100 file, and reading it first would take memory
 #: and time (a 2 MB ``.tar.gz`` can expand to gigabytes) before failing.
 MAX_MEMBER_BYTES = 170_000_000
+#: Entries read from an archive before giving up: the official one holds a handful (its
+#: folder, train, test, meta and a stray text file), and each entry read costs memory and time.
+MAX_ARCHIVE_ENTRIES = 64
 
 
 def _missing(present) -> list[str]:
@@ -199,13 +202,21 @@ def _read_members(source: Path) -> dict[str, bytes]:
         if not tarfile.is_tarfile(source) and _gzip_is_whole(source):
             raise CifarDataError(_wrong_file(source, "a gzip file that holds no tar archive"))
         with tarfile.open(source, "r:gz") as tar:
-            found = {}
-            for info in tar:  # the official layout only: cifar-100-python/<member>
+            found, wanted = {}, {f"{FOLDER_NAME}/{m}" for m in _MEMBERS}
+            for count, info in enumerate(tar, start=1):  # official layout: cifar-100-python/*
                 name = info.name.removeprefix("./")
-                if info.isfile() and name in {f"{FOLDER_NAME}/{m}" for m in _MEMBERS}:
+                if info.isfile() and name in wanted:
                     if info.size > MAX_MEMBER_BYTES:
                         raise _too_large(f"{source}:{name}", info.size)
                     found[name.split("/")[1]] = info
+                if len(found) == len(_MEMBERS):
+                    break  # the rest is never read
+                if count >= MAX_ARCHIVE_ENTRIES:
+                    raise CifarDataError(
+                        f"{source} holds more than {MAX_ARCHIVE_ENTRIES} entries without all of "
+                        f"{sorted(wanted)}: not the CIFAR-100 archive (it holds a handful). Get "
+                        f"{ARCHIVE_NAME} from {CIFAR100_URL}"
+                    )
             missing = _missing(found)
             if missing:
                 raise CifarDataError(

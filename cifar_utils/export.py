@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from .checks import check_model_file
+from .checks import check_model_file, check_new_folder
 from .data import FINE_LABEL_NAMES
 from .devices import is_chief
 from .files import atomic_path
@@ -204,13 +204,8 @@ def export_saved_model(model_path, out_dir) -> Path:
         FileNotFoundError, ValueError: see :func:`load_exported_model`.
         FileExistsError: ``out_dir`` exists and is not an empty folder.
     """
+    out = check_new_folder(out_dir)
     model, names, metadata = load_exported_model(model_path)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(
-            f"'{out}' already exists and is not an empty folder; choose a new folder, or "
-            "remove it first to replace it"
-        )
     with atomic_path(out, folder=True) as tmp:
         model.export(str(tmp), format="tf_saved_model", verbose=False)
         extra = tmp / "assets.extra"

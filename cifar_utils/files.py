@@ -34,15 +34,21 @@ def atomic_path(path, *, folder: bool = False):
 
     The temporary file keeps ``path``'s suffixes (``.weights.h5``, ``.keras``, ...) so
     libraries that look at them write the right format. ``folder=True`` yields an empty
-    temporary folder instead, which replaces a ``path`` folder. If the block raises,
-    the temporary path is removed and ``path`` is left as it was (or absent). The result gets
-    the permissions of anything new of the user (0666, or 0777 for a folder, less the
-    umask), not the 0600/0700 of a temporary file. ``path``'s parent folder is created.
+    temporary folder instead, which replaces an empty ``path`` folder (a folder holding
+    anything raises ``OSError``, and nothing is lost). If the block raises, the temporary
+    path is removed and ``path`` is left as it was (or absent). A ``path`` that is a symbolic
+    link is written through: its target is replaced, the link stays. The result keeps the
+    permissions of the file it replaces, or gets those of anything new of the user (0666,
+    or 0777 for a folder, less the umask), not the 0600/0700 of a temporary file. ``path``'s
+    parent folder is created.
 
     Python's standard library has the pieces (``tempfile``, ``os.replace``) but no such
     context manager.
     """
     path = Path(path)
+    if path.is_symlink():  # write where the link points, and keep the link
+        path = path.resolve()
+    mode = path.stat().st_mode & 0o777 if path.exists() else None
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}."
     if folder:
@@ -54,9 +60,9 @@ def atomic_path(path, *, folder: bool = False):
         tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
+        os.chmod(tmp, mode if mode is not None else (0o777 if folder else 0o666) & ~_umask())
         if folder and path.is_dir():
-            shutil.rmtree(path)
+            os.rmdir(path)  # only an empty folder is replaced: nothing of the user's is lost
         os.replace(tmp, path)
     finally:
         if folder:

@@ -37,9 +37,10 @@ def load_image(source, size=None) -> np.ndarray:
             16-bit greyscale, palette, CMYK), or an array ``(H, W)``, ``(H, W, 1)``,
             ``(H, W, 3)`` or ``(H, W, 4)``: uint8 in [0, 255] or float in [0, 1].
             Transparent pixels are composited onto white; greyscale is repeated over the
-            three channels; JPEG EXIF orientation is applied. A JPEG whose long side exceeds
-            2 x :data:`JPEG_DRAFT_SIDE` is decoded at a reduced scale (its long side stays
-            at least :data:`JPEG_DRAFT_SIDE` pixels).
+            three channels; JPEG EXIF orientation is applied. A baseline JPEG whose long side
+            exceeds 2 x :data:`JPEG_DRAFT_SIDE` is decoded at a reduced scale (its long side
+            stays at least :data:`JPEG_DRAFT_SIDE` pixels); a progressive one is not (its
+            decoder holds the full size anyway), so the budget counts its full size.
         size: ``(height, width)`` in pixels to resize to (squashed, not cropped, with
             Pillow's antialiasing Lanczos filter, like Keras' image_dataset_from_directory);
             ``None`` keeps the decoded size.
@@ -90,7 +91,9 @@ def _decode_file(path: Path) -> np.ndarray:
         raise _unreadable(path, exc) from None
     with im:
         width, height = im.size
-        if im.format == "JPEG" and max(width, height) > 2 * JPEG_DRAFT_SIDE:
+        # A progressive JPEG keeps full-size coefficient buffers even when drafted smaller.
+        progressive = im.info.get("progressive") or im.info.get("progression")
+        if im.format == "JPEG" and not progressive and max(width, height) > 2 * JPEG_DRAFT_SIDE:
             scale = JPEG_DRAFT_SIDE / max(width, height)
             im.draft("RGB", (round(width * scale), round(height * scale)))
         if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:

@@ -301,7 +301,8 @@ def update_readme_results(results_dir="results", readme="README.md") -> str:
         ValueError: the markers are missing, repeated or out of order.
     """
     readme = Path(readme)
-    text = readme.read_text(encoding="utf-8")
+    with open(readme, encoding="utf-8", newline="") as f:  # line ends kept as they are
+        text = f.read()
     if text.count(RESULTS_START) != 1 or text.count(RESULTS_END) != 1:
         raise ValueError(
             f"{readme} must hold the lines '{RESULTS_START}' and '{RESULTS_END}' exactly once "
@@ -315,5 +316,7 @@ def update_readme_results(results_dir="results", readme="README.md") -> str:
         raise ValueError(f"In {readme}, '{RESULTS_END}' comes before '{RESULTS_START}'")
     table = results_table(results_dir)
     with atomic_path(readme) as tmp:
-        tmp.write_text(text[:start] + "\n" + table + "\n" + text[end:], encoding="utf-8")
+        end_of_line = "\r\n" if "\r\n" in text else "\n"
+        block = end_of_line + table.replace("\n", end_of_line) + end_of_line
+        tmp.write_text(text[:start] + block + text[end:], encoding="utf-8", newline="")
     return table

@@ -238,7 +238,8 @@ def top_k_hits(labels, scores, k: int):
     """1.0 where the label is among the ``k`` highest scores of its row, else 0.0.
 
     ``labels``: int ``(N,)`` class indices; ``scores``: float ``(N, C)``; returns float32
-    ``(N,)`` (a Keras tensor; numpy arrays are accepted). Equal scores rank by class index,
+    ``(N,)`` (a Keras tensor; numpy arrays are accepted); a row holding NaN or inf is never
+    a hit (comparisons with NaN are all false). Equal scores rank by class index,
     lower first, as ``argmax`` (Keras' ``accuracy``) ranks them: the one rule for ties of
     every metric here (:func:`cifar_utils.evaluation.top_k_accuracy`, the compiled
     ``top5_accuracy``). Keras' ``TopKCategoricalAccuracy`` (``in_top_k``) counts every class
@@ -250,7 +251,9 @@ def top_k_hits(labels, scores, k: int):
     p_true = keras.ops.take_along_axis(scores, label, axis=-1)
     index = keras.ops.arange(keras.ops.shape(scores)[-1], dtype="int32")[None, :]
     ahead = (scores > p_true) | ((scores == p_true) & (index < label))
-    return keras.ops.cast(keras.ops.sum(keras.ops.cast(ahead, "int32"), axis=-1) < k, "float32")
+    hit = keras.ops.sum(keras.ops.cast(ahead, "int32"), axis=-1) < k
+    finite = keras.ops.all(keras.ops.isfinite(scores), axis=-1)  # NaN compares as False
+    return keras.ops.cast(hit & finite, "float32")
 
 
 @keras.saving.register_keras_serializable(package="cifar_utils")

@@ -343,10 +343,16 @@ def test_predict_errors(small_model, tmp_path, capsys, case, message):
         ["predict", "--model", "missing.keras", "photo.jpg"],
         ["predict", "--model", "missing.keras", "photo.jpg", "--top-k", "0"],
         ["export", "missing.keras", "--out", "served"],
+        ["export", "model.keras", "--out", "link"],  # a symbolic link
+        ["predict", "--model", "model.keras", "missing.jpg", "missing/"],  # no photo at all
+        ["predict", "--model", "results.json", "photo.jpg"],  # not a model file
     ],
 )
 def test_arguments_are_checked_before_tensorflow_starts(argv, tmp_path):
     """The answer comes without importing TensorFlow (which takes seconds to start)."""
+    (tmp_path / "model.keras").write_bytes(b"PK")  # exists: the other argument is wrong
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "link").symlink_to(tmp_path)
     code = (
         "import sys\nfrom cifar_utils.cli import main\ntry:\n    main(sys.argv[1:])\n"
         "except SystemExit:\n    pass\nprint('tensorflow' in sys.modules)"
@@ -356,6 +362,22 @@ def test_arguments_are_checked_before_tensorflow_starts(argv, tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.stdout.strip().splitlines()[-1] == "False", done.stderr
     assert ("usage:" in done.stdout) if argv == ["--help"] else ("error" in done.stderr)
+    assert "Traceback" not in done.stderr
+
+
+def test_a_python_without_the_requirements_gets_one_line(tmp_path):
+    """The system's python3 instead of .venv/bin/python: --help works, a command says how."""
+    code = (
+        "import sys\nsys.modules['keras'] = sys.modules['tensorflow'] = None  # not installed\n"
+        "from cifar_utils.cli import main\nsys.exit(main(sys.argv[1:]))"
+    )
+    (tmp_path / "model.keras").write_bytes(b"PK")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code, "predict", "--model", "model.keras",
+                           str(cu.sample_photo())], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: ") and "`.venv/bin/python -m cifar_utils" in done.stderr
 
 
 def test_the_demo_refuses_a_missing_model_in_one_line(tmp_path):

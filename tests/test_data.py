@@ -278,6 +278,18 @@ def test_members_outside_the_official_folder_are_not_read(cifar_archive, tmp_pat
         cu.load_cifar100(moved)
 
 
+def test_an_archive_of_many_entries_is_refused_without_reading_them_all(tmp_path):
+    """A 2 MB gzip can hold a million empty entries; tarfile keeps one object per entry read.
+    The official archive holds a handful: reading stops after MAX_ARCHIVE_ENTRIES."""
+    many = tmp_path / cu.ARCHIVE_NAME
+    with tarfile.open(many, "w:gz") as out:
+        for i in range(10_000):
+            out.addfile(tarfile.TarInfo(f"x{i}"))
+    with pytest.raises(cu.CifarDataError, match=r"holds more than 64 entries without all of"):
+        cu.load_cifar100(many)
+    assert cifar_utils.data.MAX_ARCHIVE_ENTRIES == 64
+
+
 def test_truncated_pickle_member(cifar_archive, tmp_path):
     with tarfile.open(cifar_archive) as tar:
         blob = tar.extractfile("cifar-100-python/test").read()

@@ -332,6 +332,27 @@ def test_a_48_megapixel_jpeg_is_decoded_shrunk(tmp_path):
     assert grew < 150, f"peak memory rose by {grew:.0f} MB (undrafted: 192 MB for the pixels alone)"
 
 
+def test_a_progressive_jpeg_counts_at_its_full_size(tmp_path):
+    """libjpeg holds a progressive JPEG's full-size coefficients even when drafted smaller, so
+    its budget counts the full size: a 2 MB progressive 13000x13000 file would take 1 GB."""
+    path = tmp_path / "progressive.jpg"
+    Image.new("RGB", (7000, 7000), (90, 140, 200)).save(path, progressive=True)
+    with pytest.raises(ValueError, match=r"too large to open safely: it has 7000x7000 pixels"):
+        cu.load_image(path)
+    small = tmp_path / "small.jpg"  # a progressive photo within the budget still loads
+    Image.new("RGB", (640, 480), (90, 140, 200)).save(small, progressive=True)
+    assert cu.load_image(small).shape == (480, 640, 3)
+
+
+def test_top_k_never_counts_a_row_with_nan(tmp_path):
+    rows = np.full((3, 100), 0.01)
+    rows[0, :] = np.nan  # all NaN: argmax says 0, no rank is right
+    rows[1, 42] = np.nan  # only the true class is NaN
+    rows[2, 7] = np.nan  # NaN elsewhere, the true class 42 tied with the rest
+    for k in (1, 5, 100):
+        assert cu.top_k_accuracy([42, 42, 42], rows, k=k) == 0.0
+
+
 def test_sample_photo_is_a_real_shipped_photo():
     path = cu.sample_photo()
     assert path.name == "rocket.jpg" and path.is_file()

@@ -1,0 +1,51 @@
+"""cifar_utils.files: every writer's atomic write keeps what the user had."""
+
+import stat
+
+import pytest
+
+import cifar_utils as cu
+from cifar_utils.files import atomic_path
+
+
+def test_a_symlink_is_written_through_and_the_mode_kept(tmp_path):
+    target = tmp_path / "docs" / "notes.json"
+    target.parent.mkdir()
+    target.write_text("{}")
+    target.chmod(0o600)
+    link = tmp_path / "notes.json"
+    link.symlink_to(target)
+    cu.write_json(link, {"a": 1})
+    assert link.is_symlink() and link.resolve() == target  # the link stays
+    assert target.read_text() == '{\n  "a": 1\n}\n'
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600  # not widened to 0644
+
+
+def test_a_folder_is_replaced_only_when_empty(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's")
+    with pytest.raises(OSError), atomic_path(out, folder=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert (out / "keep.txt").read_text() == "the user's"  # nothing lost
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left
+    (out / "keep.txt").unlink()
+    with atomic_path(out, folder=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+
+
+def test_report_keeps_the_readme_line_ends_and_link(tmp_path):
+    readme = tmp_path / "docs" / "README.md"
+    readme.parent.mkdir()
+    readme.write_bytes(
+        b"# Title\r\n<!-- results:start -->\r\nold\r\n<!-- results:end -->\r\nEnd\r\n"
+    )
+    link = tmp_path / "README.md"
+    link.symlink_to(readme)
+    table = cu.update_readme_results(tmp_path / "no-results", link)
+    text = readme.read_bytes()
+    assert link.is_symlink() and text.startswith(b"# Title\r\n<!-- results:start -->\r\n")
+    assert text.endswith(b"\r\n<!-- results:end -->\r\nEnd\r\n")
+    assert b"\n" not in text.replace(b"\r\n", b"")  # every line end still CRLF
+    assert table.splitlines()[0].encode() in text
