@@ -9,10 +9,12 @@ model's name, size and test top-1 come from the results file beside it
 or scripts from other sites.
 
 The server reads only the sample photos and files Gradio received as uploads, each for the
-session that uploaded it (:class:`UploadGuard`); uploads are deleted after
-``DELETE_UPLOADS[1]`` seconds and when the server stops (Ctrl-C or SIGTERM), and a session
-keeps at most ``UPLOADS_PER_SESSION``. What Gradio remembers per session is bounded by
-``SESSIONS_KEPT`` (see :func:`forget_finished_sessions`).
+session that uploaded it (:class:`UploadGuard`), and never fetches a URL a request names
+(:class:`LocalFilesBlocks`). Uploads are deleted after ``DELETE_UPLOADS[1]`` seconds and when
+the server stops (Ctrl-C or SIGTERM), and a session keeps at most ``UPLOADS_PER_SESSION`` of
+the photos it classified; the upload route takes no session, though, so what bounds the disk
+is :class:`UploadBudget` (``--upload-budget-mb``, all visitors together). What Gradio
+remembers per session is bounded by ``SESSIONS_KEPT`` (see :func:`forget_finished_sessions`).
 """
 
 import os
@@ -30,6 +32,7 @@ import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -37,16 +40,21 @@ from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 from gradio import utils as gradio_utils  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
+from starlette.responses import PlainTextResponse  # noqa: E402
 
 import cifar_utils as cu  # noqa: E402
 
-UPLOADS_PER_SESSION = 3  # a session's older uploads are deleted (3 x 50 MB at most)
+UPLOADS_PER_SESSION = 3  # of the uploads a session classified, older ones are deleted
+UPLOAD_BUDGET_MB = 500  # disk the upload folder may take, all visitors together (UploadBudget)
 DELETE_UPLOADS = (60, 600)  # gr.Blocks(delete_cache=): every minute, uploads over 10 minutes old
 HOUSEKEEPING_SECONDS = 5  # how often finished sessions and deleted uploads are forgotten
 REFUSED = (
     "This demo reads only photos uploaded from its page in this session, and its sample "
     "photos. Upload the photo again."
 )
+UPLOADS_FULL = "The demo's space for uploads is full. Try again in a few minutes."
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")  # http:, https:, file:, data:, ...
 
 
 def _is_number(value) -> bool:
@@ -110,8 +118,9 @@ class UploadGuard:
     links resolved, ``blocked_paths`` honoured) on every payload, accepts only files Gradio's
     upload route wrote (``Blocks.upload_file_set``, what ``delete_cache`` deletes), and gives
     each upload to the first session that names it; a new upload of the same photo is a new
-    file (:func:`_identity`), free for the session that sent it. A session keeps its last
-    ``UPLOADS_PER_SESSION`` uploads: older ones are deleted. Every refusal is the one
+    file (:func:`_identity`), free for the session that sent it. A session keeps the last
+    ``UPLOADS_PER_SESSION`` uploads it named: older ones are deleted (uploads no call names
+    are bounded by :class:`UploadBudget` alone). Every refusal is the one
     :data:`REFUSED` message, whatever the path, so it tells nothing about what exists.
     """
 
@@ -174,6 +183,112 @@ class UploadGuard:
                     gone = True
                 if gone:
                     self._forget(path)
+
+
+def _local_files_only(value):
+    """``value`` (an event's input as the request gave it) with every file payload's ``url``
+    dropped; raises the :data:`REFUSED` gr.Error if a payload's ``path`` is not a local path
+    (``http://...``, ``https://...`` or any other scheme)."""
+    if isinstance(value, list):
+        return [_local_files_only(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    value = {key: _local_files_only(item) for key, item in value.items()}
+    if "path" in value:
+        if isinstance(value["path"], str) and _SCHEME.match(value["path"]):
+            raise _refused()
+        value.pop("url", None)  # the page sends its own file URL there; Gradio sets it anew
+    return value
+
+
+class LocalFilesBlocks(gr.Blocks):
+    """gr.Blocks whose events never make the server fetch a URL a request names.
+
+    Gradio 6.31 downloads the file at any ``http(s)://`` URL that an event's input names as
+    a FileData ``path`` (with FileData's ``meta``): ``Blocks.preprocess_data`` hands every
+    input to ``processing_utils.async_move_files_to_cache``, whose component then fetches
+    it (``Block.async_move_resource_to_block_cache``, through safehttpx) into the upload
+    folder, before the event's function (and :class:`UploadGuard`) runs, whatever the
+    component and even with ``preprocess=False``. Nothing caps its size (``max_file_size``
+    is the upload route's), only public hosts are refused, and there is no option to turn it
+    off. (FileData's ``url`` of an input is not fetched in 6.31 unless the component proxies
+    a loaded app.) So :meth:`preprocess_data` first refuses, with the one :data:`REFUSED`
+    message, any input naming a ``path`` that is not a local path, and drops the ``url``
+    of every file payload (see :func:`_local_files_only`).
+    """
+
+    async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
+        inputs = [_local_files_only(value) for value in inputs]
+        return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+
+
+def folder_bytes(folder) -> int:
+    """The disk space the files and folders under ``folder`` take: each its size, or its
+    blocks if more (as ``du``), and at least 4 KB (so that a budget of bytes bounds the number
+    of empty files too); 0 if the folder does not exist."""
+    total, folders = 0, [folder]
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except OSError:  # deleted meanwhile
+            continue
+        with entries:
+            for entry in entries:
+                try:
+                    status = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                total += max(status.st_size, status.st_blocks * 512, 4096)
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+    return total
+
+
+class UploadBudget:
+    """ASGI middleware: an upload is refused (HTTP 413, :data:`UPLOADS_FULL`) unless the upload
+    folder, the uploads being received and this one fit in ``budget`` bytes.
+
+    Gradio 6.31's upload route (``/gradio_api/upload``) takes no session and up to 1,000
+    files of ``max_file_size`` each per request, writing them to the upload folder as they
+    arrive; it has no option for a total size or a file count, and keeps them until
+    ``delete_cache`` removes them (:data:`DELETE_UPLOADS`): the per-session cap of
+    :class:`UploadGuard` applies only to files a session classifies. So an upload must give
+    its ``Content-Length`` (HTTP 411 otherwise; the server reads no more than that), and it
+    is admitted only if the folder as on disk (:func:`folder_bytes`, a scan bounded by the
+    budget) plus the bytes of the uploads admitted and still being received plus its own
+    length stay within ``budget``. (A Content-Length counts a file's bytes, not the block and
+    folder the file system adds: the uploads being received may pass the budget by that much,
+    4 KB or so a file; the next upload sees it.)
+    """
+
+    def __init__(self, app, folder, budget: int):
+        self.app, self.folder, self.budget = app, folder, budget
+        self.receiving = 0  # Content-Length of the uploads admitted and not yet done
+        self.lock = asyncio.Lock()
+
+    async def __call__(self, scope, receive, send):
+        if not (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"].rstrip("/").endswith("/upload")
+        ):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if not length.isdigit():
+            refusal = PlainTextResponse("An upload must give its Content-Length.", 411)
+            return await refusal(scope, receive, send)
+        length = int(length)
+        async with self.lock:  # one measure at a time: two uploads cannot both take the room
+            used = await asyncio.to_thread(folder_bytes, self.folder)
+            admitted = used + self.receiving + length <= self.budget
+            if admitted:
+                self.receiving += length
+        if not admitted:
+            return await PlainTextResponse(UPLOADS_FULL, 413)(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.receiving -= length
 
 
 def forget_finished_sessions(queue) -> None:
@@ -242,7 +357,7 @@ def build_app(model_path) -> tuple[gr.Blocks, object]:
             ) from None
         return dict(top)
 
-    with gr.Blocks(
+    with LocalFilesBlocks(
         title="CIFAR-100 classifier", analytics_enabled=False, delete_cache=DELETE_UPLOADS
     ) as demo:
         gr.Markdown("# CIFAR-100 classifier\n" + describe_model(model_path))
@@ -268,6 +383,12 @@ def main(argv=None) -> None:
     parser.add_argument("--model", required=True, help="e.g. results/efficientnet_b0.keras")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument(
+        "--upload-budget-mb",
+        type=float,
+        default=UPLOAD_BUDGET_MB,
+        help=f"disk space all uploads together may take, in MB (default {UPLOAD_BUDGET_MB})",
+    )
     args = parser.parse_args(argv)
     try:
         demo, housekeeping = build_app(args.model)
@@ -286,7 +407,16 @@ def main(argv=None) -> None:
             mcp_server=False,
             max_file_size="50mb",
             state_session_capacity=SESSIONS_KEPT,
-            app_kwargs={"lifespan": housekeeping},
+            app_kwargs={
+                "lifespan": housekeeping,
+                "middleware": [
+                    Middleware(
+                        UploadBudget,
+                        folder=gradio_utils.get_upload_folder(),
+                        budget=int(args.upload_budget_mb * 2**20),
+                    )
+                ],
+            },
         )
     except OSError as exc:  # the port is taken, or the address is not this machine's
         print(

@@ -1,5 +1,6 @@
 """The web demo's server, through its HTTP API on loopback: it reads only the sample photos
-and files a visitor's own session uploaded, deletes uploads, and its memory stays flat.
+and files a visitor's own session uploaded, fetches no URL a request names, deletes uploads
+and keeps them within a disk budget, and its memory stays flat.
 
 A file "not read" is one whose access time did not move: :func:`canary` sets it an hour
 before the file's modification time, which any read updates (also under ``relatime``).
@@ -10,7 +11,9 @@ import json
 import os
 import shutil
 import signal
+import socketserver
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -34,17 +37,22 @@ REFUSED = (
 # Gradio's own check, when a payload carries FileData's meta (as the page's do): it refuses
 # before classify runs, and says why only in the server's log
 REFUSED_BY_GRADIO = ("error", {"error": None})
+UPLOADS_FULL = "The demo's space for uploads is full. Try again in a few minutes."
+BUDGET_MB = 40  # --upload-budget-mb of the module's server
 
 
 class Demo:
     """``python app.py --model MODEL --port P`` on loopback, its uploads in ``upload_dir``,
     called as the page and API clients call it (one keep-alive HTTP client)."""
 
-    def __init__(self, model, upload_dir: Path, log: Path):
+    def __init__(self, model, upload_dir: Path, log: Path, *options: str):
         self.upload_dir, self.log = upload_dir, log
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "GRADIO_TEMP_DIR": str(upload_dir)}
         self.url, self.process = start_demo(
-            lambda port: [sys.executable, "app.py", "--model", str(model), "--port", str(port)],
+            lambda port: [
+                *[sys.executable, "app.py", "--model", str(model), "--port", str(port)],
+                *options,
+            ],
             log,
             env,
         )
@@ -77,9 +85,9 @@ class Demo:
 
 
 @contextlib.contextmanager
-def running_demo(model, upload_dir: Path, log: Path):
+def running_demo(model, upload_dir: Path, log: Path, *options: str):
     """A :class:`Demo`, killed on the way out unless a test has stopped it."""
-    demo = Demo(model, upload_dir, log)
+    demo = Demo(model, upload_dir, log, *options)
     try:
         yield demo
     finally:
@@ -91,7 +99,7 @@ def running_demo(model, upload_dir: Path, log: Path):
 @pytest.fixture(scope="module")
 def demo(small_model, tmp_path_factory):
     uploads, log = tmp_path_factory.mktemp("uploads"), tmp_path_factory.mktemp("log") / "app.log"
-    with running_demo(small_model[0], uploads, log) as demo:
+    with running_demo(small_model[0], uploads, log, "--upload-budget-mb", str(BUDGET_MB)) as demo:
         yield demo
 
 
@@ -273,3 +281,98 @@ def test_uploads_are_capped_per_session_and_deleted_when_the_server_stops(own_de
     assert files_in(demo.upload_dir) == samples  # the samples stay, as Gradio keeps examples
     assert not Path(more[0]).exists()
     assert "Traceback" not in demo.log.read_text()
+
+
+class RecordingServer(socketserver.ThreadingTCPServer):
+    """A TCP server on loopback that answers nothing and records each connection's first
+    line (an HTTP request line, or the start of a TLS handshake)."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        self.requests = []
+        server = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                server.requests.append(self.rfile.readline(2000).decode(errors="replace"))
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+@pytest.fixture
+def recorder():
+    server = RecordingServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_url_a_request_names_is_never_fetched(demo, recorder, small_model, tmp_path):
+    """Gradio fetched a FileData path of http(s)://... (safehttpx refuses loopback hosts,
+    so it failed "validation" here, in the log; a public host's file was downloaded whole)."""
+    port, meta = recorder.server_address[1], {"_type": "gradio.FileData"}
+    urls = [f"{scheme}://{host}:{port}/photo.png" for scheme in ("http", "https")
+            for host in ("127.0.0.1", "localhost")]  # fmt: skip
+    logged = len(demo.log.read_bytes())
+    for url in urls:
+        for payload in ({"path": url, "meta": meta}, {"path": url, "url": url, "meta": meta},
+                        {"path": url}):  # fmt: skip
+            assert demo.classify(payload) == REFUSED, payload
+    for path in ("file:///etc/passwd", f"ftp://127.0.0.1:{port}/photo.png"):
+        assert demo.classify({"path": path, "meta": meta}) == REFUSED
+    # the examples' event takes the dataset's input: Gradio fetched files named there too
+    done = demo.http.post("run/load_example", json={"data": [{"path": urls[0], "meta": meta}]})
+    assert REFUSED[1]["error"] in done.text
+    # a URL in FileData's url beside this session's own upload: ignored (the page sends its
+    # own file URL there)
+    photo, expected = visitor_photo(small_model, tmp_path, seed=3)
+    (uploaded,) = demo.upload(photo)
+    named = {**file_data(uploaded), "url": urls[0]}
+    assert_classified(demo.classify(named, session="url"), expected)
+
+    assert recorder.requests == []
+    log = demo.log.read_bytes()[logged:].decode(errors="replace")
+    assert "failed validation" not in log and "Traceback" not in log, log
+    assert demo.serving()
+
+
+def disk_use(folder: Path) -> int:
+    """Bytes the files and folders under ``folder`` take (sizes, or blocks if more)."""
+    return sum(max(s.st_size, s.st_blocks * 512) for s in map(os.lstat, folder.rglob("*")))
+
+
+def test_uploads_never_classified_stay_within_the_disk_budget(demo):
+    """The upload route takes no session and up to 1,000 files a request: 2 MB files, never
+    classified, are taken until the folder would pass the budget, then refused, whether one
+    or many a request; freed space (what delete_cache does) is taken again."""
+    budget, size = BUDGET_MB * 2**20, 2 * 2**20
+    room = budget - disk_use(demo.upload_dir)
+    many = [("files", (f"many{i}.bin", os.urandom(2**20))) for i in range(BUDGET_MB + 1)]
+    assert demo.http.post("upload", files=many).status_code == 413  # refused whole, unread
+    assert budget - disk_use(demo.upload_dir) == room
+    taken, refusal = [], None
+    for i in range(60):
+        done = demo.http.post("upload", files=[("files", (f"junk{i}.bin", os.urandom(size)))])
+        if done.status_code != 200:
+            refusal = done.status_code, done.text
+            break
+        taken += done.json()
+        assert disk_use(demo.upload_dir) <= budget
+    assert refusal == (413, UPLOADS_FULL)
+    assert room // size - 2 <= len(taken) <= room // size  # multipart and folder overhead
+    chunked = demo.http.post(
+        "upload",
+        content=iter([b"--x\r\n"]),
+        headers={"Content-Type": "multipart/form-data; boundary=x"},
+    )
+    assert chunked.status_code == 411  # no Content-Length: its size is not known beforehand
+    assert disk_use(demo.upload_dir) <= budget
+
+    sample = file_data(next(path for path in demo.upload_dir.rglob("coffee.png")))
+    assert demo.classify(sample)[0] == "complete"  # still serving
+    for path in taken:  # as delete_cache does after ten minutes
+        shutil.rmtree(Path(path).parent)
+    assert len(demo.upload(("again.bin", os.urandom(size)))) == 1
+    assert demo.serving()
