@@ -36,6 +36,7 @@ import re  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
@@ -253,12 +254,15 @@ class UploadBudget:
     arrive; it has no option for a total size or a file count, and keeps them until
     ``delete_cache`` removes them (:data:`DELETE_UPLOADS`): the per-session cap of
     :class:`UploadGuard` applies only to files a session classifies. So an upload must give
-    its ``Content-Length`` (HTTP 411 otherwise; the server reads no more than that), and it
+    its ``Content-Length`` and no ``Transfer-Encoding`` (HTTP 411 otherwise: a chunked body
+    would ignore the length; the server reads no more than that), and it
     is admitted only if the folder as on disk (:func:`folder_bytes`, a scan bounded by the
     budget) plus the bytes of the uploads admitted and still being received plus its own
     length stay within ``budget``. (A Content-Length counts a file's bytes, not the block and
     folder the file system adds: the uploads being received may pass the budget by that much,
     4 KB or so a file; the next upload sees it.)
+    Multipart bodies are refused on every other route (404): Gradio's ``process_recording``
+    writes them to the system's temporary folder and never deletes them.
     """
 
     def __init__(self, app, folder, budget: int):
@@ -267,14 +271,17 @@ class UploadBudget:
         self.lock = asyncio.Lock()
 
     async def __call__(self, scope, receive, send):
-        if not (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and scope["path"].rstrip("/").endswith("/upload")
-        ):
+        if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if not length.isdigit():
+        headers = dict(scope["headers"])
+        if not scope["path"].rstrip("/").endswith("/upload"):
+            if headers.get(b"content-type", b"").startswith(b"multipart/"):
+                # files reach the disk through the upload route only (Gradio's
+                # process_recording parses files into the system's temp folder and keeps them)
+                return await PlainTextResponse("Not found.", 404)(scope, receive, send)
+            return await self.app(scope, receive, send)
+        length = headers.get(b"content-length", b"")
+        if b"transfer-encoding" in headers or not length.isdigit():  # chunked: length unknown
             refusal = PlainTextResponse("An upload must give its Content-Length.", 411)
             return await refusal(scope, receive, send)
         length = int(length)
@@ -289,6 +296,26 @@ class UploadBudget:
             await self.app(scope, receive, send)
         finally:
             self.receiving -= length
+
+
+def remove_leftovers(folder, age: float) -> list[str]:
+    """Delete what Gradio leaves in its upload ``folder`` and never deletes, older than
+    ``age`` seconds: files at the top level (the temporary files of uploads it refused or
+    never finished) and empty folders (what ``delete_cache`` leaves of an upload). Both
+    count against :class:`UploadBudget`, so without this they would hold its room for good.
+    Returns the names removed."""
+    removed, now = [], time.time()
+    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):  # gone or filled meanwhile: next sweep
+                if now - entry.stat(follow_symlinks=False).st_mtime < age:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    os.rmdir(entry.path)  # only an empty one
+                else:
+                    os.remove(entry.path)
+                removed.append(entry.name)
+    return removed
 
 
 def forget_finished_sessions(queue) -> None:
@@ -311,7 +338,7 @@ def _housekeeping(blocks: gr.Blocks, guard: UploadGuard):
     sessions (Gradio's LRU of 2,000, ~1.7 KB each, lowered: a session's queue is needed only
     while its event runs), and every ``HOUSEKEEPING_SECONDS`` finished sessions
     (:func:`forget_finished_sessions`) and deleted uploads (:meth:`UploadGuard.forget_deleted`)
-    are forgotten."""
+    are forgotten and the upload folder's leftovers removed (:func:`remove_leftovers`)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -322,6 +349,8 @@ def _housekeeping(blocks: gr.Blocks, guard: UploadGuard):
                 await asyncio.sleep(HOUSEKEEPING_SECONDS)
                 forget_finished_sessions(blocks._queue)
                 await asyncio.to_thread(guard.forget_deleted)
+                folder = gradio_utils.get_upload_folder()
+                await asyncio.to_thread(remove_leftovers, folder, DELETE_UPLOADS[1])
 
         task = asyncio.create_task(sweep())
         try:

@@ -37,7 +37,8 @@ def atomic_path(path, *, folder: bool = False):
     temporary folder instead, which replaces an empty ``path`` folder (a folder holding
     anything raises ``OSError``, and nothing is lost). If the block raises, the temporary
     path is removed and ``path`` is left as it was (or absent). A ``path`` that is a symbolic
-    link is written through: its target is replaced, the link stays. The result keeps the
+    link is written through: its target is replaced, the link stays; a target that is no
+    regular file (``/dev/null``, a pipe) raises ``FileExistsError``. The result keeps the
     permissions of the file it replaces, or gets those of anything new of the user (0666,
     or 0777 for a folder, less the umask), not the 0600/0700 of a temporary file. ``path``'s
     parent folder is created.
@@ -48,6 +49,11 @@ def atomic_path(path, *, folder: bool = False):
     path = Path(path)
     if path.is_symlink():  # write where the link points, and keep the link
         path = path.resolve()
+    if path.exists() and not (path.is_dir() if folder else path.is_file()):
+        raise FileExistsError(
+            f"'{path}' is not a regular {'folder' if folder else 'file'} (a device, a pipe, "
+            "...): it is never replaced. Write to another path"
+        )
     mode = path.stat().st_mode & 0o777 if path.exists() else None
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}."

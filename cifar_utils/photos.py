@@ -37,10 +37,11 @@ def load_image(source, size=None) -> np.ndarray:
             16-bit greyscale, palette, CMYK), or an array ``(H, W)``, ``(H, W, 1)``,
             ``(H, W, 3)`` or ``(H, W, 4)``: uint8 in [0, 255] or float in [0, 1].
             Transparent pixels are composited onto white; greyscale is repeated over the
-            three channels; JPEG EXIF orientation is applied. A baseline JPEG whose long side
-            exceeds 2 x :data:`JPEG_DRAFT_SIDE` is decoded at a reduced scale (its long side
-            stays at least :data:`JPEG_DRAFT_SIDE` pixels); a progressive one is not (its
-            decoder holds the full size anyway), so the budget counts its full size.
+            three channels; JPEG EXIF orientation is applied. A single-scan JPEG whose long
+            side exceeds 2 x :data:`JPEG_DRAFT_SIDE` is decoded at a reduced scale (its long
+            side stays at least :data:`JPEG_DRAFT_SIDE` pixels); one of several scans
+            (progressive, or a scan per channel) is not (its decoder holds the full size
+            anyway), so the budget counts its full size.
         size: ``(height, width)`` in pixels to resize to (squashed, not cropped, with
             Pillow's antialiasing Lanczos filter, like Keras' image_dataset_from_directory);
             ``None`` keeps the decoded size.
@@ -76,6 +77,21 @@ def _unreadable(path: Path, exc: Exception) -> ValueError:
     )
 
 
+def _jpeg_scans(path: Path) -> int:
+    """How many scans (SOS markers, ``FF DA``) a JPEG file holds, read in chunks.
+
+    A JPEG of several scans (progressive, or baseline with one scan per channel) is decoded
+    through full-size coefficient buffers even when Pillow drafts it smaller, so only a
+    single-scan one is drafted. ``FF DA`` cannot occur inside the entropy-coded data (a data
+    byte ``FF`` is followed by ``00`` there)."""
+    scans, tail = 0, b""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            scans += (tail + chunk).count(b"\xff\xda")
+            tail = chunk[-1:]
+    return scans
+
+
 def _decode_file(path: Path) -> np.ndarray:
     """Decode an image file to uint8 RGB, within :data:`MAX_IMAGE_PIXELS`."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -91,9 +107,8 @@ def _decode_file(path: Path) -> np.ndarray:
         raise _unreadable(path, exc) from None
     with im:
         width, height = im.size
-        # A progressive JPEG keeps full-size coefficient buffers even when drafted smaller.
-        progressive = im.info.get("progressive") or im.info.get("progression")
-        if im.format == "JPEG" and not progressive and max(width, height) > 2 * JPEG_DRAFT_SIDE:
+        large = max(width, height) > 2 * JPEG_DRAFT_SIDE
+        if im.format == "JPEG" and large and _jpeg_scans(path) == 1:
             scale = JPEG_DRAFT_SIDE / max(width, height)
             im.draft("RGB", (round(width * scale), round(height * scale)))
         if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:
@@ -105,8 +120,10 @@ def _decode_file(path: Path) -> np.ndarray:
         except unreadable as exc:
             raise _unreadable(path, exc) from None
     if im.mode.startswith("I"):  # 16/32-bit greyscale: scale 0..65535 to 0..255
-        array = np.asarray(im, dtype=np.float64) / 257.0
-        return np.repeat(np.clip(array, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+        grey = np.array(im)  # uint16 or int32, changed in place: no float64 copies
+        np.clip(grey, 0, 65535, out=grey)
+        grey //= 257
+        return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
     if "A" in im.mode or "transparency" in im.info:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

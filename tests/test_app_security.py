@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import socketserver
 import sys
 import threading
@@ -338,6 +339,25 @@ def test_a_url_a_request_names_is_never_fetched(demo, recorder, small_model, tmp
     assert demo.serving()
 
 
+def test_leftovers_gradio_never_deletes_are_removed_when_old(tmp_path):
+    """Temporary files of refused uploads and the empty folders delete_cache leaves would hold
+    the upload budget for good: the housekeeping removes them once older than the uploads'
+    lifetime; younger ones and folders holding an upload stay."""
+    import app
+
+    old, young = tmp_path / "tmpold", tmp_path / "tmpyoung"
+    empty, upload = tmp_path / "empty", tmp_path / "abc123"
+    for path in (old, young):
+        path.write_bytes(b"x" * 1000)
+    empty.mkdir()
+    upload.mkdir()
+    (upload / "photo.png").write_bytes(b"png")
+    for path in (old, empty, upload):
+        os.utime(path, (1, 1))
+    assert sorted(app.remove_leftovers(tmp_path, 600)) == ["empty", "tmpold"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abc123", "tmpyoung"]
+
+
 def disk_use(folder: Path) -> int:
     """Bytes the files and folders under ``folder`` take (sizes, or blocks if more)."""
     return sum(max(s.st_size, s.st_blocks * 512) for s in map(os.lstat, folder.rglob("*")))
@@ -368,7 +388,21 @@ def test_uploads_never_classified_stay_within_the_disk_budget(demo):
         headers={"Content-Type": "multipart/form-data; boundary=x"},
     )
     assert chunked.status_code == 411  # no Content-Length: its size is not known beforehand
+    # chunked with a small Content-Length: uvicorn would read the whole chunked body (raw
+    # socket: HTTP clients refuse to send such a request)
+    host, port = demo.url.split("/")[2].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        raw.sendall(
+            b"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+            b"Transfer-Encoding: chunked\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            b"\r\n"
+        )  # the headers alone: the answer comes before any of the body is read
+        assert raw.recv(64).startswith(b"HTTP/1.1 411")
     assert disk_use(demo.upload_dir) <= budget
+    recording = demo.http.post(  # Gradio keeps such files in the system's temporary folder
+        "process_recording", files=[("video", ("clip.bin", os.urandom(2**20)))]
+    )
+    assert recording.status_code == 404
 
     sample = file_data(next(path for path in demo.upload_dir.rglob("coffee.png")))
     assert demo.classify(sample)[0] == "complete"  # still serving

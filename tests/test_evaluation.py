@@ -339,6 +339,11 @@ def test_a_progressive_jpeg_counts_at_its_full_size(tmp_path):
     Image.new("RGB", (7000, 7000), (90, 140, 200)).save(path, progressive=True)
     with pytest.raises(ValueError, match=r"too large to open safely: it has 7000x7000 pixels"):
         cu.load_image(path)
+    from cifar_utils.photos import _jpeg_scans
+
+    baseline = tmp_path / "baseline.jpg"
+    Image.new("RGB", (64, 48), (90, 140, 200)).save(baseline)
+    assert _jpeg_scans(baseline) == 1 and _jpeg_scans(path) > 1  # drafted: single-scan only
     small = tmp_path / "small.jpg"  # a progressive photo within the budget still loads
     Image.new("RGB", (640, 480), (90, 140, 200)).save(small, progressive=True)
     assert cu.load_image(small).shape == (480, 640, 3)

@@ -1,5 +1,6 @@
 """cifar_utils.files: every writer's atomic write keeps what the user had."""
 
+import os
 import stat
 
 import pytest
@@ -49,3 +50,15 @@ def test_report_keeps_the_readme_line_ends_and_link(tmp_path):
     assert text.endswith(b"\r\n<!-- results:end -->\r\nEnd\r\n")
     assert b"\n" not in text.replace(b"\r\n", b"")  # every line end still CRLF
     assert table.splitlines()[0].encode() in text
+
+
+def test_a_link_to_a_device_or_pipe_is_never_replaced(tmp_path):
+    """``results/x.json -> /dev/null`` throws an output away; replacing the target with a file
+    (as root: /dev/null itself) would not. A pipe stands in for the device here."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    link = tmp_path / "results.json"
+    link.symlink_to(pipe)
+    with pytest.raises(FileExistsError, match="is not a regular file"):
+        cu.write_json(link, {"a": 1})
+    assert stat.S_ISFIFO(pipe.stat().st_mode) and link.is_symlink()
