@@ -5,6 +5,7 @@ import json
 import os
 import re
 import socket
+import socketserver
 import struct
 import subprocess
 import sys
@@ -220,3 +221,21 @@ class AtBatch(keras.callbacks.Callback):
 def ctrl_c(model):
     """An ``AtBatch`` action: stop the run as Ctrl-C does."""
     raise KeyboardInterrupt
+
+
+class RecordingServer(socketserver.ThreadingTCPServer):
+    """A TCP server on loopback that answers nothing and records each connection's first
+    line (an HTTP request line, or the start of a TLS handshake): a proxy that forwards
+    nothing, or a host a request must never reach."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        self.requests = []
+        server = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                server.requests.append(self.rfile.readline(2000).decode(errors="replace"))
+
+        super().__init__(("127.0.0.1", 0), Handler)

@@ -8,14 +8,13 @@ with the rocket's prediction to PATH (how ``images/demo.png`` is made).
 import json
 import math
 import os
-import socketserver
 import sys
 import threading
 from pathlib import Path
 
 import keras
 import pytest
-from conftest import start_demo
+from conftest import RecordingServer, start_demo
 from PIL import Image
 
 import cifar_utils as cu
@@ -71,22 +70,6 @@ def model_file(cifar_archive, tmp_path_factory):
     return cu.export_model(model, results / "simple_cnn.keras", model="simple_cnn", data=data)
 
 
-class _RecordingProxy(socketserver.ThreadingTCPServer):
-    """An HTTP(S) proxy on loopback that forwards nothing and records each request line."""
-
-    daemon_threads = True
-
-    def __init__(self):
-        self.requests = []
-        proxy = self
-
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self):
-                proxy.requests.append(self.rfile.readline(2000).decode(errors="replace"))
-
-        super().__init__(("127.0.0.1", 0), Handler)
-
-
 @pytest.fixture(scope="module")
 def server(model_file, tmp_path_factory):
     """``python app.py --model M --port P`` on loopback: yields (url, process, proxy).
@@ -94,7 +77,7 @@ def server(model_file, tmp_path_factory):
     Every proxy variable points at a recording proxy, so an HTTP call to anywhere but
     loopback by gradio or its libraries (analytics, version checks, hub look-ups) is seen.
     """
-    proxy = _RecordingProxy()
+    proxy = RecordingServer()
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     proxy_url = f"http://127.0.0.1:{proxy.server_address[1]}"
     env = {

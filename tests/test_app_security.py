@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import socket
-import socketserver
 import sys
 import threading
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import start_demo
+from conftest import RecordingServer, start_demo
 from PIL import Image
 
 import cifar_utils as cu
@@ -282,23 +281,6 @@ def test_uploads_are_capped_per_session_and_deleted_when_the_server_stops(own_de
     assert files_in(demo.upload_dir) == samples  # the samples stay, as Gradio keeps examples
     assert not Path(more[0]).exists()
     assert "Traceback" not in demo.log.read_text()
-
-
-class RecordingServer(socketserver.ThreadingTCPServer):
-    """A TCP server on loopback that answers nothing and records each connection's first
-    line (an HTTP request line, or the start of a TLS handshake)."""
-
-    daemon_threads = True
-
-    def __init__(self):
-        self.requests = []
-        server = self
-
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self):
-                server.requests.append(self.rfile.readline(2000).decode(errors="replace"))
-
-        super().__init__(("127.0.0.1", 0), Handler)
 
 
 @pytest.fixture
