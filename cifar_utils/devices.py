@@ -64,6 +64,14 @@ PRECISION_POLICIES = {
     "bfloat16": "mixed_bfloat16",
     "float32": "float32",
 }
+
+
+def is_precision_setting(value) -> bool:
+    """Whether ``value`` is one of the six ``MIXED_PRECISION`` values :func:`choose_precision`
+    takes: ``"auto"`` or a key of :data:`PRECISION_POLICIES` (a bool or its string)."""
+    return isinstance(value, bool | str) and (value == "auto" or value in PRECISION_POLICIES)
+
+
 #: CPU flags (``/proc/cpuinfo``) of native bfloat16 arithmetic: AVX512_BF16 or AMX.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -140,7 +148,7 @@ def choose_precision(setting="auto", *, cpu_flags=None, gpus=None) -> tuple[str,
     auto, why = _auto_precision(cpu_flags, gpus)
     if isinstance(setting, str) and setting == "auto":
         return auto, f'MIXED_PRECISION = "auto": {why}'
-    if not isinstance(setting, bool | str) or setting not in PRECISION_POLICIES:
+    if not is_precision_setting(setting):
         raise ValueError(
             f'MIXED_PRECISION = {setting!r}: must be "auto" (decide from the hardware), '
             'True or "float16", "bfloat16", or False or "float32"'

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .checks import is_int
 from .data import FINE_LABEL_NAMES, TRAIN_IMAGES, split_problem
-from .devices import PRECISION_POLICIES
+from .devices import is_precision_setting
 from .errors import ParameterError
 from .photos import load_image
 
@@ -125,7 +125,7 @@ _PARAMETER_RULES = (
     (lambda n: n == "XLA", lambda v: v is True or v is False or v == "auto",
      'True, False or "auto"'),
     (lambda n: n == "MIXED_PRECISION",
-     lambda v: v == "auto" or (isinstance(v, bool | str) and v in PRECISION_POLICIES),
+     is_precision_setting,
      '"auto" (from the hardware), True or "float16", "bfloat16", or False or "float32"'),
     (lambda n: n == "WEIGHTS", lambda v: v is None or v == "imagenet" or _existing_file(v),
      '"imagenet", None (random weights) or the path of an existing .h5 weights file'),
