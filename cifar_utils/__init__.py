@@ -5,10 +5,11 @@ One module per job, each importing only the ones listed before it:
 ==============  ==========================================================================
 ``errors``      the error classes (their messages say what to fix)
 ``files``       atomic writes, file digests, JSON files
+``notebooks``   finding the notebooks, running a cell found by its tag
 ``checks``      checks of images, labels and counts shared by the modules below
 ``published``   every figure the seed project published (layer tables, counts, settings)
 ``data``        CIFAR-100: finding, downloading and reading the archive, label names, split
-``models``      the three networks, EfficientNetB0 weights, parameter counts
+``models``      the three networks (from the notebooks), EfficientNetB0, parameter counts
 ``augment``     Keras augmentation layers, per-batch seeds, albumentations
 ``pipelines``   ``make_dataset``: the ``tf.data`` pipelines
 ``devices``     strategies, workers, precision, XLA, the CPU's small-conv gradients
@@ -40,6 +41,7 @@ _PUBLIC = {
         "NotProbabilities", "ParameterError",
     ),
     "files": ("write_json",),
+    "notebooks": ("notebook_path", "run_tagged_cell"),
     "published": (
         "SIMPLE_CNN_LAYERS", "TRANSFER_LAYERS", "PARAMS", "TEST_TOP1", "TRAINING_SECONDS",
         "COMPLEX_CONV_LAYERS", "COMPLEX_DENSE_LAYERS", "OPTIMIZERS", "AUGMENTATION",
@@ -51,11 +53,11 @@ _PUBLIC = {
         "load_cifar100", "data_provenance", "train_val_split", "data_fingerprint",
     ),
     "models": (
-        "build_simple_cnn", "parameter_counts", "COMPLEX_CONV_WIDTHS", "COMPLEX_POOL_DROPOUT",
-        "build_complex_cnn", "EFFICIENTNET_B0_WEIGHTS", "EFFICIENTNET_B0_URL",
+        "NETWORK_NOTEBOOKS", "build_from_notebook", "build_simple_cnn", "build_complex_cnn",
+        "parameter_counts", "EFFICIENTNET_B0_WEIGHTS", "EFFICIENTNET_B0_URL",
         "EFFICIENTNET_B0_SHA256", "IMAGENET_MEAN", "IMAGENET_STD", "EFFICIENTNET_BASE",
-        "efficientnet_b0_weights_file", "build_efficientnet_b0", "describe_weights",
-        "set_base_trainable",
+        "efficientnet_b0_weights_file", "efficientnet_b0_base", "build_efficientnet_b0",
+        "describe_weights", "set_base_trainable",
     ),
     "augment": (
         "derive_seed", "augmentation_layers", "albumentations_transform", "albumentations_batch",

@@ -1,13 +1,21 @@
 """The three networks, EfficientNetB0's ImageNet weights, and what a model is made of.
 
-Used by each notebook's "The model" step. Every model takes float32 ``(B, 32, 32, 3)`` in
-[0, 1] and returns float32 ``(B, 100)`` probabilities (the softmax stays float32 under
-mixed precision).
+Each network is written once, in its notebook: the code cell tagged ``network`` defines
+``build_model``, the layers a reader sees and edits, and what that notebook trains. The
+tests, the benchmark and the scripts get that very network with one call
+(:func:`build_simple_cnn`, :func:`build_complex_cnn`, :func:`build_efficientnet_b0`), which
+runs the cell from the notebook file (:func:`build_from_notebook`): never a second copy.
+This module keeps what the three share and what is not the lesson: the EfficientNetB0 base
+and its weights file, parameter counts, layer walks, float32 copies.
+
+Every model takes float32 ``(B, 32, 32, 3)`` in [0, 1] and returns float32 ``(B, 100)``
+probabilities (the softmax stays float32 under mixed precision).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,51 +25,83 @@ import numpy as np
 from .data import default_cache_dir
 from .errors import WeightsError
 from .files import file_digest
-from .published import TRANSFER_DROPOUT, TRANSFER_IMAGE_SIZE
+from .notebooks import run_tagged_cell
 
-#: Dropout rates of the simple network: after convs 1, 2 and 3 and after the global average
-#: pooling. The seed gives none; these are our choice: rising with depth as in the complex
-#: network and the usual VGG-style CIFAR recipes (little on the first, widest feature map,
-#: whose 64 filters are still generic), and the classic 0.5 before the dense head.
-SIMPLE_CNN_DROPOUT = (0.2, 0.3, 0.4, 0.5)
+#: The tag of the notebook cell that defines ``build_model``.
+NETWORK_TAG = "network"
+#: Notebook of each network, keyed by the results files' ``model`` name.
+NETWORK_NOTEBOOKS = {
+    "simple_cnn": "simple_image_clasifier.ipynb",
+    "complex_cnn": "complex_image_clasifier.ipynb",
+    "efficientnet_b0": "image_classifier_with_transfer_learning.ipynb",
+}
 
 
-def build_simple_cnn(num_classes: int = 100, input_shape=(32, 32, 3)):
-    """The seed's simple network, layer for layer as its table
+def build_from_notebook(notebook, **kwargs):
+    """The network that ``notebook``'s code cell tagged ``network`` defines: its
+    ``build_model(**kwargs)``, built under the current dtype policy and strategy scope.
+
+    The cell runs on its own, with the names the notebook's setup cell gives it (``keras``,
+    and ``cu``: this package), so an edit in the notebook is what this builds.
+
+    Args:
+        notebook: a notebook's path, or its file name in the repository root (beside
+            this package), e.g. ``NETWORK_NOTEBOOKS["simple_cnn"]``.
+        **kwargs: ``build_model``'s arguments, as its cell documents them.
+
+    Returns:
+        keras.Model: what ``build_model`` returns.
+
+    Raises:
+        FileNotFoundError: no such notebook; LookupError: no single cell tagged ``network``,
+            or it defines no ``build_model`` (the messages name the file and the tag).
+    """
+    scope = run_tagged_cell(notebook, NETWORK_TAG, {"keras": keras, "cu": sys.modules[__package__]})
+    if not callable(scope.get("build_model")):
+        raise LookupError(
+            f"{notebook}: its cell tagged '{NETWORK_TAG}' defines no build_model(); the "
+            "notebook's network is what that function returns"
+        )
+    return scope["build_model"](**kwargs)
+
+
+def build_simple_cnn(**kwargs):
+    """The seed's simple network, from ``simple_image_clasifier.ipynb`` (its cell tagged
+    ``network``; :func:`build_from_notebook`): the 18 rows of the seed's table
     (:data:`cifar_utils.published.SIMPLE_CNN_LAYERS`).
-
-    Four 3x3 'valid' convolutions with ReLU inside (64-128-256-512 filters; spatial size
-    32 -> 30 -> 28, pool 14 -> 12, pool 6 -> 4): Conv -> Dropout -> BatchNorm; Conv ->
-    MaxPool -> Dropout -> BatchNorm; Conv -> MaxPool -> Dropout -> BatchNorm; Conv ->
-    BatchNorm; then GlobalAveragePooling -> Dropout -> Dense 256 ReLU -> Dense 256 ReLU ->
-    Dense ``num_classes`` softmax (float32 under mixed precision). Dropout rates:
-    :data:`SIMPLE_CNN_DROPOUT` (our choice). BatchNorm momentum 0.9 (Keras' default is 0.99),
-    so the inference statistics settle within the first epoch; it changes no count.
 
     For 100 classes: 1,777,636 parameters, 1,775,716 trainable and 1,920 non-trainable
     (BatchNorm moving statistics), the seed's figures (:data:`cifar_utils.published.PARAMS`).
     About 0.24 GFLOPs per image forward.
 
-    Input: float32 (B, 32, 32, 3) in [0, 1]. Output: float32 (B, num_classes) probabilities.
+    Args:
+        **kwargs: ``build_model``'s: ``num_classes`` (default 100).
+
+    Returns:
+        keras.Model ``simple_cnn``: float32 (B, 32, 32, 3) in [0, 1] -> float32
+        (B, num_classes) probabilities.
     """
-    drop = iter(SIMPLE_CNN_DROPOUT)
-    inputs = keras.Input(input_shape, name="image")
-    h = inputs
-    for i, (width, pool) in enumerate([(64, False), (128, True), (256, True), (512, False)], 1):
-        h = keras.layers.Conv2D(width, 3, activation="relu", name=f"conv{i}")(h)
-        if pool:
-            h = keras.layers.MaxPooling2D(2, name=f"pool{i}")(h)
-        if i < 4:
-            h = keras.layers.Dropout(next(drop), name=f"drop{i}")(h)
-        h = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(h)
-    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
-    h = keras.layers.Dropout(next(drop), name="drop_gap")(h)
-    h = keras.layers.Dense(256, activation="relu", name="dense1")(h)
-    h = keras.layers.Dense(256, activation="relu", name="dense2")(h)
-    outputs = keras.layers.Dense(
-        num_classes, activation="softmax", dtype="float32", name="predictions"
-    )(h)
-    return keras.Model(inputs, outputs, name="simple_cnn")
+    return build_from_notebook(NETWORK_NOTEBOOKS["simple_cnn"], **kwargs)
+
+
+def build_complex_cnn(**kwargs):
+    """The seed's complex network, from ``complex_image_clasifier.ipynb`` (its cell tagged
+    ``network``; :func:`build_from_notebook`): 12 conv layers + Dense 512 + Dense 100.
+
+    For 100 classes: 15,047,588 parameters, 15,038,116 trainable and 9,472 non-trainable
+    (the moving mean and variance of the 13 BatchNorm layers), the figures of the seed
+    notebook, which printed no layer table (the widths are our choice; the notebook says why).
+
+    Args:
+        **kwargs: ``build_model``'s: ``num_classes`` (default 100), ``stages`` (the conv
+            widths of each stage and the Dropout after its pooling), ``dense_units`` (512),
+            ``l2`` (5e-4). The counts above hold for the defaults only.
+
+    Returns:
+        keras.Model ``complex_cnn``: float32 (B, 32, 32, 3) in [0, 1] -> float32
+        (B, num_classes) probabilities.
+    """
+    return build_from_notebook(NETWORK_NOTEBOOKS["complex_cnn"], **kwargs)
 
 
 def parameter_counts(model) -> dict:
@@ -73,71 +113,6 @@ def parameter_counts(model) -> dict:
         "trainable": trainable,
         "non_trainable": non_trainable,
     }
-
-
-#: Widths of the complex network's twelve 3x3 'same' convolutions.
-COMPLEX_CONV_WIDTHS = (64, 64, 128, 384, 384, 384, 384, 384, 512, 512, 512, 512)
-#: 1-based conv indices followed by 2x2 max-pooling (32 -> 16 -> 8 -> 4 -> 2 -> 1), mapped to
-#: the Dropout rate after that pool.
-COMPLEX_POOL_DROPOUT = {2: 0.2, 3: 0.3, 5: 0.3, 8: 0.4, 12: 0.4}
-
-
-def build_complex_cnn(
-    num_classes: int = 100, input_shape=(32, 32, 3), l2: float = 5e-4, width_scale: float = 1.0
-):
-    """The seed's complex network: 12 conv layers + Dense 512 + Dense ``num_classes``.
-
-    Twelve 3x3 'same' convolutions of widths :data:`COMPLEX_CONV_WIDTHS` (with bias, the
-    Keras default), each followed by BatchNorm and ReLU; 2x2 max-pooling and Dropout after
-    convs 2, 3, 5, 8 and 12 (:data:`COMPLEX_POOL_DROPOUT`), so 32x32 inputs end at 1x1x512;
-    Flatten, Dense 512 + BatchNorm + ReLU + Dropout 0.5, Dense ``num_classes`` softmax.
-    ``l2`` is the L2 factor on both dense kernels (the convs are unregularised). BatchNorm
-    momentum is 0.9 (as in :func:`build_simple_cnn`), so the inference statistics settle
-    within the first epoch.
-
-    For 100 classes: 15,047,588 parameters, 15,038,116 trainable and 9,472 non-trainable
-    (the moving mean and variance of the 13 BatchNorm layers: 2 x (4,224 + 512)), the
-    figures of the seed notebook. The seed did not print its layer table; these widths
-    are one 12-conv design that reproduces all three counts exactly.
-
-    ``width_scale`` multiplies every conv and dense width (at least 1 unit each); the
-    counts above hold only for 1.0, smaller values keep the depth for quick CPU checks.
-
-    Input: float32 (B, 32, 32, 3) in [0, 1] (other sizes must be divisible by 32).
-    Output: float32 (B, num_classes) probabilities.
-    """
-    if input_shape[0] % 32 or input_shape[1] % 32:
-        raise ValueError(
-            f"input_shape {input_shape}: height and width must be multiples of 32 for the "
-            "five 2x2 poolings (CIFAR images are 32x32)"
-        )
-
-    def scaled(width):
-        return max(1, round(width * width_scale))
-
-    reg = keras.regularizers.L2(l2)
-    inputs = keras.Input(input_shape, name="image")
-    h = inputs
-    for i, width in enumerate(COMPLEX_CONV_WIDTHS, start=1):
-        h = keras.layers.Conv2D(scaled(width), 3, padding="same", name=f"conv{i}")(h)
-        h = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(h)
-        h = keras.layers.Activation("relu", name=f"relu{i}")(h)
-        if i in COMPLEX_POOL_DROPOUT:
-            h = keras.layers.MaxPooling2D(2, name=f"pool{i}")(h)
-            h = keras.layers.Dropout(COMPLEX_POOL_DROPOUT[i], name=f"drop{i}")(h)
-    h = keras.layers.Flatten(name="flatten")(h)
-    h = keras.layers.Dense(scaled(512), kernel_regularizer=reg, name="dense1")(h)
-    h = keras.layers.BatchNormalization(momentum=0.9, name="bn_dense1")(h)
-    h = keras.layers.Activation("relu", name="relu_dense1")(h)
-    h = keras.layers.Dropout(0.5, name="drop_dense1")(h)
-    outputs = keras.layers.Dense(
-        num_classes,
-        activation="softmax",
-        kernel_regularizer=reg,
-        dtype="float32",  # float32 probabilities under mixed precision
-        name="predictions",
-    )(h)
-    return keras.Model(inputs, outputs, name="complex_cnn")
 
 
 #: The no-top ImageNet weights that ``efficientnet`` 1.1.1 downloads for EfficientNetB0.
@@ -155,7 +130,7 @@ EFFICIENTNET_B0_SHA256 = "c1421ad80a9fc67c2cc4000f666aa50789ce39eedb4e06d531b0c5
 #: dividing 0-255 pixels by 255, i.e. the normalisation the package's ImageNet weights expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-#: Name of the EfficientNetB0 base inside :func:`build_efficientnet_b0`'s model.
+#: Name of the EfficientNetB0 base (:func:`efficientnet_b0_base`) inside the transfer model.
 EFFICIENTNET_BASE = "efficientnet-b0"
 
 
@@ -235,28 +210,25 @@ def _load_base_weights(base, path) -> None:
         raise WeightsError(
             f"'{path}' does not fit EfficientNetB0 without its top ({problem}). Use the no-top "
             f"file {EFFICIENTNET_B0_WEIGHTS} (sha256 {EFFICIENTNET_B0_SHA256}) or weights saved "
-            "from the base of build_efficientnet_b0"
+            "from the base of efficientnet_b0_base"
         )
 
 
-def build_efficientnet_b0(
-    weights="imagenet", num_classes: int = 100, image_size: int = TRANSFER_IMAGE_SIZE
-):
-    """EfficientNetB0 (``efficientnet`` 1.1.1, no top) with a new head, for 32x32 images.
+def efficientnet_b0_base(weights="imagenet", image_size: int = 224):
+    """EfficientNetB0 without its top (``efficientnet`` 1.1.1), for ``image_size`` inputs,
+    with its weights loaded and checked: the base of the transfer notebook's network.
 
-    Input float32 (B, 32, 32, 3) in [0, 1] (as :func:`make_dataset` gives) -> Resizing to
-    ``image_size`` (bilinear, inside the model, so the input pipeline never holds 224x224
-    images) -> Normalization with :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD` (the package's
-    own ``preprocess_input``, mode "torch", for [0, 1] input; no weights) -> the base (layer
-    :data:`EFFICIENTNET_BASE`) -> GlobalAveragePooling -> Dropout 0.2 -> Dense ``num_classes``
-    softmax. For 100 classes: 4,177,664 parameters, 4,135,648 trainable, 42,016 non-trainable
-    (BatchNorm moving statistics), the base 4,049,564, as in the seed notebook.
+    The model (named :data:`EFFICIENTNET_BASE`) takes (B, image_size, image_size, 3) normalised
+    as the package's ``preprocess_input`` does (mode "torch": :data:`IMAGENET_MEAN`,
+    :data:`IMAGENET_STD`) and returns (B, image_size / 32, image_size / 32, 1280) features;
+    4,049,564 parameters, 42,016 of them BatchNorm moving statistics.
 
     Args:
         weights: ``"imagenet"`` (the Keras cache, else downloaded; see
             :func:`efficientnet_b0_weights_file`), a path to an ``.h5`` file holding the base's
             weights (the package's no-top file, or a ``.weights.h5`` saved from this base), or
             ``None`` (random initialisation, for quick checks).
+        image_size: height and width in pixels of its input (224: ImageNet's).
 
     Raises:
         WeightsError: weights missing, offline, wrong hash, unreadable or not fitting the base.
@@ -270,18 +242,31 @@ def build_efficientnet_b0(
         _load_base_weights(base, efficientnet_b0_weights_file())
     elif weights is not None:
         _load_base_weights(base, weights)
-    inputs = keras.Input((32, 32, 3), name="image")
-    h = keras.layers.Resizing(image_size, image_size, name="resize")(inputs)
-    h = keras.layers.Normalization(
-        mean=IMAGENET_MEAN, variance=np.square(IMAGENET_STD), name="imagenet_normalization"
-    )(h)
-    h = base(h)
-    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
-    h = keras.layers.Dropout(TRANSFER_DROPOUT, name="top_dropout")(h)
-    outputs = keras.layers.Dense(
-        num_classes, activation="softmax", dtype="float32", name="predictions"
-    )(h)
-    return keras.Model(inputs, outputs, name="efficientnet_b0_transfer")
+    return base
+
+
+def build_efficientnet_b0(**kwargs):
+    """EfficientNetB0 with a new head for CIFAR-100, from
+    ``image_classifier_with_transfer_learning.ipynb`` (its cell tagged ``network``;
+    :func:`build_from_notebook`).
+
+    Resizing and Normalization inside the model (no parameters), the base
+    (:func:`efficientnet_b0_base`, layer :data:`EFFICIENTNET_BASE`), GlobalAveragePooling,
+    Dropout 0.2, Dense softmax. For 100 classes: 4,177,664 parameters, 4,135,648 trainable,
+    42,016 non-trainable (BatchNorm moving statistics), the base 4,049,564, as in the seed.
+
+    Args:
+        **kwargs: ``build_model``'s: ``weights`` (as :func:`efficientnet_b0_base`; default
+            ``"imagenet"``), ``image_size`` (224), ``num_classes`` (100).
+
+    Returns:
+        keras.Model ``efficientnet_b0_transfer``: float32 (B, 32, 32, 3) in [0, 1] -> float32
+        (B, num_classes) probabilities.
+
+    Raises:
+        WeightsError: as :func:`efficientnet_b0_base`.
+    """
+    return build_from_notebook(NETWORK_NOTEBOOKS["efficientnet_b0"], **kwargs)
 
 
 def describe_weights(weights) -> str | None:

@@ -14,6 +14,7 @@ from .checks import is_int
 from .data import FINE_LABEL_NAMES, TRAIN_IMAGES, split_problem
 from .devices import is_precision_setting
 from .errors import ParameterError
+from .notebooks import notebook_path
 from .photos import load_image
 
 
@@ -47,15 +48,6 @@ def _jsonable(value):
     return value if isinstance(value, bool | int | float | str | type(None)) else str(value)
 
 
-def _notebook_path(notebook) -> Path:
-    """``notebook`` as a path; a relative name that does not exist here is looked up in the
-    repository (where the notebooks live, beside this package)."""
-    path = Path(notebook)
-    if not path.is_absolute() and not path.exists():
-        path = Path(__file__).resolve().parents[1] / path
-    return path
-
-
 def notebook_defaults(notebook) -> dict:
     """The parameters of ``notebook`` (name -> default), read from its cell tagged "parameters".
 
@@ -70,7 +62,7 @@ def notebook_defaults(notebook) -> dict:
 
     import papermill
 
-    found = papermill.inspect_notebook(str(_notebook_path(notebook)))
+    found = papermill.inspect_notebook(str(notebook_path(notebook)))
     if not found:
         raise ValueError(f"{notebook} has no code cell tagged 'parameters'")
     return {name: ast.literal_eval(p["default"]) for name, p in found.items()}
@@ -83,7 +75,7 @@ def _assigned_names(notebook) -> set[str]:
     import nbformat
 
     names = set()
-    cells = nbformat.read(_notebook_path(notebook), as_version=4).cells
+    cells = nbformat.read(notebook_path(notebook), as_version=4).cells
     for cell in (c for c in cells if c.cell_type == "code"):
         for node in ast.walk(ast.parse(cell.source)):
             if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):

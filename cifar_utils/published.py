@@ -5,7 +5,7 @@ The seed is the Spanish README of the original notebooks (kept in the steering r
 ``shared/SEED.md``). Nothing here is measured by this project: the builders, the notebooks
 and the tests read these figures or are checked against them, so none is typed twice. Where
 the seed is silent (the complex network's layer table, dropout rates, epochs), the choices
-are this project's and live beside the code that makes them (:mod:`cifar_utils.models`).
+are this project's and live beside the code that makes them (the notebooks' cells).
 Bottom layer: imports nothing of the package.
 """
 

@@ -8,6 +8,7 @@ import pytest
 import synthetic_cifar
 
 import cifar_utils as cu
+from cifar_utils.models import NETWORK_TAG
 
 
 def test_schedule_counts_optimizer_steps_not_epochs():
@@ -31,9 +32,12 @@ class PassThrough(keras.layers.Layer):
 
 
 def _fit_deep_net(batch_norm: bool, x, y, epochs=4, batch=32):
-    """The 12-conv net at 1/8 width, SGD 0.1 / 0.9 with the seed's decay; BatchNorm optional."""
+    """The notebook's 12-conv net at 1/8 width, SGD 0.1 / 0.9 with the seed's decay; BatchNorm
+    optional."""
     keras.utils.set_random_seed(0)
-    model = cu.build_complex_cnn(width_scale=1 / 8)
+    cell = cu.run_tagged_cell(cu.NETWORK_NOTEBOOKS["complex_cnn"], NETWORK_TAG, {"keras": keras})
+    eighth = [([width // 8 for width in widths], rate) for widths, rate in cell["STAGES"]]
+    model = cu.build_complex_cnn(stages=eighth, dense_units=512 // 8)
     if not batch_norm:  # the same net with every BatchNorm replaced by a pass-through
         model = keras.models.clone_model(
             model,

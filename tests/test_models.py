@@ -1,14 +1,20 @@
-"""The networks against the seed's published tables and counts (cifar_utils.published), and
-the simple network's input pipeline. The transfer network's table is checked in
-tests/test_transfer.py (its model fixture); the notebooks run end to end in tests/test_readme.py
-and tests/test_distributed.py."""
+"""The networks against the seed's published tables and counts (cifar_utils.published); each
+network written once, in its notebook's cell tagged "network", and built from there; the simple
+network's input pipeline. The transfer network's table is checked in tests/test_transfer.py (its
+model fixture); the notebooks run end to end in tests/test_readme.py and
+tests/test_distributed.py."""
+
+import json
+import shutil
 
 import keras
+import nbformat
 import numpy as np
 import pytest
 
 import cifar_utils as cu
-import cifar_utils.models
+from cifar_utils.models import NETWORK_TAG
+from cifar_utils.notebooks import NOTEBOOK_DIR
 
 
 def rows(model, skip=()) -> list[tuple]:
@@ -35,7 +41,7 @@ def test_simple_cnn_is_the_seeds_table_row_by_row():
     assert [d.activation.__name__ for d in dense] == ["relu", "relu", "softmax"]
     assert model.get_layer("predictions").dtype_policy.compute_dtype == "float32"
     rates = [la.rate for la in model.layers if isinstance(la, keras.layers.Dropout)]
-    assert tuple(rates) == cifar_utils.models.SIMPLE_CNN_DROPOUT  # our choice, kept in one place
+    assert rates == [0.2, 0.3, 0.4, 0.5]  # our choice, as the notebook says
 
 
 def test_complex_cnn_follows_every_sentence_of_the_seed():
@@ -53,7 +59,7 @@ def test_complex_cnn_follows_every_sentence_of_the_seed():
             assert kinds[i + 1 : i + 3] == ["BatchNormalization", "Activation"]
             assert layers[i + 2].activation.__name__ == "relu"
     convs = [layer for layer in layers if isinstance(layer, keras.layers.Conv2D)]
-    assert tuple(c.filters for c in convs) == cu.COMPLEX_CONV_WIDTHS
+    assert [c.filters for c in convs] == [64, 64, 128, 384, 384, 384, 384, 384, 512, 512, 512, 512]
     assert all(c.kernel_regularizer is None for c in convs)  # L2 on the dense layers only
     for name in ("dense1", "predictions"):
         assert model.get_layer(name).kernel_regularizer.l2 == pytest.approx(5e-4)
@@ -62,9 +68,75 @@ def test_complex_cnn_follows_every_sentence_of_the_seed():
     assert model.output.shape == (None, 100)
 
 
-def test_complex_cnn_rejects_sizes_the_pools_cannot_halve():
-    with pytest.raises(ValueError, match="multiples of 32"):
-        cu.build_complex_cnn(input_shape=(28, 28, 3))
+@pytest.mark.parametrize("name", list(cu.NETWORK_NOTEBOOKS))
+def test_each_notebook_trains_the_network_its_cell_defines(name):
+    """The cell tagged "network" defines build_model, the cell after it builds the notebook's
+    model with it, and no cell builds a model another way."""
+    cells = nbformat.read(cu.notebook_path(cu.NETWORK_NOTEBOOKS[name]), as_version=4).cells
+    code = [c for c in cells if c.cell_type == "code"]
+    at = [i for i, c in enumerate(code) if NETWORK_TAG in c.metadata.get("tags", [])]
+    assert len(at) == 1 and "def build_model(" in code[at[0]].source
+    assert "    model = build_model(" in code[at[0] + 1].source
+    assert "keep-output" in code[at[0] + 1].metadata["tags"]  # its summary stays committed
+    assert not any("cu.build_" in c.source for c in code)
+
+
+def _edited_copy(tmp_path, old: str, new: str):
+    """A copy of the simple notebook whose network cell has ``old`` replaced by ``new``."""
+    path = tmp_path / "edited.ipynb"
+    shutil.copy(cu.notebook_path(cu.NETWORK_NOTEBOOKS["simple_cnn"]), path)
+    nb = nbformat.read(path, as_version=4)
+    (cell,) = [c for c in nb.cells if NETWORK_TAG in c.metadata.get("tags", [])]
+    assert cell.source.count(old) == 1
+    cell.source = cell.source.replace(old, new)
+    nbformat.write(nb, path)
+    return path
+
+
+def test_an_edit_in_the_network_cell_is_what_gets_built(tmp_path):
+    path = _edited_copy(tmp_path, 'Dropout(0.2, name="drop1")', 'Dropout(0.25, name="drop1")')
+    edited, committed = cu.build_from_notebook(path), cu.build_simple_cnn()
+    assert edited.get_layer("drop1").rate == 0.25 and committed.get_layer("drop1").rate == 0.2
+    assert [la.name for la in edited.layers] == [la.name for la in committed.layers]
+    assert cu.parameter_counts(edited) == cu.PARAMS["simple_cnn"]  # Dropout has no weights
+    assert cu.build_from_notebook(path, num_classes=10).output.shape == (None, 10)
+
+
+def test_a_missing_notebook_or_network_cell_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"No notebook at .*gone\.ipynb.*tagged 'network'"):
+        cu.build_from_notebook(tmp_path / "gone.ipynb")
+    path = _edited_copy(tmp_path, "def build_model(", "def make_model(")
+    with pytest.raises(LookupError, match=r"edited\.ipynb: its cell tagged 'network' defines no"):
+        cu.build_from_notebook(path)
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        cell.metadata.pop("tags", None)
+    nbformat.write(nb, path)
+    with pytest.raises(LookupError, match=r"edited\.ipynb has 0 code cells tagged 'network'"):
+        cu.build_from_notebook(path)
+    nb.cells[-1] = nbformat.v4.new_code_cell("1 / 0", metadata={"tags": ["network"]})
+    nbformat.write(nb, path)
+    with pytest.raises(ZeroDivisionError) as err:  # the traceback names the notebook's cell
+        cu.build_from_notebook(path)
+    assert err.traceback[-1].frame.code.path == f"{path} (cell tagged 'network')"
+
+
+@pytest.mark.slow
+def test_the_notebook_trains_its_edited_cell(tmp_path, cifar_archive):
+    """A copy of the simple notebook with Dropout 0.25 in its network cell, run headless on
+    the synthetic archive: the model it saved has that rate; plain Keras loads it."""
+    import papermill
+
+    path = _edited_copy(tmp_path, 'Dropout(0.2, name="drop1")', 'Dropout(0.25, name="drop1")')
+    out = tmp_path / "results"
+    papermill.execute_notebook(str(path), str(tmp_path / "run.ipynb"), cwd=str(NOTEBOOK_DIR),
+                               kernel_name="python3", progress_bar=False, parameters={
+        "DATA_DIR": str(cifar_archive), "TRAIN_LIMIT": 200, "VAL_SIZE": 100, "EPOCHS": 1,
+        "BATCH_SIZE": 32, "OUTPUT_DIR": str(out)})  # fmt: skip
+    saved = keras.saving.load_model(out / "simple_cnn.keras")
+    assert saved.get_layer("drop1").rate == 0.25 and saved.get_layer("drop2").rate == 0.3
+    record = json.loads((out / "simple_cnn.json").read_text())
+    assert record["params"] == cu.PARAMS["simple_cnn"] and record["epochs"] == 1
 
 
 def test_a_run_of_the_old_simple_layout_is_refused_on_resume(tmp_path, cifar_archive):

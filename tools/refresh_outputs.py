@@ -3,10 +3,11 @@
 Committed notebooks carry outputs only where they are true of CIFAR-100 whatever data the
 run saw: model summaries, parameter counts, previews on a real photo. Such cells carry the
 tag ``keep-output``. This tool runs the notebook with papermill on a small synthetic archive
-(``tests/synthetic_cifar.py``) in a temporary folder, then writes the notebook back with the
-outputs of ``keep-output`` cells and every other cell's outputs cleared. Figures those cells
-save (under the run's ``OUTPUT_DIR/figures``) can be copied into ``images/`` with
-``--copy-image``.
+(``tests/synthetic_cifar.py``) in a temporary folder, from its first cell to its last
+``keep-output`` cell (the cells after it, training and evaluation, cannot change those
+outputs), then writes the notebook back with the outputs of ``keep-output`` cells and every
+other cell's outputs cleared. Figures those cells save (under the run's
+``OUTPUT_DIR/figures``) can be copied into ``images/`` with ``--copy-image``.
 
 Usage::
 
@@ -35,15 +36,9 @@ import synthetic_cifar  # noqa: E402
 
 import cifar_utils as cu  # noqa: E402
 
-#: Quick settings, each given only to the notebooks that have that parameter.
-QUICK = {
-    "TRAIN_LIMIT": 200,
-    "VAL_SIZE": 100,
-    "EPOCHS": 1,
-    "HEAD_EPOCHS": 1,
-    "FINETUNE_EPOCHS": 1,
-    "BATCH_SIZE": 32,
-}
+#: Quick settings for the cells that run (no training runs), each given only to the notebooks
+#: that have that parameter.
+QUICK = {"TRAIN_LIMIT": 200, "VAL_SIZE": 100}
 
 
 def main(argv=None) -> None:
@@ -62,8 +57,12 @@ def main(argv=None) -> None:
             "OUTPUT_DIR": str(tmp / "results"),
             **{name: json.loads(value) for name, value in args.p},
         }
+        nb = nbformat.read(args.notebook, as_version=4)
+        kept = [i for i, c in enumerate(nb.cells) if "keep-output" in c.metadata.get("tags", [])]
+        nb.cells = nb.cells[: kept[-1] + 1]
+        nbformat.write(nb, tmp / "in.ipynb")
         executed = papermill.execute_notebook(
-            str(args.notebook),
+            str(tmp / "in.ipynb"),
             str(tmp / "out.ipynb"),
             parameters=params,
             cwd=str(ROOT),
