@@ -89,7 +89,7 @@ _PUBLIC = {
         "not_pooled", "spread_table",
     ),
     "parameters": ("NotebookParameters", "notebook_defaults", "check_parameters"),
-    "model_card": ("CARD_FIGURES", "card_path", "card_facts", "model_card"),
+    "model_card": ("CARD_FIGURES", "card_path", "card_facts", "card_markdown"),
     "export": (
         "CLASS_NAMES_MEMBER", "METADATA_MEMBER", "export_model", "write_card",
         "load_exported_model", "export_saved_model",

@@ -124,7 +124,7 @@ def _export_command(args) -> int:
 def _info_command(args) -> int:
     """``predict --info``: the model card kept in the file's metadata."""
     from .export import load_exported_model
-    from .model_card import model_card
+    from .model_card import card_markdown
 
     _, _, metadata = load_exported_model(args.model)
     if "card" not in metadata:
@@ -132,7 +132,7 @@ def _info_command(args) -> int:
             f"'{args.model}' holds no model card (it was exported without its run's results "
             "record); its metadata: " + json.dumps(metadata)
         )
-    print(model_card(metadata["card"]), end="")
+    print(card_markdown(metadata["card"]), end="")
     return 0
 
 
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     - ``predict --model MODEL.keras PHOTO|FOLDER ... [--top-k 5] [--json]``: the top-k
       classes of each photo (:func:`cifar_utils.photos.predict_image`); a folder means its
       image files. ``predict --model MODEL.keras --info`` prints the model card kept in
-      the file (:func:`cifar_utils.model_card.model_card`).
+      the file (:func:`cifar_utils.model_card.card_markdown`).
     - ``report --all`` also prints the series of quick or non-CIFAR-100 runs, in a table
       of their own (never in the README).
     - ``repeat NOTEBOOK --seeds 3 [-p NAME VALUE ...] [--log-output]``: a series of runs,

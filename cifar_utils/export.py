@@ -17,7 +17,7 @@ from .checks import check_model_file, check_new_folder
 from .data import FINE_LABEL_NAMES
 from .devices import is_chief
 from .files import atomic_path
-from .model_card import card_facts, card_path, model_card
+from .model_card import card_facts, card_markdown, card_path
 from .models import float32_config, float32_copy
 from .photos import model_image_size
 
@@ -96,7 +96,7 @@ def export_model(model, path, /, class_names=FINE_LABEL_NAMES, record=None, **me
         class_names: C names, in output order.
         record: the run's results record (what :func:`evaluate_and_save` returned), or
             ``None``. Given it, the metadata also hold ``card``, the facts of
-            :func:`card_facts`, and the Markdown model card (:func:`model_card`) is written
+            :func:`card_facts`, and the Markdown model card (:func:`card_markdown`) is written
             beside the file (:func:`card_path`: ``simple_cnn.keras`` ->
             ``simple_cnn.card.md``).
         metadata: JSON-able extra fields, e.g. ``model="simple_cnn", test_top1=0.48``
@@ -152,7 +152,7 @@ def export_model(model, path, /, class_names=FINE_LABEL_NAMES, record=None, **me
 
 def _write_card_file(path: Path, facts: dict) -> None:
     with atomic_path(card_path(path)) as tmp:
-        tmp.write_text(model_card(facts), encoding="utf-8")
+        tmp.write_text(card_markdown(facts), encoding="utf-8")
 
 
 def write_card(path, facts: dict) -> Path:
@@ -262,5 +262,5 @@ def export_saved_model(model_path, out_dir) -> Path:
         (extra / CLASS_NAMES_MEMBER).write_text(json.dumps(names))
         (extra / METADATA_MEMBER).write_text(json.dumps(metadata))
         if "card" in metadata:
-            (extra / "model_card.md").write_text(model_card(metadata["card"]), encoding="utf-8")
+            (extra / "model_card.md").write_text(card_markdown(metadata["card"]), encoding="utf-8")
     return out

@@ -1,7 +1,7 @@
 """Model cards: what an exported model is, made only from its run's results record.
 
 :func:`card_facts` picks the facts from a record (and a series' spread, when the run is
-one of several seeds); :func:`model_card` writes them as Markdown. :func:`export_model`
+one of several seeds); :func:`card_markdown` writes them as Markdown. :func:`export_model`
 keeps the facts in the ``.keras`` file's metadata and writes the card beside it, so the
 ``predict --info`` command prints the very same text from the file alone.
 """
@@ -106,7 +106,7 @@ def _count(value) -> str:
     return f"{value:,}" if isinstance(value, int) else "not recorded"
 
 
-def model_card(facts: dict) -> str:
+def card_markdown(facts: dict) -> str:
     """The Markdown card of :func:`card_facts`: the same text wherever it is printed.
 
     The first line says whether the model was trained on all of official CIFAR-100, on

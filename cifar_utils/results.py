@@ -1,4 +1,5 @@
-"""Results files: ``evaluate_and_save``, the README's comparison table, the hardware line.
+"""Results files: ``evaluate_and_save``, the README's comparison table (runs pooled over
+seeds: mean ± sample standard deviation), the hardware line.
 
 Used by each notebook's "Test accuracy" step and the ``report`` command.
 """
@@ -175,7 +176,16 @@ def _format_seconds(seconds) -> str | None:
 
 
 def why_not_full(record) -> str | None:
-    """Why a results record may not stand in the README table; ``None`` if it may."""
+    """Why a results record may not stand in the README table; ``None`` if it may.
+
+    Args:
+        record: a parsed results file (any JSON value).
+
+    Returns:
+        ``None`` for a run on all of official CIFAR-100 (see :func:`full_runs`), else the
+        first reason found, in words (e.g. ``"trained on 1,100 of the 3,000 training
+        images (TRAIN_LIMIT)"``).
+    """
     if not isinstance(record, dict) or "model" not in record:
         return "not a model's results file (no 'model' field)"
     if "val_top1" not in record and "test_top1" not in record:

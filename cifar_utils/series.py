@@ -237,7 +237,7 @@ def run_series(notebook, seeds: str, parameters: dict, log_output: bool = False,
     summary = series_summary(groups[0])
     for seed in manifest["seeds"]:
         keras_file = folder / f"seed-{seed}" / f"{model}.keras"
-        if keras_file.is_file() and summary["n"] > 1:
+        if keras_file.is_file():
             write_card(keras_file, card_facts(records[seed], summary))
     figures = ", ".join(
         f"{key} {format_spread(m['mean'], m['std'], m['n'])}"
