@@ -17,14 +17,7 @@ PHASES = ("head", "finetune")
 
 
 def _report_command(args) -> int:
-    from .results import (
-        full_runs,
-        group_series,
-        not_pooled,
-        read_results,
-        spread_table,
-        update_readme_results,
-    )
+    from .results import full_runs, group_series, not_pooled, read_results, update_readme_results
 
     before = Path(args.readme).read_text(encoding="utf-8")
     table = update_readme_results(args.results_dir, args.readme)
@@ -42,12 +35,14 @@ def _report_command(args) -> int:
     changed = Path(args.readme).read_text(encoding="utf-8") != before
     print(f"Updated {args.readme}" if changed else f"{args.readme} was already up to date")
     if args.all:
-        _print_other_series(found, group_series, not_pooled, spread_table)
+        _print_other_series(found)
     return 0
 
 
-def _print_other_series(found, group_series, not_pooled, spread_table) -> None:
+def _print_other_series(found) -> None:
     """``report --all``: the series of quick or non-CIFAR-100 runs, in a table of their own."""
+    from .results import group_series, not_pooled, spread_table
+
     runs = [(p, r, why) for p, r, why in found if why and isinstance(r, dict) and "test_top1" in r]
     groups = group_series([(p, r) for p, r, _ in runs])
     reasons = {}
@@ -275,6 +270,15 @@ def main(argv=None) -> int:
             raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 100, not {text!r}")
         return value
 
+    def seeds(text: str) -> int | list[int]:
+        parts = [part.strip() for part in text.split(",")]
+        if not all(part.isdigit() for part in parts):
+            raise argparse.ArgumentTypeError(
+                "give a count of runs (e.g. 3) or seeds separated by commas (e.g. 1,2,3), "
+                f"whole numbers >= 0, not {text!r}"
+            )
+        return int(parts[0]) if len(parts) == 1 else [int(part) for part in parts]
+
     parser = argparse.ArgumentParser(
         prog="python -m cifar_utils", description="CIFAR-100 notebook helpers"
     )
@@ -315,6 +319,7 @@ def main(argv=None) -> int:
     repeat.add_argument(
         "--seeds",
         required=True,
+        type=seeds,
         help="how many runs (3: the notebook's SEED and the next ones) or the seeds (1,2,3)",
     )
     repeat.add_argument(

@@ -27,38 +27,31 @@ def _is_path(value) -> bool:
     return isinstance(value, str) and Path(value).expanduser().exists()
 
 
-def seed_list(seeds: str, first: int) -> list[int]:
-    """The seeds of ``--seeds``: a count (``"3"``: ``first``, ``first + 1``, ``first + 2``)
-    or a comma-separated list (``"1,7,9"``).
+def seed_list(seeds: int | list[int], first: int) -> list[int]:
+    """The seeds of a series: a count (``3``: ``first``, ``first + 1``, ``first + 2``) or
+    the seeds themselves (``[1, 7, 9]``).
 
     Args:
-        seeds: the option's text.
+        seeds: an int >= 1, or a list of distinct ints in [0, 2**32).
         first: the first seed of a count (the notebook's ``SEED``).
 
     Returns:
-        The seeds, ints in [0, 2**32), without repeats, in the order given.
+        The seeds, in the order given.
 
     Raises:
-        ValueError: no seed (``"0"``, ``""``), a word, a negative or repeated seed.
+        ValueError: no seed (``0``, ``[]``), a seed out of range or given twice.
     """
-    parts = [p.strip() for p in seeds.split(",")]
-    if not all(p.isdigit() for p in parts):
-        raise ValueError(
-            f"--seeds {seeds!r}: give a count of runs (e.g. 3) or seeds separated by commas "
-            "(e.g. 1,2,3), whole numbers >= 0"
-        )
-    if len(parts) == 1:
-        count = int(parts[0])
-        if count < 1:
-            raise ValueError("--seeds 0: a series needs at least one run (e.g. --seeds 3)")
-        chosen = [first + i for i in range(count)]
-    else:
-        chosen = [int(p) for p in parts]
-    if len(set(chosen)) != len(chosen):
-        raise ValueError(f"--seeds {seeds!r} names a seed twice: each run needs its own seed")
-    if max(chosen) >= 2**32:
-        raise ValueError(f"--seeds {seeds!r}: seeds must be below 2**32")
-    return chosen
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"--seeds {seeds}: a series needs at least one run (e.g. --seeds 3)")
+        seeds = [first + i for i in range(seeds)]
+    if not seeds:
+        raise ValueError("No seeds: a series needs at least one run (e.g. --seeds 3)")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {seeds} names a seed twice: each run needs its own seed")
+    if not all(isinstance(s, int) and 0 <= s < 2**32 for s in seeds):
+        raise ValueError(f"--seeds {seeds}: each seed must be a whole number in [0, 2**32)")
+    return list(seeds)
 
 
 def notebook_model_name(notebook) -> str:
@@ -135,7 +128,9 @@ def _check_run_folder(run_dir: Path, model: str) -> dict | None:
     return record
 
 
-def run_series(notebook, seeds: str, parameters: dict, log_output: bool = False, log=print):
+def run_series(
+    notebook, seeds: int | list[int], parameters: dict, log_output: bool = False, log=print
+):
     """Run ``notebook`` headless once per seed, each run in ``OUTPUT_DIR/seed-<n>/``.
 
     Starting it again continues an interrupted series: runs that finished are kept (not
@@ -147,8 +142,8 @@ def run_series(notebook, seeds: str, parameters: dict, log_output: bool = False,
 
     Args:
         notebook: the notebook file, e.g. ``"simple_image_clasifier.ipynb"``.
-        seeds: the ``--seeds`` text (:func:`seed_list`; a count starts at the ``SEED``
-            of ``parameters`` or the notebook's default).
+        seeds: how many runs, or their seeds (:func:`seed_list`; a count starts at the
+            ``SEED`` of ``parameters`` or the notebook's default).
         parameters: notebook parameters (name -> value); ``OUTPUT_DIR`` is the series
             folder (default ``<the notebook's OUTPUT_DIR>/<NAME>-series``, e.g.
             ``results/simple_cnn-series``). ``SEED`` only sets a count's first seed.

@@ -48,11 +48,11 @@ def series(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(papermill, "execute_notebook", execute)
         with pytest.raises(KeyboardInterrupt):
-            cu.run_series(NOTEBOOK, "3", tiny(archive, folder), log=logs.append)
+            cu.run_series(NOTEBOOK, 3, tiny(archive, folder), log=logs.append)
         stopped = json.loads((folder / cu.SERIES_FILE).read_text())
         first = (folder / "seed-42" / "simple_cnn.json").read_bytes()
         logs.append("--- resumed")
-        cu.run_series(NOTEBOOK, "3", tiny(archive, folder), log=logs.append)
+        cu.run_series(NOTEBOOK, 3, tiny(archive, folder), log=logs.append)
     return {"folder": folder, "parameters": tiny(archive, folder), "calls": calls,
             "logs": logs, "stopped": stopped, "first": first}  # fmt: skip
 
@@ -239,14 +239,14 @@ def test_bad_series_input_is_refused_and_nothing_is_overwritten(series, tmp_path
     cu.write_json(other / "simple_cnn.json", records(series["folder"])[0])
     before = _snapshot(other)
     with pytest.raises(ValueError, match="already holds other files or runs .*simple_cnn.json"):
-        cu.run_series(NOTEBOOK, "2", {**parameters, "OUTPUT_DIR": str(other)})
+        cu.run_series(NOTEBOOK, 2, {**parameters, "OUTPUT_DIR": str(other)})
     assert _snapshot(other) == before
     # Another series' folder, asked with other settings.
     before = _snapshot(series["folder"])
     with pytest.raises(ValueError, match="holds a series with parameters .*'EPOCHS': 1"):
-        cu.run_series(NOTEBOOK, "3", {**parameters, "EPOCHS": 2})
+        cu.run_series(NOTEBOOK, 3, {**parameters, "EPOCHS": 2})
     # Zero seeds, or a word.
-    for seeds, message in (("0", "at least one run"), ("x", "give a count"), ("1,1", "twice")):
+    for seeds, message in ((0, "at least one run"), ([], "at least one run"), ([1, 1], "twice")):
         with pytest.raises(ValueError, match=message):
             cu.run_series(NOTEBOOK, seeds, parameters)
     assert _snapshot(series["folder"]) == before
@@ -257,34 +257,41 @@ def test_bad_series_input_is_refused_and_nothing_is_overwritten(series, tmp_path
     cut.write_bytes(cut.read_bytes()[:100])
     before = _snapshot(copy)
     with pytest.raises(ValueError, match="seed-43/simple_cnn.json is truncated or no JSON"):
-        cu.run_series(NOTEBOOK, "3", {**parameters, "OUTPUT_DIR": str(copy)})
+        cu.run_series(NOTEBOOK, 3, {**parameters, "OUTPUT_DIR": str(copy)})
     assert _snapshot(copy) == before
     shutil.copy(series["folder"] / "seed-43" / "simple_cnn.json", cut)
     complex_record = {**records(series["folder"])[2], "model": "complex_cnn"}
     cu.write_json(copy / "seed-44" / "complex_cnn.json", complex_record)
     before = _snapshot(copy)
     with pytest.raises(ValueError, match="holds the results of 'complex_cnn', not of 'simple_cnn'"):
-        cu.run_series(NOTEBOOK, "3", {**parameters, "OUTPUT_DIR": str(copy)})
+        cu.run_series(NOTEBOOK, 3, {**parameters, "OUTPUT_DIR": str(copy)})
     assert _snapshot(copy) == before
 
 
-def test_repeat_command_errors_in_one_line(tmp_path, capsys):
+def test_repeat_command_errors_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where the default series folder would go
     assert cu.main(["repeat", NOTEBOOK, "--seeds", "0"]) == 2
     err = capsys.readouterr().err
     assert err == "error: --seeds 0: a series needs at least one run (e.g. --seeds 3)\n"
+    for bad in ("x", "-1", "2.5", "1,,2", ""):  # argparse's own usage error
+        with pytest.raises(SystemExit, match="2"):
+            cu.main(["repeat", NOTEBOOK, "--seeds", bad])
+        assert "give a count of runs (e.g. 3) or seeds separated by commas" in (
+            capsys.readouterr().err
+        )
     assert cu.main(["repeat", NOTEBOOK, "--seeds", "2", "-p", "EPOCH", "2"]) == 2
     assert "EPOCH: no such parameter; did you mean EPOCHS?" in capsys.readouterr().err
     assert cu.main(["repeat", "missing.ipynb", "--seeds", "2"]) == 2
     assert "No notebook at 'missing.ipynb'" in capsys.readouterr().err
-    assert not (tmp_path / "results").exists()
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def test_seed_list():
-    assert cu.seed_list("3", 42) == [42, 43, 44]
-    assert cu.seed_list("7, 1,9", 42) == [7, 1, 9]
-    assert cu.seed_list("1", 0) == [0]
-    for bad in ("", "-1", "2.5", "1,,2"):
-        with pytest.raises(ValueError, match="give a count"):
+    assert cu.seed_list(3, 42) == [42, 43, 44]
+    assert cu.seed_list([7, 1, 9], 42) == [7, 1, 9]
+    assert cu.seed_list(1, 0) == [0]
+    for bad, message in ((0, "at least one run"), ([2, 2], "twice"), ([2**32], "2\\*\\*32")):
+        with pytest.raises(ValueError, match=message):
             cu.seed_list(bad, 42)
 
 
@@ -308,3 +315,14 @@ def test_export_model_writes_the_card_beside_the_file(series, tmp_path, capsys):
     assert cu.main(["export", str(served), "--out", str(out)]) == 0
     assert "Wrote its model card" in capsys.readouterr().out
     assert (out / "assets.extra" / "model_card.md").read_text() == cu.card_path(served).read_text()
+
+
+def test_info_of_a_file_without_a_card_says_so(small_model, capsys):
+    assert cu.main(["predict", "--model", str(small_model[0]), "--info"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "holds no model card (it was exported without its run's results record)" in err
+    assert cu.main(["predict", "--model", str(small_model[0])]) == 2
+    assert "Name photos (or folders of them) to classify, or give --info" in (
+        capsys.readouterr().err
+    )
