@@ -334,6 +334,12 @@ def series_key(record: dict) -> dict:
     }
 
 
+def _seed_order(entry) -> tuple:
+    """Sort key of a ``(path, record)`` pair: by seed, runs without one last."""
+    seed = run_seed(entry[1])
+    return seed is None, seed or 0, str(entry[0])
+
+
 def group_series(entries) -> list[dict]:
     """Pool results records into series: runs whose :func:`series_key` is equal.
 
@@ -350,9 +356,8 @@ def group_series(entries) -> list[dict]:
     groups = {}
     for path, record in entries:
         key = series_key(record)
-        group = groups.setdefault(json.dumps(key, sort_keys=True, default=str), {
-            "key": key, "by_seed": {}, "repeated": [],
-        })  # fmt: skip
+        text = json.dumps(key, sort_keys=True, default=str)
+        group = groups.setdefault(text, {"key": key, "by_seed": {}, "repeated": []})
         seed = run_seed(record)
         slot = seed if seed is not None else ("no seed", str(path))
         if slot in group["by_seed"]:
@@ -364,8 +369,7 @@ def group_series(entries) -> list[dict]:
         group["by_seed"][slot] = (path, record)
     series = []
     for group in groups.values():
-        runs = sorted(group.pop("by_seed").values(), key=lambda pr: (run_seed(pr[1]) is None,
-                      run_seed(pr[1]) or 0, str(pr[0])))  # fmt: skip
+        runs = sorted(group.pop("by_seed").values(), key=_seed_order)
         group.update(
             paths=[p for p, _ in runs],
             records=[r for _, r in runs],

@@ -16,6 +16,7 @@ import pytest
 import synthetic_cifar
 
 import cifar_utils as cu
+import cifar_utils.data
 import cifar_utils.plots
 
 matplotlib.use("Agg")
@@ -147,6 +148,30 @@ def test_runs_with_other_settings_never_pool_and_the_report_says_why(series, tmp
     groups = cu.group_series([(p, r) for p, r, _ in cu.read_results(results)])
     assert [len(g["records"]) for g in groups] == [1, 3]
     assert [p.name for p in groups[1]["repeated"]] == ["z_copy.json"]
+
+
+@pytest.mark.slow
+def test_full_runs_of_a_series_reach_the_readme_as_mean_sd_and_n(series, tmp_path, monkeypatch):
+    """The three runs' records as if made on all of official CIFAR-100 (the archive's md5
+    taken as official): the README row is their mean ± sample sd, n = 3."""
+    runs = records(series["folder"])
+    md5 = runs[0]["data"]["md5"]
+    monkeypatch.setattr(cifar_utils.data, "CIFAR100_MD5", md5)
+    folder = tmp_path / "results" / "simple_cnn-series"
+    cu.write_json(folder / cu.SERIES_FILE, {"seeds": [42, 43, 44]})
+    for record in runs:
+        data = {**record["data"], "official": True, "train_images": 300, "test_images": 200}
+        whole = {**record, "data": data, "full_cifar100": True}  # 200 + 100 of 300 images
+        cu.write_json(folder / f"seed-{record['settings']['SEED']}" / "simple_cnn.json", whole)
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    cu.update_readme_results(tmp_path / "results", readme)
+    row = next(line for line in readme.read_text().splitlines() if line.startswith("| simple_cnn"))
+    cells = [cell.strip() for cell in row.strip("|").split(" | ")]
+    top1 = np.array([r["test_top1"] for r in runs])
+    assert cells[4] == f"{top1.mean():.3f} ± {top1.std(ddof=1):.3f} (n = 3)"
+    assert cells[7:9] == ["42, 43, 44", runs[0]["hardware"]]
+    assert cells[-1] == "0.483 (about 80.0 min)"  # the seed's figure beside it
 
 
 def _card_figures(card: str) -> dict:
