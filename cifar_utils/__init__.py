@@ -18,11 +18,13 @@ One module per job, each importing only the ones listed before it:
 ``training``    ``train``: checkpoints, resume, run plans, divergence guard; schedules
 ``evaluation``  top-k, per class and superclass, reports, most confused pairs
 ``photos``      reading photos, ``predict_image``, the sample photos
-``results``     results files, ``evaluate_and_save``, the README table, hardware
+``results``     results files, ``evaluate_and_save``, the README table (spread over seeds)
 ``parameters``  the notebooks' parameter check
+``model_card``  the Markdown card of an exported model, from its results record
 ``export``      ``.keras`` export and loading, SavedModel
+``series``      series of runs over seeds (papermill), resumable
 ``plots``       every figure
-``cli``         ``python -m cifar_utils {report,curves,export,predict}``
+``cli``         ``python -m cifar_utils {report,curves,export,predict,repeat}``
 ==============  ==========================================================================
 
 Every public name below is available as ``cu.<name>``; a module is imported the first time
@@ -82,15 +84,22 @@ _PUBLIC = {
     "results": (
         "write_results", "evaluate_and_save", "markdown_table", "total_params", "describe_hardware",
         "RESULTS_START", "RESULTS_END", "full_runs",
-        "RUN_ONLY_PARAMETERS", "results_table", "update_readme_results",
+        "RUN_ONLY_PARAMETERS", "results_table", "update_readme_results", "SERIES_FILE",
+        "results_files", "read_results", "why_not_full", "SPREAD_METRICS", "OPTIONAL_METRICS",
+        "run_seed",
+        "series_key", "group_series", "spread", "format_spread", "series_summary", "why_apart",
+        "not_pooled", "spread_table",
     ),
     "parameters": ("NotebookParameters", "notebook_defaults", "check_parameters"),
+    "model_card": ("CARD_FIGURES", "card_path", "card_facts", "card_markdown"),
     "export": (
-        "CLASS_NAMES_MEMBER", "METADATA_MEMBER", "export_model", "load_exported_model",
-        "export_saved_model",
+        "CLASS_NAMES_MEMBER", "METADATA_MEMBER", "export_model", "write_card",
+        "load_exported_model", "export_saved_model",
     ),
+    "series": ("PATH_PARAMETERS", "seed_list", "notebook_model_name", "run_series"),
     "plots": (
-        "plot_samples", "plot_augmentation", "plot_history", "plot_superclass_confusion",
+        "plot_samples", "plot_augmentation", "plot_history", "plot_series_history",
+        "plot_superclass_confusion",
         "plot_misclassified", "plot_prediction",
     ),
     "cli": ("main",),

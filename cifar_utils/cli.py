@@ -1,4 +1,4 @@
-"""The command line: ``python -m cifar_utils {report,curves,export,predict}``.
+"""The command line: ``python -m cifar_utils {report,curves,export,predict,repeat}``.
 
 Arguments are checked before TensorFlow starts (it takes some seconds): the modules that
 need it are imported by the command that runs.
@@ -17,42 +17,90 @@ PHASES = ("head", "finetune")
 
 
 def _report_command(args) -> int:
-    from .results import full_runs, update_readme_results
+    from .results import full_runs, group_series, not_pooled, read_results, update_readme_results
 
     before = Path(args.readme).read_text(encoding="utf-8")
     table = update_readme_results(args.results_dir, args.readme)
     print(table)
     runs, skipped = full_runs(args.results_dir)
+    found = read_results(args.results_dir)
+    full = group_series([(path, record) for path, record, why in found if why is None])
     print(
-        f"{len(runs)} run(s) on all of CIFAR-100 in '{args.results_dir}'"
+        f"{len(runs)} run(s) on all of CIFAR-100 in '{args.results_dir}', in "
+        f"{len(full)} series"
         + ("" if Path(args.results_dir).is_dir() else " (the folder does not exist yet)")
         + "".join(f"\n  not listed: {name}: {why}" for name, why in skipped)
+        + "".join(f"\n  {line}" for line in not_pooled(full))
     )
     changed = Path(args.readme).read_text(encoding="utf-8") != before
     print(f"Updated {args.readme}" if changed else f"{args.readme} was already up to date")
+    if args.all:
+        _print_other_series(found)
     return 0
+
+
+def _print_other_series(found) -> None:
+    """``report --all``: the series of quick or non-CIFAR-100 runs, in a table of their own."""
+    from .results import group_series, not_pooled, spread_table
+
+    runs = [(p, r, why) for p, r, why in found if why and isinstance(r, dict) and "test_top1" in r]
+    groups = group_series([(p, r) for p, r, _ in runs])
+    reasons = {}
+    for i, group in enumerate(groups):
+        first = group["paths"][0]
+        reasons[i] = next(why for p, _, why in runs if p == first)
+    print(
+        "\nQuick or non-CIFAR-100 runs (NOT in the README table: their figures say nothing "
+        "about CIFAR-100; only the spread between seeds of the same settings means something):"
+    )
+    print(spread_table(groups, published=False, why=reasons) if groups else "(none)")
+    for line in not_pooled(groups):
+        print(f"  {line}")
+
+
+def _run_history(run_dir: Path) -> tuple[dict, list, list[Path]]:
+    """A run folder's history from its ``log.csv`` (both phases of a two-phase run, one
+    after the other): ``(history, phase marks, the logs read)``."""
+    from .checkpoints import read_log
+    from .training import join_runs
+
+    phases = [run_dir / name for name in PHASES if (run_dir / name / "log.csv").is_file()]
+    if (run_dir / "log.csv").is_file() or not phases:
+        return read_log(run_dir), [], [run_dir / "log.csv"]
+    runs = {}
+    for phase in phases:
+        log = read_log(phase)
+        runs[phase.name] = {"epoch": len(log["epoch"]), "seconds": 0.0, "history": log}
+    joined = join_runs(**runs)
+    history = {**joined["history"], "epoch": list(range(1, joined["epoch"] + 1))}
+    return history, joined["phases"], [phase / "log.csv" for phase in phases]
+
+
+def _series_runs(folder: Path) -> list[tuple[str, Path]]:
+    """The run folders of a series folder: ``(label, seed-<n>/<model>/)``, by seed."""
+    found = []
+    for seed_dir in folder.glob("seed-*"):
+        runs = [p for p in seed_dir.iterdir() if p.is_dir() and p.name != "figures"]
+        if seed_dir.name[5:].isdigit() and runs:
+            found += [(f"SEED {seed_dir.name[5:]}", run) for run in sorted(runs)]
+    return sorted(found, key=lambda pair: int(pair[0].split()[1]))
 
 
 def _curves_command(args) -> int:
     import matplotlib.pyplot as plt
 
-    from .checkpoints import read_log
-    from .plots import plot_history
-    from .training import join_runs
+    from .plots import plot_history, plot_series_history
 
     run_dir = Path(args.run_dir)
-    phases = [run_dir / name for name in PHASES if (run_dir / name / "log.csv").is_file()]
-    if (run_dir / "log.csv").is_file() or not phases:
-        history, marks, logs = read_log(run_dir), (), [run_dir / "log.csv"]
-    else:  # a two-phase run: both phases, one after the other
-        runs = {}
-        for phase in phases:
-            log = read_log(phase)
-            runs[phase.name] = {"epoch": len(log["epoch"]), "seconds": 0.0, "history": log}
-        joined = join_runs(**runs)
-        history = {**joined["history"], "epoch": list(range(1, joined["epoch"] + 1))}
-        marks, logs = joined["phases"], [phase / "log.csv" for phase in phases]
     out = Path(args.out) if args.out else run_dir / "curves.png"
+    series = _series_runs(run_dir) if run_dir.is_dir() else []
+    if series:  # a series folder (python -m cifar_utils repeat): its runs overlaid
+        histories = [_run_history(run)[0] for _, run in series]
+        labels = [label for label, _ in series]
+        plt.close(plot_series_history(histories, labels, title=str(run_dir), path=out))
+        print(f"Wrote {out}: {len(series)} run(s) of the series, mean and band")
+        return 0
+    history, marks, logs = _run_history(run_dir)
     plt.close(plot_history(history, title=str(run_dir), path=out, phases=marks))
     print(f"Wrote {out}: {len(history['epoch'])} epoch(s) from {', '.join(map(str, logs))}")
     return 0
@@ -63,6 +111,42 @@ def _export_command(args) -> int:
 
     out = export_saved_model(args.model, args.out)
     print(f"Wrote TensorFlow SavedModel {out} (signature 'serve': float32 images in [0, 1])")
+    if (out / "assets.extra" / "model_card.md").is_file():
+        print(f"Wrote its model card {out / 'assets.extra' / 'model_card.md'}")
+    return 0
+
+
+def _info_command(args) -> int:
+    """``predict --info``: the model card kept in the file's metadata."""
+    from .export import load_exported_model
+    from .model_card import card_markdown
+
+    _, _, metadata = load_exported_model(args.model)
+    if "card" not in metadata:
+        raise ValueError(
+            f"'{args.model}' holds no model card (it was exported without its run's results "
+            "record); its metadata: " + json.dumps(metadata)
+        )
+    print(card_markdown(metadata["card"]), end="")
+    return 0
+
+
+def _parameter_value(text: str):
+    """A ``-p NAME VALUE`` value as papermill's command line reads it: a Python literal
+    (``100``, ``1e-3``, ``True``, ``None``), else the text itself (``float32``)."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _repeat_command(args) -> int:
+    from .series import run_series
+
+    parameters = {name: _parameter_value(value) for name, value in args.parameters}
+    run_series(args.notebook, args.seeds, parameters, log_output=args.log_output)
     return 0
 
 
@@ -117,6 +201,10 @@ def _entry_kind(path: Path) -> str:
 
 
 def _predict_command(args) -> int:
+    if args.info:
+        return _info_command(args)
+    if not args.photos:
+        raise ValueError("Name photos (or folders of them) to classify, or give --info")
     images, errors = _image_files(args.photos)  # before TensorFlow starts
     predictions = []
     if images:
@@ -156,7 +244,13 @@ def main(argv=None) -> int:
       (:func:`cifar_utils.export.export_saved_model`).
     - ``predict --model MODEL.keras PHOTO|FOLDER ... [--top-k 5] [--json]``: the top-k
       classes of each photo (:func:`cifar_utils.photos.predict_image`); a folder means its
-      image files.
+      image files. ``predict --model MODEL.keras --info`` prints the model card kept in
+      the file (:func:`cifar_utils.model_card.card_markdown`).
+    - ``report --all`` also prints the series of quick or non-CIFAR-100 runs, in a table
+      of their own (never in the README).
+    - ``repeat NOTEBOOK --seeds 3 [-p NAME VALUE ...] [--log-output]``: a series of runs,
+      one per SEED (:func:`cifar_utils.series.run_series`); ``curves`` of its folder
+      overlays them.
 
     Args:
         argv: the arguments (without the program name); ``None`` reads ``sys.argv``.
@@ -176,6 +270,15 @@ def main(argv=None) -> int:
             raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 100, not {text!r}")
         return value
 
+    def seeds(text: str) -> int | list[int]:
+        parts = [part.strip() for part in text.split(",")]
+        if not all(part.isdigit() for part in parts):
+            raise argparse.ArgumentTypeError(
+                "give a count of runs (e.g. 3) or seeds separated by commas (e.g. 1,2,3), "
+                f"whole numbers >= 0, not {text!r}"
+            )
+        return int(parts[0]) if len(parts) == 1 else [int(part) for part in parts]
+
     parser = argparse.ArgumentParser(
         prog="python -m cifar_utils", description="CIFAR-100 notebook helpers"
     )
@@ -185,9 +288,18 @@ def main(argv=None) -> int:
     )
     report.add_argument("--results-dir", default="results", help="folder of results JSON files")
     report.add_argument("--readme", default="README.md", help="file holding the results markers")
+    report.add_argument(
+        "--all",
+        action="store_true",
+        help="also show series of quick or non-CIFAR-100 runs (never in the README)",
+    )
     report.set_defaults(run=_report_command, error_status=1)
     curves = commands.add_parser("curves", help="plot a run's log.csv, also while it trains")
-    curves.add_argument("run_dir", help="the run folder holding log.csv, e.g. results/simple_cnn")
+    curves.add_argument(
+        "run_dir",
+        help="the run folder holding log.csv, e.g. results/simple_cnn, or a series folder "
+        "(its runs overlaid: mean and band)",
+    )
     curves.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png)")
     curves.set_defaults(run=_curves_command)
     export = commands.add_parser("export", help="convert a .keras model for TF Serving")
@@ -197,10 +309,31 @@ def main(argv=None) -> int:
     export.set_defaults(run=_export_command)
     predict = commands.add_parser("predict", help="classify photos with a .keras model")
     predict.add_argument("--model", required=True, help="e.g. results/simple_cnn.keras")
-    predict.add_argument("photos", nargs="+", help="image files, or folders of them")
+    predict.add_argument("photos", nargs="*", help="image files, or folders of them")
     predict.add_argument("--top-k", type=top_k, default=5, help="classes per photo (1 to 100)")
     predict.add_argument("--json", action="store_true", help="print one JSON document")
+    predict.add_argument("--info", action="store_true", help="print the model card it holds")
     predict.set_defaults(run=_predict_command)
+    repeat = commands.add_parser("repeat", help="run a notebook once per SEED: a series")
+    repeat.add_argument("notebook", help="e.g. simple_image_clasifier.ipynb")
+    repeat.add_argument(
+        "--seeds",
+        required=True,
+        type=seeds,
+        help="how many runs (3: the notebook's SEED and the next ones) or the seeds (1,2,3)",
+    )
+    repeat.add_argument(
+        "-p",
+        nargs=2,
+        action="append",
+        default=[],
+        dest="parameters",
+        metavar=("NAME", "VALUE"),
+        help="a notebook parameter, as papermill's -p; OUTPUT_DIR is the series folder "
+        "(default: results/<model>-series)",
+    )
+    repeat.add_argument("--log-output", action="store_true", help="show each run's output")
+    repeat.set_defaults(run=_repeat_command)
     args = parser.parse_args(argv)
     try:
         if hasattr(args, "model"):

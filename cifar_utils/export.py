@@ -17,6 +17,7 @@ from .checks import check_model_file, check_new_folder
 from .data import FINE_LABEL_NAMES
 from .devices import is_chief
 from .files import atomic_path
+from .model_card import card_facts, card_markdown, card_path
 from .models import float32_config, float32_copy
 from .photos import model_image_size
 
@@ -63,7 +64,7 @@ def _plain_keras_layer(layer):
     return cls.from_config(config)
 
 
-def export_model(model, path, /, class_names=FINE_LABEL_NAMES, **metadata) -> Path:
+def export_model(model, path, /, class_names=FINE_LABEL_NAMES, record=None, **metadata) -> Path:
     """Save ``model`` whole to a ``.keras`` file that plain Keras loads, with its class names.
 
     The file is a copy of ``model`` made of Keras built-in layers only (see
@@ -93,6 +94,11 @@ def export_model(model, path, /, class_names=FINE_LABEL_NAMES, **metadata) -> Pa
             (uint8 pixels / 255, as :func:`predict_proba` feeds it), output (B, C).
         path: the ``.keras`` file to write (its folder is created).
         class_names: C names, in output order.
+        record: the run's results record (what :func:`evaluate_and_save` returned), or
+            ``None``. Given it, the metadata also hold ``card``, the facts of
+            :func:`card_facts`, and the Markdown model card (:func:`card_markdown`) is written
+            beside the file (:func:`card_path`: ``simple_cnn.keras`` ->
+            ``simple_cnn.card.md``).
         metadata: JSON-able extra fields, e.g. ``model="simple_cnn", test_top1=0.48``
             (``model`` and ``path`` are positional-only, so these names are free).
 
@@ -102,9 +108,12 @@ def export_model(model, path, /, class_names=FINE_LABEL_NAMES, **metadata) -> Pa
     Raises:
         ValueError: ``path`` does not end in ``.keras``; ``class_names`` does not match the
             model's outputs; ``metadata`` is not JSON-able; the model holds a custom layer
-            or activation that has no Keras equivalent; the copy's outputs differ.
+            or activation that has no Keras equivalent; the copy's outputs differ; ``record``
+            is no results record.
     """
     path = Path(path)
+    if record is not None:
+        metadata["card"] = card_facts(record)
     if path.suffix != ".keras":
         raise ValueError(f"Export to a '.keras' file (e.g. '{path.stem}.keras'), not '{path}'")
     names = [str(n) for n in class_names]
@@ -136,7 +145,47 @@ def export_model(model, path, /, class_names=FINE_LABEL_NAMES, **metadata) -> Pa
         with zipfile.ZipFile(tmp, "a") as archive:
             archive.writestr(CLASS_NAMES_MEMBER, json.dumps(names))
             archive.writestr(METADATA_MEMBER, metadata_json)
+    if record is not None:
+        _write_card_file(path, metadata["card"])
     return path
+
+
+def _write_card_file(path: Path, facts: dict) -> None:
+    with atomic_path(card_path(path)) as tmp:
+        tmp.write_text(card_markdown(facts), encoding="utf-8")
+
+
+def write_card(path, facts: dict) -> Path:
+    """Put new card facts into the ``.keras`` file at ``path`` and rewrite its card.
+
+    Used when a run's card gains its series' spread (``python -m cifar_utils repeat``).
+    The file's other members are copied unchanged into a new zip that replaces it
+    atomically (the zip format cannot replace a member in place); the metadata keep
+    their other fields.
+
+    Args:
+        path: a ``.keras`` file :func:`export_model` wrote.
+        facts: :func:`card_facts` (e.g. with ``series`` filled in).
+
+    Returns:
+        The card's path (:func:`card_path`).
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`check_model_file`; not a zip archive.
+    """
+    path = check_model_file(path)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"'{path}' is not a .keras file (no zip archive): no card written")
+    with zipfile.ZipFile(path) as old:
+        names = old.namelist()
+        metadata = json.loads(old.read(METADATA_MEMBER)) if METADATA_MEMBER in names else {}
+        with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as new:
+            for info in old.infolist():
+                if info.filename != METADATA_MEMBER:
+                    new.writestr(info, old.read(info))
+            new.writestr(METADATA_MEMBER, json.dumps({**metadata, "card": facts}))
+    _write_card_file(path, facts)
+    return card_path(path)
 
 
 def load_exported_model(path) -> tuple:
@@ -212,4 +261,6 @@ def export_saved_model(model_path, out_dir) -> Path:
         extra.mkdir(exist_ok=True)
         (extra / CLASS_NAMES_MEMBER).write_text(json.dumps(names))
         (extra / METADATA_MEMBER).write_text(json.dumps(metadata))
+        if "card" in metadata:
+            (extra / "model_card.md").write_text(card_markdown(metadata["card"]), encoding="utf-8")
     return out

@@ -125,6 +125,53 @@ def plot_history(history: dict, title: str = "", path=None, phases=()):
     return _finish(fig, path)
 
 
+def plot_series_history(histories: list[dict], labels=(), title: str = "", path=None):
+    """The curves of a series of runs (one per ``SEED``) overlaid: each run thin, their
+    mean bold, and a band of ± one sample standard deviation around it.
+
+    Args:
+        histories: per run, a history as :func:`plot_history` takes it (metric name ->
+            per-epoch list, ``epoch`` optional). Runs may have different lengths (one
+            still training): the mean and band cover the epochs every run has.
+        labels: a legend label per run (e.g. ``"SEED 42"``).
+        title, path: as in :func:`plot_history`.
+
+    Raises:
+        ValueError: fewer than one history.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    if not histories:
+        raise ValueError("A series needs at least one run's history")
+    labels = list(labels) or [f"run {i + 1}" for i in range(len(histories))]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
+        for key, split, colour in ((metric, "train", "C0"), (f"val_{metric}", "validation", "C1")):
+            runs = [np.asarray(h[key], dtype=float) for h in histories if h.get(key)]
+            if not runs:
+                continue
+            for values in runs:
+                ax.plot(np.arange(1, len(values) + 1), values, color=colour, alpha=0.3,
+                        linewidth=0.8)  # fmt: skip
+            common = np.stack([r[: min(map(len, runs))] for r in runs])
+            epochs = np.arange(1, common.shape[1] + 1)
+            mean = common.mean(axis=0)
+            ax.plot(epochs, mean, color=colour, linewidth=2, label=f"{split} (mean of {len(runs)})")
+            if len(runs) > 1:
+                std = common.std(axis=0, ddof=1)
+                ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.2)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="both", useOffset=False)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{title} ({', '.join(labels)}; band: ± 1 sample standard deviation)")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
 def plot_superclass_confusion(y_true, y_pred, normalize: str | None = "true", path=None):
     """Confusion matrix over the 20 superclasses of fine predictions (scikit-learn display).
 

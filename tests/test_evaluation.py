@@ -492,17 +492,18 @@ def test_report_command_writes_the_table(tmp_path):
     assert after == README.split("<!-- results:end -->")[1]
     lines = block.strip().splitlines()
     assert lines[0] == (
-        "| Model | Params | Epochs | Train time | Val top-1 | Val top-5 | Test top-1 | "
-        "Test top-5 | Hardware | Settings (not the notebook's defaults) | "
-        "Seed's published test top-1 and training time (not measured here) |"
+        "| Model | Params | Epochs | Train time (mean) | Test top-1 (mean ± sd, n) | "
+        "Test top-5 (mean ± sd, n) | Test superclass top-1 (mean ± sd, n) | Seeds | Hardware | "
+        "Settings (not the notebook's defaults) | "
+        "Seed's published test top-1 and training time (one run, not measured here) |"
     )
     rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
     assert rows["complex_cnn"] == (
-        "| complex_cnn | 15,047,588 | 1 | 30 s | — | — | 0.050 | — | — | defaults | "
+        "| complex_cnn | 15,047,588 | 1 | 30 s | 0.050 (n = 1) | — | — | — | — | defaults | "
         "0.629 (about 5.0 h) |"
-    )
+    )  # a single run: n = 1, no spread
     assert rows["simple_cnn"] == (
-        "| simple_cnn | 1,777,636 | 3 | 2.1 min | 0.247 | 0.501 | 0.239 | 0.499 | "
+        "| simple_cnn | 1,777,636 | 3 | 2.1 min | 0.239 (n = 1) | 0.499 (n = 1) | — | — | "
         "AMD EPYC (2 logical CPUs) | EPOCHS=3, MIXED_PRECISION=True | 0.483 (about 80.0 min) |"
     )
     assert rows["efficientnet_b0"] == (
