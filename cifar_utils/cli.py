@@ -171,8 +171,8 @@ def main(argv=None) -> int:
         The exit status: 0 on success; on any error, a one-line ``error: ...`` on stderr
         and 2. ``predict`` still classifies the other photos when one cannot be read (or a
         folder holds none), then returns 2. Wrong usage exits (status 2, one line too,
-        raised as ``SystemExit``). Arguments, and that the files named exist, are checked
-        before TensorFlow is imported.
+        raised as ``SystemExit``). Arguments, and that the model, photos and README named
+        exist, are checked before TensorFlow is imported.
     """
     import argparse
 
