@@ -44,14 +44,14 @@ def own_output_dir(output_dir, notebook) -> Path:
         notebook: the notebook's file name or path (its stem names the lock).
 
     Returns:
-        The lock file's absolute path.
+        The lock file's absolute path, symbolic links resolved.
 
     Raises:
         OutputDirInUse: another live process holds the lock; the message names its process
             id, host, start time and notebook.
         ParameterError: the folder cannot be created or written.
     """
-    path = lock_path(output_dir, notebook).absolute()
+    path = lock_path(output_dir, notebook).resolve()  # one key for every spelling of it
     if path in _HELD:
         return path
     try:

@@ -122,6 +122,16 @@ def test_a_killed_run_leaves_no_lock_behind(tmp_path):
         _stop(again)
 
 
+def test_the_process_that_holds_the_lock_may_take_it_again(tmp_path):
+    """As a notebook's set-up cell run twice in one kernel, the folder named another way."""
+    (tmp_path / "results").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "results")
+    held = cu.own_output_dir(tmp_path / "results", SIMPLE)
+    assert cu.own_output_dir(tmp_path / "link", SIMPLE) == held
+    assert cu.own_output_dir(tmp_path / "results" / ".." / "results", SIMPLE) == held
+    assert json.loads(held.read_text())["pid"] == os.getpid()
+
+
 def test_an_unwritable_output_dir_is_a_parameter_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder\n")
