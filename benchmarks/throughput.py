@@ -212,7 +212,7 @@ def machine() -> dict:
 
 
 def table(rows: list[dict], precisions: dict) -> str:
-    """The figures as a Markdown table (also what the README shows), then each peak."""
+    """The figures as a Markdown table (also what docs/performance.md shows), then each peak."""
     cells = [
         {
             "model": r["model"],

@@ -13,6 +13,7 @@ One module per job, each importing only the ones listed before it:
 ``augment``     Keras augmentation layers, per-batch seeds, albumentations
 ``pipelines``   ``make_dataset``: the ``tf.data`` pipelines
 ``devices``     strategies, workers, precision, XLA, the CPU's small-conv gradients
+``runlock``     one run of a notebook at a time per output folder (``own_output_dir``)
 ``divergence``  NaN/inf and probability checks of a model's state and outputs
 ``checkpoints`` checkpoint files, resume, the CSV log
 ``training``    ``train``: checkpoints, resume, run plans, divergence guard; schedules
@@ -40,7 +41,7 @@ import importlib
 _PUBLIC = {
     "errors": (
         "CifarDataError", "WeightsError", "TrainingDiverged", "ResumeError",
-        "NotProbabilities", "ParameterError",
+        "NotProbabilities", "ParameterError", "OutputDirInUse",
     ),
     "files": ("write_json",),
     "notebooks": ("notebook_path", "run_tagged_cell"),
@@ -71,6 +72,7 @@ _PUBLIC = {
         "worker_run_dir", "to_numpy", "choose_strategy", "global_batch_size",
         "resolve_jit_compile", "fast_small_conv_gradients",
     ),
+    "runlock": ("lock_path", "own_output_dir"),
     "divergence": ("check_probabilities", "nonfinite_variables", "training_state_problem"),
     "checkpoints": ("check_checkpoint_path", "save_checkpoint", "read_log"),
     "training": (

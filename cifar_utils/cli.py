@@ -17,6 +17,12 @@ PHASES = ("head", "finetune")
 
 
 def _report_command(args) -> int:
+    if not Path(args.readme).is_file():  # before TensorFlow starts
+        raise FileNotFoundError(
+            f"No file '{args.readme}' to write the results table into: --readme names a "
+            "Markdown file holding the results markers (default: README.md, run from the "
+            "repository's folder)"
+        )
     from .results import full_runs, group_series, not_pooled, read_results, update_readme_results
 
     before = Path(args.readme).read_text(encoding="utf-8")
@@ -240,7 +246,7 @@ def main(argv=None) -> int:
     - ``curves RUN_DIR [--out PNG]``: accuracy, loss and learning-rate curves of a run,
       also while it trains; both phases of a two-phase run (``RUN_DIR/head`` and
       ``RUN_DIR/finetune``); default ``RUN_DIR/curves.png``.
-    - ``export MODEL.keras --format saved_model --out DIR``: a TensorFlow SavedModel
+    - ``export MODEL.keras [--format saved_model] --out DIR``: a TensorFlow SavedModel
       (:func:`cifar_utils.export.export_saved_model`).
     - ``predict --model MODEL.keras PHOTO|FOLDER ... [--top-k 5] [--json]``: the top-k
       classes of each photo (:func:`cifar_utils.photos.predict_image`); a folder means its
@@ -256,13 +262,17 @@ def main(argv=None) -> int:
         argv: the arguments (without the program name); ``None`` reads ``sys.argv``.
 
     Returns:
-        The exit status: 0 on success; on an error, a one-line ``error: ...`` on stderr
-        and 2 (1 for ``report``). ``predict`` still classifies the other photos when one
-        cannot be read (or a folder holds none), then returns 2. Wrong usage exits through
-        argparse (status 2). Arguments, and that a ``--model`` file exists, are checked
-        before TensorFlow is imported.
+        The exit status: 0 on success; on any error, a one-line ``error: ...`` on stderr
+        and 2. ``predict`` still classifies the other photos when one cannot be read (or a
+        folder holds none), then returns 2. Wrong usage exits (status 2, one line too,
+        raised as ``SystemExit``). Arguments, and that the model, photos and README named
+        exist, are checked before TensorFlow is imported.
     """
     import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # argparse prints its usage too: one line, like the others
+            self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
 
     def top_k(text: str) -> int:
         value = int(text) if text.strip().lstrip("-").isdigit() else None
@@ -279,21 +289,27 @@ def main(argv=None) -> int:
             )
         return int(parts[0]) if len(parts) == 1 else [int(part) for part in parts]
 
-    parser = argparse.ArgumentParser(
-        prog="python -m cifar_utils", description="CIFAR-100 notebook helpers"
-    )
+    parser = Parser(prog="python -m cifar_utils", description="CIFAR-100 notebook helpers")
     commands = parser.add_subparsers(dest="command", required=True)
     report = commands.add_parser(
         "report", help="write the results/*.json comparison table into README.md"
     )
-    report.add_argument("--results-dir", default="results", help="folder of results JSON files")
-    report.add_argument("--readme", default="README.md", help="file holding the results markers")
+    report.add_argument(
+        "--results-dir",
+        default="results",
+        help="folder of results JSON files (default: %(default)s)",
+    )
+    report.add_argument(
+        "--readme",
+        default="README.md",
+        help="file holding the results markers (default: %(default)s)",
+    )
     report.add_argument(
         "--all",
         action="store_true",
         help="also show series of quick or non-CIFAR-100 runs (never in the README)",
     )
-    report.set_defaults(run=_report_command, error_status=1)
+    report.set_defaults(run=_report_command)
     curves = commands.add_parser("curves", help="plot a run's log.csv, also while it trains")
     curves.add_argument(
         "run_dir",
@@ -302,15 +318,20 @@ def main(argv=None) -> int:
     )
     curves.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png)")
     curves.set_defaults(run=_curves_command)
-    export = commands.add_parser("export", help="convert a .keras model for TF Serving")
+    export = commands.add_parser("export", help="a .keras model as a SavedModel, for TF Serving")
     export.add_argument("model", help="a .keras file, e.g. results/simple_cnn.keras")
-    export.add_argument("--format", choices=["saved_model"], default="saved_model")
+    export.add_argument(
+        "--format", choices=["saved_model"], default="saved_model",
+        help="the one format there is: TensorFlow SavedModel (default: %(default)s)",
+    )  # fmt: skip
     export.add_argument("--out", required=True, help="new folder for the SavedModel")
     export.set_defaults(run=_export_command)
     predict = commands.add_parser("predict", help="classify photos with a .keras model")
     predict.add_argument("--model", required=True, help="e.g. results/simple_cnn.keras")
     predict.add_argument("photos", nargs="*", help="image files, or folders of them")
-    predict.add_argument("--top-k", type=top_k, default=5, help="classes per photo (1 to 100)")
+    predict.add_argument(
+        "--top-k", type=top_k, default=5, help="classes per photo, 1 to 100 (default: %(default)s)"
+    )
     predict.add_argument("--json", action="store_true", help="print one JSON document")
     predict.add_argument("--info", action="store_true", help="print the model card it holds")
     predict.set_defaults(run=_predict_command)
@@ -343,7 +364,7 @@ def main(argv=None) -> int:
         return args.run(args)
     except (ValueError, OSError) as exc:  # FileNotFoundError, FileExistsError among them
         print(f"error: {exc}", file=sys.stderr)
-        return getattr(args, "error_status", 2)
+        return 2
     except ImportError as exc:  # e.g. the system's python3 instead of the project's
         print(
             f"error: {exc}. Run the commands with the project's Python, "

@@ -40,3 +40,8 @@ class NotProbabilities(_MessageOnly, ValueError):
 
 class ParameterError(_MessageOnly, ValueError):
     """A notebook parameter is unknown or has a bad value; the message names each one."""
+
+
+class OutputDirInUse(_MessageOnly, RuntimeError):
+    """Another run of the same notebook is writing into this ``OUTPUT_DIR``; the message
+    names it (process id, host, start time) and the way out."""

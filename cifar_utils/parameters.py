@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import sys
 from pathlib import Path
 
 from .checks import is_int
@@ -16,6 +17,7 @@ from .devices import is_precision_setting
 from .errors import ParameterError
 from .notebooks import notebook_path
 from .photos import load_image
+from .runlock import own_output_dir
 
 
 class NotebookParameters(dict):
@@ -184,6 +186,8 @@ def check_parameters(namespace: dict, notebook) -> NotebookParameters:
       existing file; ``PHOTO`` None or a readable image file; ``DATA_DIR`` None or an
       existing path; other ``*_DIR`` paths; any other parameter must have its default's
       type (bool, int, number, string).
+    - Given the program's own globals (a notebook's kernel), it then locks ``OUTPUT_DIR`` for
+      this run (:func:`own_output_dir`): a second run of the notebook into it stops here.
 
     Args:
         namespace: the notebook's globals (``globals()``).
@@ -194,6 +198,7 @@ def check_parameters(namespace: dict, notebook) -> NotebookParameters:
 
     Raises:
         ParameterError: every problem found, one per line, each naming the parameter.
+        OutputDirInUse: another run of this notebook is writing into ``OUTPUT_DIR``.
     """
     defaults = notebook_defaults(notebook)
     known = _assigned_names(notebook)
@@ -222,4 +227,6 @@ def check_parameters(namespace: dict, notebook) -> NotebookParameters:
             problems.append(_batch_too_large(batch, 1, left))
     if problems:
         raise ParameterError("Bad notebook parameters:\n  " + "\n  ".join(problems))
+    if namespace is vars(sys.modules["__main__"]):  # a run (a notebook's kernel), not a check
+        own_output_dir(values["OUTPUT_DIR"], notebook)
     return NotebookParameters(values, defaults)

@@ -147,7 +147,9 @@ BLOCK = re.compile(r"<!-- readme-test: (\w+) -->\n```bash\n(.*?)```", re.S)
 
 
 def readme_blocks() -> dict[str, list[str]]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    """The marked command blocks of README.md and of the docs/ pages it links, by name."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text(encoding="utf-8") for page in pages)
     return {name: body.strip().splitlines() for name, body in BLOCK.findall(text)}
 
 

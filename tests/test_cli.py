@@ -346,6 +346,7 @@ def test_predict_errors(small_model, tmp_path, capsys, case, message):
         ["export", "model.keras", "--out", "link"],  # a symbolic link
         ["predict", "--model", "model.keras", "missing.jpg", "missing/"],  # no photo at all
         ["predict", "--model", "results.json", "photo.jpg"],  # not a model file
+        ["report", "--readme", "missing.md"],
     ],
 )
 def test_arguments_are_checked_before_tensorflow_starts(argv, tmp_path):
@@ -433,3 +434,52 @@ def test_predict_errors_in_a_real_process(small_model, tmp_path):
     status, out, err = _run("predict", "--model", small_model[0], tmp_path / "notes.png")
     assert status == 2 and out == ""
     assert "is not a readable image" in _one_error_line(err)
+
+
+# ---------------------------------------------------------------- every command
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["report", "--readme", "missing.md"], "error: No file 'missing.md' to write the results"),
+        (["predict", "--model", "m.keras", "x.jpg", "--top-k", "0"],
+         "error: argument --top-k: must be a whole number from 1 to 100, not '0' (see: "
+         "python -m cifar_utils predict --help)"),
+        (["export", "m.keras"], "error: the following arguments are required: --out (see: "),
+        (["export", "m.keras", "--format", "onnx", "--out", "x"],
+         "error: argument --format: invalid choice: 'onnx' (choose from "),
+        (["curve", "x"], "error: argument command: invalid choice: 'curve'"),
+        ([], "error: the following arguments are required: command (see: python -m cifar_utils "
+             "--help)"),
+    ],
+)  # fmt: skip
+def test_every_error_is_one_line_with_status_2(argv, message, tmp_path):
+    """Usage errors too: argparse's usage block would stand before its error otherwise."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "cifar_utils", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(message), done.stderr
+
+
+def test_report_errors_are_one_line_with_status_2(tmp_path, capsys):
+    (tmp_path / "notes.md").write_text("# Notes without the results markers\n")
+    assert cu.main(["report", "--readme", str(tmp_path / "notes.md")]) == 2
+    error = _one_error_line(capsys.readouterr().err)
+    assert "must hold the lines '<!-- results:start -->' and '<!-- results:end -->'" in error
+    assert (tmp_path / "notes.md").read_text() == "# Notes without the results markers\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "defaults"),
+    [("report", ["(default: results)", "(default: README.md)"]),
+     ("predict", ["1 to 100 (default: 5)"]),
+     ("curves", ["(default: RUN_DIR/curves.png)"]),
+     ("export", ["TensorFlow SavedModel (default: saved_model)"])],
+)  # fmt: skip
+def test_help_shows_the_defaults(command, defaults, capsys):
+    with pytest.raises(SystemExit, match="0"):
+        cu.main([command, "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert all(default in shown for default in defaults), shown

@@ -1,23 +1,28 @@
 """The README's quick commands, run as written (paths swapped for temporary ones).
 
-Blocks marked ``<!-- readme-test: NAME -->`` are run line by line with bash from the
-repository root: here the smoke run on the generated archive, the model commands (curves,
-predict, export) and the web demo; the transfer notebook's quick check runs in
-``tests/test_transfer.py`` (then resumed on two devices). The times they take are printed
+Blocks marked ``<!-- readme-test: NAME -->`` in README.md and the docs/ pages are run line by
+line with bash from the repository root: here the smoke run on the generated archive, the
+model commands (curves, predict, export) and the web demo; the transfer notebook's quick
+check runs in ``tests/test_transfer.py`` (then resumed on two devices). The README itself
+stays short, starts with the offline try, and its links resolve. The times they take are printed
 (``pytest -s``), to keep the README's stated times measured.
 """
 
 import json
+import re
 import shutil
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import ROOT, readme_blocks, run_readme_block, start_demo, swap_paths
 
 import cifar_utils as cu
+
+README = ROOT / "README.md"
 
 
 def _git_status() -> str | None:
@@ -31,6 +36,61 @@ def test_the_readme_marks_its_quick_commands():
     blocks = readme_blocks()
     assert set(blocks) == {"smoke", "transfer", "use", "demo"}
     assert all(line.startswith(".venv/bin/") for lines in blocks.values() for line in lines)
+    assert "<!-- readme-test: smoke -->" in README.read_text()  # the others are in docs/
+
+
+def _sections(text: str) -> list[str]:
+    return [line[3:] for line in text.splitlines() if line.startswith("## ")]
+
+
+def test_the_readme_is_a_five_minute_read_that_starts_with_the_offline_try():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200
+    # "the smoke run": the data loader's message sends readers without the dataset there.
+    assert _sections(text)[:5] == [
+        "Install", "Try it in a minute, offline (the smoke run)", "The real run", "Tests",
+        "Results",
+    ]  # fmt: skip
+    commands = re.findall(r"```bash\n(.*?)```", text, re.S)
+    assert commands[0].startswith("python3 -m venv .venv && .venv/bin/pip install -r ")
+    assert commands[1].startswith(".venv/bin/python tests/synthetic_cifar.py")  # the smoke run
+    assert "-p EPOCHS 100 --log-output" in commands[2]  # the real run
+    assert "seed project" in text.lower() and "cifar_utils/published.py" in text
+
+
+def test_every_link_of_the_readme_and_docs_resolves():
+    """Relative links, and their #anchors, point at a file and heading that exist."""
+    missing = []
+    for page in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if path == "docs/demo-security.md" or linked == ROOT / "docs" / "demo-security.md":
+                continue  # written on the demo's own branch
+            if not linked.exists():
+                missing.append(f"{page.name}: {target}")
+            elif anchor and anchor not in {_anchor(h) for h in _headings(linked)}:
+                missing.append(f"{page.name}: {target} (no such heading)")
+    assert not missing
+
+
+def _headings(page: Path) -> list[str]:
+    return [line.lstrip("#").strip() for line in page.read_text().splitlines()
+            if line.startswith("#")]  # fmt: skip
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def test_ci_runs_the_readmes_test_command():
+    readme = re.search(r"## Tests\n.*?```bash\n(.*?)\n```", README.read_text(), re.S)[1]
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci == readme.replace("pip install -r", "pip install -q -r")
+    assert "-e ." in ci  # the package, importable from any folder
 
 
 @pytest.mark.slow
