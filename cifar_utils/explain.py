@@ -231,7 +231,14 @@ def _explainer(model):
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
         return tf.nn.relu(tf.reduce_sum(weights * tf.cast(feature, tf.float32), axis=-1)), classes
 
-    return tf.function(explain, reduce_retracing=True)
+    height, width = model_image_size(model)
+    return tf.function(  # one trace per model, whatever the batch size
+        explain,
+        input_signature=[
+            tf.TensorSpec((None, height, width, 3), tf.float32),
+            tf.TensorSpec((None,), tf.int32),
+        ],
+    )
 
 
 def grad_cam(model, images, class_index=None, batch_size: int = 64) -> np.ndarray:

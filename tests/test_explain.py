@@ -103,10 +103,23 @@ BUILDERS = {
 }
 
 
+@pytest.fixture(scope="module")
+def built():
+    """name -> that network with random weights, built once for this module."""
+    models = {}
+
+    def get(name):
+        if name not in models:
+            keras.utils.set_random_seed(0)
+            models[name] = BUILDERS[name]()
+        return models[name]
+
+    return get
+
+
 @pytest.mark.parametrize("name", BUILDERS)
-def test_shapes_ranges_and_a_batch_equal_to_its_images_one_by_one(name):
-    keras.utils.set_random_seed(0)
-    model = BUILDERS[name]()
+def test_shapes_ranges_and_a_batch_equal_to_its_images_one_by_one(name, built):
+    model = built(name)
     x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     heat = cu.grad_cam(model, x)
     assert heat.shape == (3, 32, 32) and heat.dtype == np.float32
@@ -133,9 +146,8 @@ def test_bfloat16_model(policy):
 
 
 @pytest.mark.parametrize("name", ["simple", "efficientnet"])
-def test_a_saved_and_loaded_model_gives_the_same_heatmaps(name, tmp_path):
-    keras.utils.set_random_seed(0)
-    model = BUILDERS[name]()
+def test_a_saved_and_loaded_model_gives_the_same_heatmaps(name, built, tmp_path):
+    model = built(name)
     x = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     path = cu.export_model(model, tmp_path / f"{name}.keras")
     loaded = cu.load_exported_model(path)[0]
