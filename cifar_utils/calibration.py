@@ -22,13 +22,15 @@ TEMPERATURE_RANGE = (0.05, 20.0)
 
 
 def _check_probs(probs) -> np.ndarray:
-    """``probs`` as float64 (N, C) if its rows are probability distributions."""
+    """``probs`` as float64 (N, C), each row divided by its sum, if its rows are probability
+    distributions (within 1e-3)."""
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or not len(probs):
         raise ValueError(f"probs must be (N, classes) with N >= 1, not shape {probs.shape}")
     if not np.all(np.isfinite(probs)) or probs.min() < 0 or np.abs(probs.sum(1) - 1).max() > 1e-3:
         raise ValueError("probs must be probabilities: finite, >= 0, each row summing to 1")
-    return probs
+    # float32 rows sum to 1 only within ~1e-7; scikit-learn's log_loss warns beyond 1.5e-8.
+    return probs / probs.sum(axis=1, keepdims=True)
 
 
 def _checked(y_true, probs) -> tuple[np.ndarray, np.ndarray]:

@@ -111,6 +111,8 @@ def test_the_exported_model_applies_the_temperature_without_this_package(tmp_pat
     expected = cu.apply_temperature(probs, 2.5)
     assert np.allclose(cu.predict_proba(calibrated, x), expected, atol=1e-6)
     assert np.allclose(cu.predict_proba(model, x), probs)  # the model is left as it was
+    # Scores divided by T: the same Grad-CAM heatmaps (each is divided by its maximum).
+    assert np.abs(cu.grad_cam(calibrated, x) - cu.grad_cam(model, x)).max() < 1e-5
     path = cu.export_model(calibrated, tmp_path / "calibrated.keras", temperature=2.5)
     np.save(tmp_path / "x.npy", x.astype(np.float32) / 255)
     code = (
