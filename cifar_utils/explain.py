@@ -26,6 +26,8 @@ _POOLINGS = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
 _EXPLAINERS = weakref.WeakKeyDictionary()  # model -> its traced Grad-CAM function
 
 
+# Keras has no public API to walk a functional graph: ``_keras_history`` and
+# ``_inbound_nodes`` are what its own ``clone_model`` and ``Functional`` use.
 def _node(tensor):
     """The graph node that produced the symbolic ``tensor``."""
     operation, node_index, _ = tensor._keras_history
@@ -177,15 +179,15 @@ def _placement(size: int, start: float, spacing: float, cells: int) -> np.ndarra
     return weights
 
 
-def _tapped(model, layer):
+def _tapped(model, layer, head_input: bool = True):
     """A model on the same layers (and weights) as ``model``: image -> (``layer``'s output,
-    the input of the last layer)."""
+    the input of the last layer, or with ``head_input=False`` the model's output)."""
     inner = _container(model, layer)
     if inner is model:
         feature = _output(layer)
     else:  # rebuild the outer graph with the container also returning the feature map
         taps = []
-        sub = _tapped_container(inner, layer)
+        sub = _tapped(inner, layer, head_input=False)
 
         def call(op, *args, **kwargs):
             if op is inner:
@@ -196,13 +198,8 @@ def _tapped(model, layer):
 
         model = keras.models.clone_model(model, clone_function=lambda op: op, call_function=call)
         feature = taps[0]
-    return keras.Model(model.inputs, [feature, _node(model.outputs[0]).input_tensors[0]])
-
-
-def _tapped_container(container, layer):
-    """``container`` (a nested model) returning ``(layer's output, its own output)``."""
-    tapped = _tapped(container, layer)
-    return keras.Model(tapped.inputs, [tapped.outputs[0], container.outputs[0]])
+    last = _node(model.outputs[0]).input_tensors[0] if head_input else model.outputs[0]
+    return keras.Model(model.inputs, [feature, last])
 
 
 def _explainer(model):
