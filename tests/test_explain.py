@@ -49,13 +49,14 @@ def test_pointing_game_on_objects_placed_at_random():
         heat = cu.grad_cam(model, x_test[right])
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    assert right.mean() > 0.45  # chance: 0.25
+    assert right.mean() > 0.4  # 0.675 in bfloat16, 0.5 in float32; chance: 0.25
     hits = [
         row - 0.5 <= r <= row + SIDE - 0.5 and col - 0.5 <= c <= col + SIDE - 0.5
         for (r, c), (row, col) in zip(map(peak, heat), corners[right], strict=True)
     ]
-    # The peak falls on the object for 67% of the right answers (135 of 200 images,
-    # float32 or bfloat16); a random point would for 6.25%.
+    # The peak falls on the object for 67% of the right answers in bfloat16 (90 of 135),
+    # 64% in float32 (64 of 100); a random point would for 6.25%. (The same maps stretched
+    # over the whole image, cell i at 8i + 3.5, scored 36% and 35%.)
     assert np.mean(hits) > 0.4, np.mean(hits)
 
 
