@@ -339,14 +339,16 @@ def overlay_heatmap(image, heatmap, alpha: float = 0.45) -> np.ndarray:
         web demo.
 
     Raises:
-        ValueError: the two differ in size, or ``heatmap`` is outside [0, 1].
+        ValueError: ``image`` not uint8 (H, W, 3), the two differ in size, or ``heatmap``
+            is outside [0, 1].
     """
     from matplotlib import colormaps
 
     image, heatmap = np.asarray(image), np.asarray(heatmap, np.float32)
-    if image.shape[:2] != heatmap.shape or image.ndim != 3:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[:2] != heatmap.shape:
         raise ValueError(
-            f"image {image.shape} and heatmap {heatmap.shape} must be (H, W, 3) and (H, W)"
+            f"image ({image.dtype} {image.shape}) and heatmap {heatmap.shape} must be uint8 "
+            "(H, W, 3) and (H, W), as explain_photo returns them"
         )
     if heatmap.size and not 0 <= heatmap.min() <= heatmap.max() <= 1:
         raise ValueError("heatmap must be in [0, 1], as grad_cam returns it")

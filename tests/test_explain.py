@@ -189,6 +189,17 @@ def test_explain_photo_returns_the_heatmap_at_the_photos_size():
     assert 0 <= heat.min() and heat.max() <= 1
     overlay = cu.overlay_heatmap(photo, heat)
     assert overlay.shape == (128, 96, 3) and overlay.dtype == np.uint8
+    halves = np.repeat([[0.0], [1.0]], [64, 64], axis=0) * np.ones((1, 96))  # jet: dark blue, red
+    overlay = cu.overlay_heatmap(photo, halves)
+    expected = [np.round(0.55 * photo[:64] + 0.45 * np.array([0, 0, 127.5])),
+                np.round(0.55 * photo[64:] + 0.45 * np.array([127.5, 0, 0]))]  # fmt: skip
+    assert (overlay == np.concatenate(expected)).all()
+    with pytest.raises(ValueError, match="must be uint8"):
+        cu.overlay_heatmap(photo / 255, heat)
+    with pytest.raises(ValueError, match="must be uint8"):
+        cu.overlay_heatmap(photo, heat[:-1])
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        cu.overlay_heatmap(photo, heat * 2)
 
 
 def _dense_only():
