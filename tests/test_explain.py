@@ -35,8 +35,8 @@ def peak(heatmap) -> np.ndarray:
     return np.argwhere(heatmap == heatmap.max()).mean(axis=0)
 
 
-@pytest.mark.parametrize("policy", [cu.choose_precision("auto")[0]], indirect=True)
-def test_pointing_game_on_objects_placed_at_random(policy):  # bfloat16 where it is native
+@pytest.mark.parametrize("policy", ["float32"], indirect=True)
+def test_pointing_game_on_objects_placed_at_random(policy):  # float32: quick on every CPU
     keras.utils.set_random_seed(0)
     model = cu.build_simple_cnn(num_classes=len(COLOURS))
     cu.fast_small_conv_gradients(model)
@@ -46,14 +46,14 @@ def test_pointing_game_on_objects_placed_at_random(policy):  # bfloat16 where it
     x_test, y_test, corners = objects(200, seed=1)
     right = cu.predict_proba(model, x_test).argmax(1) == y_test
     heat = cu.grad_cam(model, x_test[right])
-    assert right.mean() > 0.4  # 0.675 in bfloat16, 0.5 in float32; chance: 0.25
+    assert right.mean() > 0.4  # 0.5 (0.675 in bfloat16); chance: 0.25
     hits = [
         row - 0.5 <= r <= row + SIDE - 0.5 and col - 0.5 <= c <= col + SIDE - 0.5
         for (r, c), (row, col) in zip(map(peak, heat), corners[right], strict=True)
     ]
-    # The peak falls on the object for 67% of the right answers in bfloat16 (90 of 135),
-    # 64% in float32 (64 of 100); a random point would for 6.25%. (The same maps stretched
-    # over the whole image, cell i at 8i + 3.5, scored 36% and 35%.)
+    # The peak falls on the object for 64% of the right answers (64 of 100; trained in
+    # bfloat16, 90 of 135: 67%); a random point would for 6.25%. (The same maps stretched
+    # over the whole image, cell i at pixel 8i + 3.5, scored 35%, and 36% in bfloat16.)
     assert np.mean(hits) > 0.4, np.mean(hits)
 
 
