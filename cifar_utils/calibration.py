@@ -12,7 +12,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from .checks import check_labels
+from .checks import check_labels, check_positive_int
 from .evaluation import predict_proba, top_k_accuracy
 
 #: Bins of the expected calibration error, as Guo et al. 2017.
@@ -58,8 +58,7 @@ def reliability_bins(y_true, probs, bins: int = ECE_BINS) -> dict:
         ValueError: labels or probabilities invalid, or ``bins`` not an int >= 1.
     """
     y_true, probs = _checked(y_true, probs)
-    if not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be an int >= 1, not {bins!r}")
+    bins = check_positive_int(bins, "bins")
     confidence = probs.max(axis=1)
     right = probs.argmax(axis=1) == y_true
     which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
