@@ -9,7 +9,8 @@ run; then the input pipeline alone, with that
 notebook's augmentation, in images/s and as a multiple of the training rate (it must be
 at least 10x, or the pipeline would hold the model back); and the cost of ``cu.train``'s
 divergence guard (every variable checked for NaN/inf, outputs on 8 images checked as
-probabilities), once and as a share of the 50 training steps between two checks. Prints
+probabilities), once and as a share of the 50 training steps between two checks; and what
+an explanation costs (``cu.grad_cam`` on a batch, ms per image) beside inference. Prints
 a table and writes ``results/benchmark.json``.
 
 Conventions:
@@ -156,6 +157,15 @@ def pipeline_rate(name: str, augment, batch: int, batches: int) -> tuple[float, 
     return rate, what
 
 
+def explain_ms(model, x, args) -> float:
+    """Milliseconds per image of ``cu.grad_cam`` on the batch ``x`` (one gradient call)."""
+    images = np.asarray(x)
+    rate = _median_rate(
+        lambda: cu.grad_cam(model, images, batch_size=len(images)), len(images), 1, args.steps
+    )
+    return 1000 / rate
+
+
 def bench_model(name: str, args) -> dict:
     """Build, compile and time one model; returns its row of figures."""
     keras.utils.set_random_seed(0)
@@ -174,6 +184,7 @@ def bench_model(name: str, args) -> dict:
     infer = _median_rate(lambda: model.predict_on_batch(x), batch, args.warmup, args.steps)
     probe = x[:8]  # what cu.train's divergence guard runs every 50 batches and per epoch
     guard = 1 / _median_rate(lambda: cu.training_state_problem(model, probe), 1, 1, 5)
+    explain = explain_ms(model, x, args)
     flops = forward_flops(model)
     pipe, what = pipeline_rate(name, augment, batch, args.pipeline_batches)
     return {
@@ -183,6 +194,8 @@ def bench_model(name: str, args) -> dict:
         "fast_conv_layers": switched,
         "train_images_per_s": train,
         "inference_images_per_s": infer,
+        "inference_ms_per_image": 1000 / infer,
+        "grad_cam_ms_per_image": explain,
         "forward_gflops_per_image": flops / 1e9,
         "train_gflops_per_image": 3 * flops / 1e9,
         "train_gflop_per_s": train * 3 * flops / 1e9,
@@ -225,6 +238,7 @@ def table(rows: list[dict], precisions: dict) -> str:
             "peak": f"{100 * r['fraction_of_matmul_peak']:.0f}%",
             "pipeline": f"{r['pipeline_images_per_s']:.0f}",
             "ratio": f"{r['pipeline_to_train_ratio']:.0f}x",
+            "explain": f"{r['grad_cam_ms_per_image']:.2f} ({r['inference_ms_per_image']:.2f})",
             "guard": f"{1000 * r['guard_seconds']:.0f} "
             f"({100 * r['guard_share_every_50_steps']:.2f}%)",
         }
@@ -235,7 +249,7 @@ def table(rows: list[dict], precisions: dict) -> str:
         ("train", "train img/s"), ("infer", "infer img/s"), ("gflops", "GFLOPs/img (fwd)"),
         ("gflop_s", "train GFLOP/s"), ("peak", "% of its matmul peak"),
         ("pipeline", "pipeline img/s"), ("ratio", "pipeline / train"),
-        ("guard", "guard ms (% of 50 steps)"),
+        ("explain", "Grad-CAM ms/img (infer)"), ("guard", "guard ms (% of 50 steps)"),
     ]  # fmt: skip
     peaks = "; ".join(
         f"{label} {p['matmul_peak_gflop_per_s']:.1f} GFLOP/s" for label, p in precisions.items()

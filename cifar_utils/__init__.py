@@ -18,7 +18,9 @@ One module per job, each importing only the ones listed before it:
 ``checkpoints`` checkpoint files, resume, the CSV log
 ``training``    ``train``: checkpoints, resume, run plans, divergence guard; schedules
 ``evaluation``  top-k, per class and superclass, reports, most confused pairs
+``calibration`` ECE, NLL, temperature scaling (also folded into a model), flip TTA
 ``photos``      reading photos, ``predict_image``, the sample photos
+``explain``     Grad-CAM heatmaps placed at their receptive fields, overlays
 ``results``     results files, ``evaluate_and_save``, the README table (spread over seeds)
 ``parameters``  the notebooks' parameter check
 ``model_card``  the Markdown card of an exported model, from its results record
@@ -82,7 +84,15 @@ _PUBLIC = {
         "predict_proba", "top_k_accuracy", "per_class_accuracy", "to_superclass",
         "superclass_accuracy", "classification_report", "evaluation_summary", "most_confused",
     ),
+    "calibration": (
+        "ECE_BINS", "TEMPERATURE_RANGE", "reliability_bins", "expected_calibration_error",
+        "negative_log_likelihood", "apply_temperature", "fit_temperature",
+        "calibration_summary", "with_temperature", "flip_tta_proba", "tta_summary",
+    ),
     "photos": ("load_image", "predict_image", "SAMPLE_PHOTOS", "sample_photo"),
+    "explain": (
+        "feature_map_layer", "feature_map_grid", "grad_cam", "explain_photo", "overlay_heatmap",
+    ),
     "results": (
         "write_results", "evaluate_and_save", "markdown_table", "total_params", "describe_hardware",
         "RESULTS_START", "RESULTS_END", "full_runs",
@@ -101,8 +111,8 @@ _PUBLIC = {
     "series": ("PATH_PARAMETERS", "seed_list", "notebook_model_name", "run_series"),
     "plots": (
         "plot_samples", "plot_augmentation", "plot_history", "plot_series_history",
-        "plot_superclass_confusion",
-        "plot_misclassified", "plot_prediction",
+        "plot_superclass_confusion", "plot_misclassified", "plot_prediction", "plot_grad_cam",
+        "plot_photo_grad_cam", "plot_reliability",
     ),
     "cli": ("main",),
 }  # fmt: skip

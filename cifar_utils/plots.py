@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibration import ECE_BINS, expected_calibration_error, reliability_bins
 from .checks import check_label_pair, check_labels
 from .data import COARSE_LABEL_NAMES, FINE_LABEL_NAMES
 from .devices import is_chief
 from .evaluation import to_superclass
+from .explain import explain_photo, feature_map_grid, grad_cam, overlay_heatmap
 from .files import atomic_path
 from .photos import load_image, model_image_size, predict_image
 
@@ -250,14 +252,134 @@ def plot_prediction(model, path_or_array, top_k: int = 5, path=None):
     ax_img.axis("off")
     height, width = model_image_size(model)
     ax_img.set_title(f"{image.shape[1]}x{image.shape[0]} photo, seen at {width}x{height}")
+    _draw_top_k(ax_bar, top)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def _draw_top_k(ax, top) -> None:
+    """Horizontal bars of ``top``, ``[(class name, probability), ...]`` most probable first."""
     names, values = zip(*top, strict=True)
-    ax_bar.barh(np.arange(len(top)), values)
-    ax_bar.set_yticks(np.arange(len(top)), names)
-    ax_bar.invert_yaxis()
-    ax_bar.set_xlim(0, 1)
-    ax_bar.set_xlabel("probability")
+    ax.barh(np.arange(len(top)), values)
+    ax.set_yticks(np.arange(len(top)), names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("probability")
     for i, v in enumerate(values):
-        ax_bar.text(min(v + 0.01, 0.9), i, f"{v:.2f}", va="center", fontsize=8)
-    ax_bar.set_title(f"top-{top_k} of 100 classes")
+        ax.text(min(v + 0.01, 0.9), i, f"{v:.2f}", va="center", fontsize=8)
+    ax.set_title(f"top-{len(top)} of 100 classes")
+
+
+def plot_grad_cam(
+    model, x, y_true, probs, n_right: int = 4, n_wrong: int = 4, label_names=FINE_LABEL_NAMES,
+    seed: int = 0, path=None,
+):  # fmt: skip
+    """Test images over their Grad-CAM heatmaps: some right, then the most confident mistakes.
+
+    Each column shows an image and, below it, its heatmap for the predicted class
+    (:func:`grad_cam`) over it, titled with the predicted class (probability) and the true
+    one. The right ones are drawn at random (``seed``); the mistakes are those with the
+    highest top-1 probability. The suptitle says how coarse the map is
+    (:func:`feature_map_grid`).
+
+    Args:
+        model: the classifier; x: uint8 images (N, H, W, 3) at its input size; y_true: int
+            labels (N,); probs: its class probabilities of ``x`` (N, C), e.g. from
+            :func:`predict_proba`.
+
+    Raises:
+        ValueError: mismatched lengths, or nothing to show.
+    """
+    import matplotlib.pyplot as plt
+
+    probs = np.asarray(probs)
+    y_true = check_labels(y_true, len(label_names), "y_true")
+    if not len(x) == len(y_true) == len(probs):
+        raise ValueError(f"x ({len(x)}), y_true ({len(y_true)}) and probs ({len(probs)}) differ")
+    y_pred, confidence = probs.argmax(axis=1), probs.max(axis=1)
+    right, wrong = np.flatnonzero(y_pred == y_true), np.flatnonzero(y_pred != y_true)
+    right = np.random.default_rng(seed).permutation(right)[:n_right]
+    wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:n_wrong]
+    idx = np.concatenate([right, wrong]).astype(int)
+    if not len(idx):
+        raise ValueError("no images to show: ask for n_right or n_wrong >= 1")
+    heat = grad_cam(model, x[idx], class_index=y_pred[idx])
+    fig, axes = plt.subplots(2, len(idx), figsize=(1.9 * len(idx), 4.4), squeeze=False)
+    for col, i in enumerate(idx):
+        axes[0, col].imshow(x[i])
+        axes[1, col].imshow(overlay_heatmap(x[i], heat[col]))
+        verdict = "right" if y_pred[i] == y_true[i] else "wrong"
+        axes[0, col].set_title(
+            f"{verdict}\npred: {label_names[y_pred[i]]} ({confidence[i]:.2f})\n"
+            f"true: {label_names[y_true[i]]}",
+            fontsize=7,
+        )
+    for ax in axes.ravel():
+        ax.axis("off")
+    grid = feature_map_grid(model)
+    fig.suptitle(
+        f"Grad-CAM of the predicted class ({grid['layer']}: {grid['cells'][0]}x"
+        f"{grid['cells'][1]} cells, {grid['spacing'][0]:.3g} pixels apart)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_photo_grad_cam(model, path_or_array, top_k: int = 5, path=None):
+    """A photo, its Grad-CAM heatmap for the top-1 class over it, and the ``top_k`` classes.
+
+    What ``predict --explain`` writes and the demo shows (see :func:`explain_photo` and
+    :func:`predict_image`).
+    """
+    import matplotlib.pyplot as plt
+
+    photo, heat = explain_photo(model, path_or_array)
+    top = predict_image(model, photo, top_k=top_k)
+    fig, (ax_img, ax_cam, ax_bar) = plt.subplots(
+        1, 3, figsize=(13, 3.6), gridspec_kw={"width_ratios": [1, 1, 1.3]}
+    )
+    ax_img.imshow(photo)
+    height, width = model_image_size(model)
+    ax_img.set_title(f"{photo.shape[1]}x{photo.shape[0]} photo, seen at {width}x{height}")
+    ax_cam.imshow(overlay_heatmap(photo, heat))
+    ax_cam.set_title(f"Grad-CAM: {top[0][0]}")
+    for ax in (ax_img, ax_cam):
+        ax.axis("off")
+    _draw_top_k(ax_bar, top)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_reliability(y_true, probs, calibrated_probs=None, bins: int = ECE_BINS, path=None):
+    """Reliability diagram: accuracy against top-1 confidence in equal-width bins.
+
+    Bars show each bin's accuracy, the diagonal perfect calibration, and the title the
+    expected calibration error (:func:`expected_calibration_error`). With
+    ``calibrated_probs`` (e.g. :func:`apply_temperature` of ``probs``) a second panel shows
+    those beside.
+
+    Args:
+        y_true: int labels (N,); probs, calibrated_probs: class probabilities (N, C).
+    """
+    import matplotlib.pyplot as plt
+
+    panels = [("before temperature scaling" if calibrated_probs is not None else "", probs)]
+    if calibrated_probs is not None:
+        panels.append(("after temperature scaling", calibrated_probs))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, (label, p) in zip(axes[0], panels, strict=True):
+        table = reliability_bins(y_true, p, bins)
+        left, width = table["edges"][:-1], 1 / bins
+        ax.bar(left, np.nan_to_num(table["accuracy"]), width, align="edge",
+               edgecolor="black", label="accuracy")  # fmt: skip
+        ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("top-1 confidence")
+        ax.set_ylabel("accuracy")
+        ece = expected_calibration_error(y_true, p, bins)
+        ax.set_title(f"{label}\nECE {ece:.3f} ({bins} bins)".strip(), fontsize=9)
+        ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return _finish(fig, path)

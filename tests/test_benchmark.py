@@ -47,6 +47,8 @@ def test_quick_run_writes_every_figure_per_precision(tmp_path, capsys):
         assert row["batch_size"] == 32 and row["params"] == 1_777_636
         assert row["train_gflops_per_image"] == pytest.approx(3 * row["forward_gflops_per_image"])
         assert row["train_images_per_s"] > 0 and row["pipeline_images_per_s"] > 0
+        assert row["inference_ms_per_image"] == 1000 / row["inference_images_per_s"]
+        assert row["grad_cam_ms_per_image"] > 0  # an explanation's cost, beside inference's
         assert row["pipeline_to_train_ratio"] == (
             row["pipeline_images_per_s"] / row["train_images_per_s"]
         )
