@@ -16,7 +16,8 @@ from pathlib import Path
 from .export import write_card
 from .files import write_json
 from .model_card import card_facts
-from .parameters import _notebook_path, check_parameters, notebook_defaults
+from .notebooks import notebook_path
+from .parameters import check_parameters, notebook_defaults
 from .results import SERIES_FILE, format_spread, group_series, series_summary
 
 #: Notebook parameters that may name a file or folder.
@@ -62,7 +63,7 @@ def notebook_model_name(notebook) -> str:
     """
     import nbformat
 
-    cells = nbformat.read(_notebook_path(notebook), as_version=4).cells
+    cells = nbformat.read(notebook_path(notebook), as_version=4).cells
     for cell in (c for c in cells if c.cell_type == "code"):
         for node in ast.walk(ast.parse(cell.source)):
             if isinstance(node, ast.Assign) and any(
@@ -162,7 +163,7 @@ def run_series(
     """
     import papermill
 
-    path = _notebook_path(notebook)
+    path = notebook_path(notebook)
     if path.suffix != ".ipynb" or not path.is_file():
         raise FileNotFoundError(f"No notebook at '{notebook}' (e.g. simple_image_clasifier.ipynb)")
     defaults, model = notebook_defaults(path), notebook_model_name(path)
