@@ -74,16 +74,6 @@ def describe_model(model_path) -> str:
     return text + f" · from `{results.name}`"
 
 
-def model_path_problem(path) -> str | None:
-    """What is wrong with ``path`` as a model file, checked before TensorFlow starts, or None."""
-    path = Path(path)
-    if path.suffix != ".keras":
-        return f"{path} is not a .keras file: give a model saved by `python -m cifar_utils export`"
-    if not path.is_file():
-        return f"no model file at {path}: train and export one first (see the README)"
-    return None
-
-
 def build_app(model_path):
     """The demo page for the model file ``model_path`` (see ``cu.load_exported_model``), and
     the lifespan and middleware to serve it with (``launch(app_kwargs=...)``).
@@ -152,6 +142,7 @@ def build_app(model_path):
                     body_seconds=body_seconds,
                     uploads=uploads,
                     samples=samples,
+                    hidden=demo.hidden_paths,
                 )
             ],
         }
@@ -189,9 +180,13 @@ def fail(message: str):
 
 def main(argv=None) -> None:
     """``python app.py --model FILE [...]``: serve the demo until Ctrl-C or SIGTERM."""
+    from cifar_utils.checks import check_model_file
+
     args = parse_args(argv)
-    if problem := model_path_problem(args.model):
-        fail(problem)  # in a second: before TensorFlow and gradio are imported
+    try:
+        check_model_file(args.model)  # in a second: before TensorFlow and gradio start
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
     for name in TOKENS:
         os.environ.pop(name, None)
     os.environ.update(QUIET_ENVIRONMENT)

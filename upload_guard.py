@@ -191,20 +191,42 @@ class UploadGuard:
                     self._forget(path)
 
 
-def _local_files_only(value):
+def _local_files_only(value, hidden: dict):
     """``value`` (an event's input as the request gave it) with every file payload's ``url``
-    dropped; raises the :data:`REFUSED` gr.Error if a payload's ``path`` is not a local path
+    dropped and a sample's path as the page knows it (``hidden``) made the server's again;
+    raises the :data:`REFUSED` gr.Error if a payload's ``path`` is not a local path
     (``http://...``, ``https://...`` or any other scheme)."""
     if isinstance(value, list):
-        return [_local_files_only(item) for item in value]
+        return [_local_files_only(item, hidden) for item in value]
     if not isinstance(value, dict):
         return value
-    value = {key: _local_files_only(item) for key, item in value.items()}
+    value = {key: _local_files_only(item, hidden) for key, item in value.items()}
     if "path" in value:
         if isinstance(value["path"], str) and _SCHEME.match(value["path"]):
             raise _refused()
         value.pop("url", None)  # the page sends its own file URL there; Gradio sets it anew
+        if isinstance(value["path"], str) and value["path"] in hidden:
+            value["path"] = hidden[value["path"]]
     return value
+
+
+def hide_folder(value, folder: str, hidden: dict) -> None:
+    """Rewrite in place every file payload in ``value`` (a page's config) whose path is in
+    ``folder`` to name it relative to it, in its ``path`` and ``url``; ``hidden`` gets
+    relative -> absolute path."""
+    if isinstance(value, list):
+        for item in value:
+            hide_folder(item, folder, hidden)
+    elif isinstance(value, dict):
+        for item in value.values():
+            hide_folder(item, folder, hidden)
+        path = value.get("path")
+        if isinstance(path, str) and path.startswith(folder + os.sep):
+            relative = path[len(folder) + 1 :]
+            hidden[relative] = path
+            value["path"] = relative
+            if isinstance(value.get("url"), str):
+                value["url"] = value["url"].replace(path, relative)
 
 
 class LocalFilesBlocks(gr.Blocks):
@@ -216,10 +238,23 @@ class LocalFilesBlocks(gr.Blocks):
     ``preprocess=False``; nothing caps its size and there is no option to turn it off. So
     :meth:`preprocess_data` first refuses any input naming a ``path`` that is not local and
     drops the ``url`` of every file payload (:func:`_local_files_only`).
+
+    Its config (``/config``, the page, the API info) names the example files relative to the
+    upload folder, whose absolute path is no visitor's business (:func:`hide_folder`):
+    ``hidden_paths`` maps them back, for events and (:class:`BodyGuard`) the file route.
     """
 
+    def __init__(self, *args, **kwargs):
+        self.hidden_paths = {}  # filled, never replaced: BodyGuard holds it
+        super().__init__(*args, **kwargs)
+
+    def get_config_file(self):
+        config = super().get_config_file()
+        hide_folder(config, gradio_utils.get_upload_folder(), self.hidden_paths)
+        return config
+
     async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
-        inputs = [_local_files_only(value) for value in inputs]
+        inputs = [_local_files_only(value, self.hidden_paths) for value in inputs]
         return await super().preprocess_data(block_fn, inputs, state, explicit_call)
 
 
@@ -281,12 +316,14 @@ class BodyGuard:
       :data:`PART_BYTES` a part, counted as it arrives (cut off once it passes either);
       an upload whose multipart body is not closed is cut off (400);
     * an upload's charge stays with its sender while its files may stay on disk; upload
-      files are served (``/gradio_api/file=``) only to the addresses that sent them.
+      files are served (``/gradio_api/file=``) only to the addresses that sent them, and the
+      samples by the names the page knows (``hidden``, see :class:`LocalFilesBlocks`).
     """
 
-    def __init__(self, app, *, folder, budget, share, body_seconds, uploads, samples):
+    def __init__(self, app, *, folder, budget, share, body_seconds, uploads, samples, hidden):
         self.app, self.folder, self.budget, self.share = app, folder, budget, share
         self.body_seconds, self.uploads, self.samples = body_seconds, uploads, frozenset(samples)
+        self.hidden = hidden  # a sample's path as the page knows it -> its path
         self.receiving = {}  # id -> _Body of the uploads admitted and not yet done
         self.used = 0  # the upload folder's size when last measured
         self.lock = asyncio.Lock()
@@ -296,6 +333,10 @@ class BodyGuard:
             return await self.app(scope, receive, send)
         visitor, path = (scope.get("client") or ("?", 0))[0], scope["path"]
         if scope["method"] in ("GET", "HEAD"):
+            before, found, name = path.partition("/file=")
+            if found and name in self.hidden:  # a sample, named as the page knows it
+                path = f"{before}/file={self.hidden[name]}"
+                scope = {**scope, "path": path, "raw_path": path.encode()}
             if self._file_of_another(path, visitor):
                 return await _answer(scope, receive, send, 404, "Not found.")
             return await self.app(scope, receive, send)

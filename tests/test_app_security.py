@@ -257,6 +257,14 @@ def test_the_sample_photos_are_classified_in_any_session(demo, small_model):
     config = demo.http.get(f"{demo.url}config").json()
     dataset = next(c for c in config["components"] if c["type"] == "dataset")
     samples = [sample for (sample,) in dataset["props"]["samples"]]  # what the page sends
+    # no server path: /config showed the absolute upload folder
+    for page in (f"{demo.url}config", demo.url, "info"):
+        assert str(demo.upload_dir) not in demo.http.get(page).text, page
+    for sample in samples:  # the page shows them
+        assert (
+            demo.http.get(sample["url"]).content
+            == Path(demo.upload_dir, sample["path"]).read_bytes()
+        )
     assert [Path(sample["path"]).name for sample in samples] == [
         file for file, _, _ in cu.SAMPLE_PHOTOS.values()
     ]
