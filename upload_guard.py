@@ -428,9 +428,9 @@ class BodyGuard:
     def _file_of_another(self, path: str, visitor: str) -> bool:
         """Whether ``path`` asks Gradio's file route for an upload ``visitor`` did not send."""
         _, found, name = path.partition("/file=")
-        if not found or not name.startswith(self.folder + os.sep):
+        if not found or not gradio_utils.is_in_or_equal(name, self.folder):  # as Gradio's check
             return False
-        name = os.path.normpath(name)
+        name = str(gradio_utils.abspath(name))  # e.g. ".." resolved, as the upload route names
         return name not in self.samples and not self.uploads.sent_by(name, visitor)
 
 

@@ -220,6 +220,10 @@ def test_only_the_session_that_uploaded_a_file_may_read_it(demo, small_model, tm
         canary(Path(uploaded))
         assert demo.classify(file_data(uploaded), "snoop", snoop) == REFUSED
         assert snoop.get(f"file={uploaded}").status_code == 404
+        roundabout = (
+            f"{Path(uploaded).parent}/../{Path(uploaded).parent.name}/{Path(uploaded).name}"
+        )
+        assert snoop.get(f"file={roundabout}").status_code == 404
         assert not was_read(Path(uploaded))
         assert other.get(f"file={uploaded}").content == photo[1]
     assert demo.serving()
