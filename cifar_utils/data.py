@@ -200,6 +200,13 @@ _MEMBERS = ("train", "test", "meta")
 #: ``meta`` 2 KB). A larger one is no CIFAR-100 file, and reading it first would take memory
 #: and time (a 2 MB ``.tar.gz`` can expand to gigabytes) before failing.
 MAX_MEMBER_BYTES = 170_000_000
+#: Each member's bound, and the official file's size: unpickling takes up to about 4 bytes of
+#: memory a byte of pickle (a list of shared references), so each is bounded near its size.
+_MEMBER_BYTES = {
+    "train": (MAX_MEMBER_BYTES, "155 MB"),
+    "test": (35_000_000, "31 MB"),
+    "meta": (65_536, "2 KB"),
+}
 #: Entries read from an archive before giving up: the official one holds a handful (its
 #: folder, train, test, meta and a stray text file), and each entry read costs memory and time.
 MAX_ARCHIVE_ENTRIES = 64
@@ -229,10 +236,14 @@ def _missing(present) -> list[str]:
     return [m for m in _MEMBERS if m not in present]
 
 
-def _too_large(where: str, size: int) -> CifarDataError:
+def _too_large(where: str, member: str, size: int) -> CifarDataError | None:
+    """The error for a ``member`` (train, test, meta) of ``size`` bytes, or None if it fits."""
+    limit, official = _MEMBER_BYTES[member]
+    if size <= limit:
+        return None
     return CifarDataError(
-        f"{where} is {size:,} bytes, more than any CIFAR-100 file ({MAX_MEMBER_BYTES:,} at "
-        f"most; the official train file is about 155 MB): not the CIFAR-100 archive. Get "
+        f"{where} is {size:,} bytes, more than any CIFAR-100 {member} file ({limit:,} at most; "
+        f"the official one is about {official}): not the CIFAR-100 archive. Get "
         f"{ARCHIVE_NAME} from {CIFAR100_URL}"
     )
 
@@ -241,7 +252,8 @@ def _read_members(source: Path) -> dict[str, bytes]:
     """Bytes of train/test/meta from an extracted folder or a ``.tar.gz`` archive.
 
     In an archive only the official layout counts (``cifar-100-python/train``, ...), and each
-    member's declared size is checked against :data:`MAX_MEMBER_BYTES` before it is read.
+    member's declared size is checked against its bound (``train`` :data:`MAX_MEMBER_BYTES`,
+    ``test`` 35 MB, ``meta`` 64 KB) before it is read.
     """
     if source.is_dir():
         missing = _missing({p.name for p in source.iterdir() if p.is_file()})
@@ -251,8 +263,8 @@ def _read_members(source: Path) -> dict[str, bytes]:
                 f"{ARCHIVE_NAME} again (it holds {FOLDER_NAME}/train, test and meta)"
             )
         for m in _MEMBERS:
-            if (size := (source / m).stat().st_size) > MAX_MEMBER_BYTES:
-                raise _too_large(str(source / m), size)
+            if error := _too_large(str(source / m), m, (source / m).stat().st_size):
+                raise error
         return {m: (source / m).read_bytes() for m in _MEMBERS}
     with open(source, "rb") as f:
         is_gzip = f.read(2) == b"\x1f\x8b"  # every gzip stream starts with these two bytes
@@ -266,9 +278,10 @@ def _read_members(source: Path) -> dict[str, bytes]:
             for count, info in enumerate(tar, start=1):  # official layout: cifar-100-python/*
                 name = info.name.removeprefix("./")
                 if info.isfile() and name in wanted:
-                    if info.size > MAX_MEMBER_BYTES:
-                        raise _too_large(f"{source}:{name}", info.size)
-                    found[name.split("/")[1]] = info
+                    member = name.split("/")[1]
+                    if error := _too_large(f"{source}:{name}", member, info.size):
+                        raise error
+                    found[member] = info
                 if len(found) == len(_MEMBERS):
                     break  # the rest is never read
                 if count >= MAX_ARCHIVE_ENTRIES:

@@ -249,8 +249,8 @@ def archive_bomb(cifar_archive, tmp_path_factory):
 
 def test_a_member_larger_than_any_cifar100_file_is_never_read(archive_bomb, tmp_path):
     too_large = (
-        " is 200,000,000 bytes, more than any CIFAR-100 file (170,000,000 at most; the "
-        "official train file is about 155 MB): not the CIFAR-100 archive"
+        " is 200,000,000 bytes, more than any CIFAR-100 train file (170,000,000 at most; the "
+        "official one is about 155 MB): not the CIFAR-100 archive"
     )
     load = f"data.load_cifar100({str(archive_bomb)!r})"
     grew, result = peak_memory("import cifar_utils.data as data", load)
@@ -260,6 +260,17 @@ def test_a_member_larger_than_any_cifar100_file_is_never_read(archive_bomb, tmp_
     os.truncate(folder / "train", 200_000_000)  # sparse: no disk space taken
     with pytest.raises(cu.CifarDataError, match=re.escape(f"{folder / 'train'}{too_large}")):
         cu.load_cifar100(folder)
+
+
+def test_each_member_is_bounded_near_the_official_size(cifar_archive, tmp_path):
+    """meta is 2 KB in the official archive: a 1 MB one is refused unread."""
+    bad = _rewrite(cifar_archive, tmp_path / "c.tar.gz", meta=_Zeros(1_000_000))
+    expected = (
+        f"{bad}:cifar-100-python/meta is 1,000,000 bytes, more than any CIFAR-100 meta file "
+        "(65,536 at most; the official one is about 2 KB)"
+    )
+    with pytest.raises(cu.CifarDataError, match=re.escape(expected)):
+        cu.load_cifar100(bad)
 
 
 @pytest.mark.parametrize("folder", ["other/", ""])
