@@ -290,6 +290,7 @@ class _Body:
     parts: int = 0
     tail: bytes = b""
     cut: str = ""  # why the body was cut off: TOO_SLOW, SHARE_FULL, UPLOADS_FULL, UNFINISHED
+    done: bool = False  # its last chunk has arrived
     charge: list = field(default_factory=list)
 
     def cost(self) -> int:
@@ -365,11 +366,14 @@ class BodyGuard:
         async def guarded_receive():
             if body.cut:
                 return {"type": "http.disconnect"}
+            if body.done:  # the deadline is the body's: a listener for disconnects waits on
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), body.deadline - time.monotonic())
             except TimeoutError:
                 body.cut = TOO_SLOW
                 return {"type": "http.disconnect"}
+            body.done = not message.get("more_body", False)
             if message["type"] == "http.request" and upload:
                 self._count(message, body, visitor)
             return {"type": "http.disconnect"} if body.cut else message
@@ -398,7 +402,8 @@ class BodyGuard:
                     await asyncio.to_thread(remove_leftovers, self.folder, 0)
 
     async def _admit(self, visitor: str, body: _Body) -> str:
-        """ "" if the upload ``body`` may start (then charged to ``visitor``), else why not."""
+        """Why the upload ``body`` may not start, or "" if it may (then it is charged to
+        ``visitor`` and counted as being received)."""
         if self.uploads.charged(visitor) + body.cost() > self.share:
             return SHARE_FULL
         async with self.lock:  # one measure at a time: two uploads cannot both take the room
