@@ -190,6 +190,9 @@ def main(argv=None) -> None:
     for name in TOKENS:
         os.environ.pop(name, None)
     os.environ.update(QUIET_ENVIRONMENT)
+    # visitors are told apart by address: uvicorn would let any loopback client name another
+    # in X-Forwarded-For; set it to a reverse proxy's address if the demo is behind one
+    os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
     import signal
 
     import gradio as gr

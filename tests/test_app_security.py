@@ -229,6 +229,18 @@ def test_only_the_session_that_uploaded_a_file_may_read_it(demo, small_model, tm
     assert demo.serving()
 
 
+def test_no_visitor_can_pass_for_another(demo, small_model, tmp_path):
+    """uvicorn trusts X-Forwarded-For from loopback by default: a local client could name the
+    address of the visitor whose upload it wants, or a new one for each flood of uploads."""
+    photo, _ = visitor_photo(small_model, tmp_path, seed=4)
+    with demo.client("127.0.0.4") as owner:
+        (uploaded,) = demo.upload(photo, http=owner)
+    posing = {"X-Forwarded-For": "127.0.0.4"}
+    assert demo.http.get(f"file={uploaded}", headers=posing).status_code == 404
+    assert demo.classify(file_data(uploaded), "posing", **posing) == REFUSED
+    assert demo.serving()
+
+
 def test_a_file_in_the_upload_folder_that_no_one_uploaded_is_refused_unread(demo):
     planted = demo.upload_dir / "planted" / "photo.png"
     planted.parent.mkdir()
