@@ -119,7 +119,15 @@ def _unpickle(blob: bytes, where: str) -> dict:
 
 
 def _names(meta: dict, key: str, expected: tuple, where: str) -> None:
-    names = [n.decode() if isinstance(n, bytes) else n for n in meta.get(key, [])]
+    names = meta.get(key, [])
+    # checked before anything is built from it: a list of strings, as many as CIFAR-100's
+    if not isinstance(names, list | tuple) or len(names) != len(expected):
+        count = len(names) if isinstance(names, list | tuple) else type(names).__name__
+        raise CifarDataError(
+            f"{where}: '{key}' holds {count} names, not CIFAR-100's {len(expected)} "
+            f"{key.split('_')[0]} labels; this is not a CIFAR-100 archive"
+        )
+    names = [n.decode("latin-1") if isinstance(n, bytes) else n for n in names]
     if tuple(names) != expected:
         raise CifarDataError(
             f"{where}: '{key}' holds {len(names)} names that are not CIFAR-100's "
@@ -127,28 +135,61 @@ def _names(meta: dict, key: str, expected: tuple, where: str) -> None:
         )
 
 
+def _labels(values, count: int, mode: str, where: str) -> np.ndarray:
+    """``values`` (``mode``: fine or coarse labels) as int64 ``(count,)``, checked element by
+    element before numpy sees them: a list of Python ints in ``[0, 100)`` or ``[0, 20)`` (as
+    the official files hold), or a 1-D integer array. A nested list of shared references (a
+    few hundred bytes of pickle) would make numpy build gigabytes; floats would be truncated
+    silently."""
+    n_classes = 100 if mode == "fine" else 20
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu" and values.ndim == 1:
+        values = values.tolist()
+    if not isinstance(values, list):
+        raise CifarDataError(
+            f"{where}: the {mode} labels are a {type(values).__name__}, not the list of ints "
+            "CIFAR-100 stores; the file is corrupt"
+        )
+    if len(values) != count:
+        raise CifarDataError(
+            f"{where}: {len(values)} {mode} labels for {count} images; they must match"
+        )
+    for i, value in enumerate(values):
+        if type(value) is not int:
+            raise CifarDataError(
+                f"{where}: {mode} label {i} is a {type(value).__name__} ({repr(value)[:40]}), not "
+                "an int; the file is corrupt"
+            )
+    bad = [v for v in values if not 0 <= v < n_classes]
+    if bad:
+        raise CifarDataError(
+            f"{where}: {len(bad)} {mode} label(s) outside [0, {n_classes - 1}] "
+            f"(e.g. {str(bad[0])[:30]}); the file is corrupt"
+        )
+    return np.array(values, dtype=np.int64)
+
+
 def _parse_split(d: dict, where: str, label_mode: str) -> tuple[np.ndarray, np.ndarray]:
     missing = {"data", "fine_labels", "coarse_labels"} - set(d)
     if missing:
         raise CifarDataError(f"{where} lacks the key(s) {sorted(missing)}: not a CIFAR-100 split")
-    data = np.asarray(d["data"])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+    data = d["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        what = (
+            f"{data.dtype} {data.shape}"
+            if isinstance(data, np.ndarray)
+            else "a " + type(data).__name__
+        )
+        raise CifarDataError(
+            f"{where}: 'data' is {what}; CIFAR-100 stores a uint8 array of rows of 3072 "
+            "values (N, 3072), i.e. 32x32 images in 3 channel-first planes"
+        )
+    if data.shape[1] != 3072 or len(data) > TRAIN_IMAGES:
         raise CifarDataError(
             f"{where}: 'data' is {data.dtype} {data.shape}; CIFAR-100 stores uint8 rows of "
-            "3072 values (N, 3072), i.e. 32x32 images in 3 channel-first planes"
+            f"3072 values (N, 3072), N at most {TRAIN_IMAGES:,}, i.e. 32x32 images in 3 "
+            "channel-first planes"
         )
-    labels = np.asarray(d[f"{label_mode}_labels"], dtype=np.int64)
-    n_classes = 100 if label_mode == "fine" else 20
-    if labels.shape != (len(data),):
-        raise CifarDataError(
-            f"{where}: {labels.size} {label_mode} labels for {len(data)} images; they must match"
-        )
-    bad = (labels < 0) | (labels >= n_classes)
-    if bad.any():
-        raise CifarDataError(
-            f"{where}: {int(bad.sum())} {label_mode} label(s) outside [0, {n_classes - 1}] "
-            f"(e.g. {int(labels[bad][0])}); the file is corrupt"
-        )
+    labels = _labels(d[f"{label_mode}_labels"], len(data), label_mode, where)
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), labels
 
@@ -159,9 +200,35 @@ _MEMBERS = ("train", "test", "meta")
 #: ``meta`` 2 KB). A larger one is no CIFAR-100 file, and reading it first would take memory
 #: and time (a 2 MB ``.tar.gz`` can expand to gigabytes) before failing.
 MAX_MEMBER_BYTES = 170_000_000
+#: Each member's bound, and the official file's size: unpickling takes up to about 4 bytes of
+#: memory a byte of pickle (a list of shared references), so each is bounded near its size.
+_MEMBER_BYTES = {
+    "train": (MAX_MEMBER_BYTES, "155 MB"),
+    "test": (35_000_000, "31 MB"),
+    "meta": (65_536, "2 KB"),
+}
 #: Entries read from an archive before giving up: the official one holds a handful (its
 #: folder, train, test, meta and a stray text file), and each entry read costs memory and time.
 MAX_ARCHIVE_ENTRIES = 64
+#: Largest extended header read (a GNU long name or a PAX header): tarfile reads one whole
+#: before the entry it names, so a 1 MB archive could make it hold hundreds of MB.
+MAX_TAR_HEADER_BYTES = 64 * 1024
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar entry whose extended header (GNU long name/link, PAX) is refused past
+    :data:`MAX_TAR_HEADER_BYTES` before it is read (tarfile has no such bound)."""
+
+    def _proc_member(self, tarfile_):
+        extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                    tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)  # fmt: skip
+        if self.type in extended and self.size > MAX_TAR_HEADER_BYTES:
+            raise CifarDataError(
+                f"{tarfile_.name}: the entry after '{self.name}' has a {self.size:,}-byte "
+                f"extended header (name or PAX), more than the {MAX_TAR_HEADER_BYTES:,} "
+                f"read: not the CIFAR-100 archive. Get {ARCHIVE_NAME} from {CIFAR100_URL}"
+            )
+        return super()._proc_member(tarfile_)
 
 
 def _missing(present) -> list[str]:
@@ -169,10 +236,14 @@ def _missing(present) -> list[str]:
     return [m for m in _MEMBERS if m not in present]
 
 
-def _too_large(where: str, size: int) -> CifarDataError:
+def _too_large(where: str, member: str, size: int) -> CifarDataError | None:
+    """The error for a ``member`` (train, test, meta) of ``size`` bytes, or None if it fits."""
+    limit, official = _MEMBER_BYTES[member]
+    if size <= limit:
+        return None
     return CifarDataError(
-        f"{where} is {size:,} bytes, more than any CIFAR-100 file ({MAX_MEMBER_BYTES:,} at "
-        f"most; the official train file is about 155 MB): not the CIFAR-100 archive. Get "
+        f"{where} is {size:,} bytes, more than any CIFAR-100 {member} file ({limit:,} at most; "
+        f"the official one is about {official}): not the CIFAR-100 archive. Get "
         f"{ARCHIVE_NAME} from {CIFAR100_URL}"
     )
 
@@ -181,7 +252,8 @@ def _read_members(source: Path) -> dict[str, bytes]:
     """Bytes of train/test/meta from an extracted folder or a ``.tar.gz`` archive.
 
     In an archive only the official layout counts (``cifar-100-python/train``, ...), and each
-    member's declared size is checked against :data:`MAX_MEMBER_BYTES` before it is read.
+    member's declared size is checked against its bound (``train`` :data:`MAX_MEMBER_BYTES`,
+    ``test`` 35 MB, ``meta`` 64 KB) before it is read.
     """
     if source.is_dir():
         missing = _missing({p.name for p in source.iterdir() if p.is_file()})
@@ -191,24 +263,25 @@ def _read_members(source: Path) -> dict[str, bytes]:
                 f"{ARCHIVE_NAME} again (it holds {FOLDER_NAME}/train, test and meta)"
             )
         for m in _MEMBERS:
-            if (size := (source / m).stat().st_size) > MAX_MEMBER_BYTES:
-                raise _too_large(str(source / m), size)
+            if error := _too_large(str(source / m), m, (source / m).stat().st_size):
+                raise error
         return {m: (source / m).read_bytes() for m in _MEMBERS}
     with open(source, "rb") as f:
         is_gzip = f.read(2) == b"\x1f\x8b"  # every gzip stream starts with these two bytes
     if not is_gzip:
         raise CifarDataError(_wrong_file(source, "not a gzip/tar archive"))
     try:
-        if not tarfile.is_tarfile(source) and _gzip_is_whole(source):
+        if not _is_tar(source) and _gzip_is_whole(source):
             raise CifarDataError(_wrong_file(source, "a gzip file that holds no tar archive"))
-        with tarfile.open(source, "r:gz") as tar:
+        with tarfile.open(source, "r:gz", tarinfo=_BoundedTarInfo) as tar:
             found, wanted = {}, {f"{FOLDER_NAME}/{m}" for m in _MEMBERS}
             for count, info in enumerate(tar, start=1):  # official layout: cifar-100-python/*
                 name = info.name.removeprefix("./")
                 if info.isfile() and name in wanted:
-                    if info.size > MAX_MEMBER_BYTES:
-                        raise _too_large(f"{source}:{name}", info.size)
-                    found[name.split("/")[1]] = info
+                    member = name.split("/")[1]
+                    if error := _too_large(f"{source}:{name}", member, info.size):
+                        raise error
+                    found[member] = info
                 if len(found) == len(_MEMBERS):
                     break  # the rest is never read
                 if count >= MAX_ARCHIVE_ENTRIES:
@@ -229,6 +302,16 @@ def _read_members(source: Path) -> dict[str, bytes]:
             f"{source} is truncated or corrupt ({type(exc).__name__}: {exc}). "
             f"Download it again from {CIFAR100_URL}"
         ) from None
+
+
+def _is_tar(archive: Path) -> bool:
+    """``tarfile.is_tarfile`` for a ``.tar.gz``, reading its first entry as
+    :class:`_BoundedTarInfo` (``is_tarfile`` would read a huge header whole)."""
+    try:
+        with tarfile.open(archive, "r:gz", tarinfo=_BoundedTarInfo):
+            return True
+    except tarfile.TarError:
+        return False
 
 
 def _gzip_is_whole(archive: Path) -> bool:

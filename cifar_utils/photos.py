@@ -21,12 +21,13 @@ from .evaluation import predict_proba
 #: limit is 179 million. Large JPEGs are decoded shrunk (:data:`JPEG_DRAFT_SIDE`) first.
 MAX_IMAGE_PIXELS = 40_000_000
 #: JPEGs are decoded at 1/2, 1/4 or 1/8 scale (Pillow's ``draft``, done by the JPEG decoder
-#: itself) as long as the long side stays at least this many pixels, so a 48-megapixel phone
-#: photo decodes to about 2 megapixels. The models see 32x32 or 224x224.
+#: itself) as long as the long side stays at least this many pixels (or further, to fit a
+#: lower pixel cap), so a 48-megapixel phone photo decodes to about 3 megapixels. The models
+#: see 32x32 or 224x224.
 JPEG_DRAFT_SIDE = 2048
 
 
-def load_image(source, size=None) -> np.ndarray:
+def load_image(source, size=None, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read a photo as uint8 RGB ``(H, W, 3)`` in [0, 255], whatever its format and mode.
 
     Every path that reads a photo uses it: the notebooks, the ``predict`` command and the
@@ -45,27 +46,36 @@ def load_image(source, size=None) -> np.ndarray:
         size: ``(height, width)`` in pixels to resize to (squashed, not cropped, with
             Pillow's antialiasing Lanczos filter, like Keras' image_dataset_from_directory);
             ``None`` keeps the decoded size.
+        max_pixels: most pixels a file may have to decode (after a JPEG's draft), checked
+            before decoding; decoding takes up to about 17 bytes a pixel at its peak (an RGB
+            WebP: the decoder's buffer, Pillow's image, the resized copy), so the web demo
+            passes a lower cap than :data:`MAX_IMAGE_PIXELS`.
 
     Raises:
         FileNotFoundError: no file at ``source``.
         ValueError: the file is not a readable image (corrupt, truncated, not an image), or
-            has more than :data:`MAX_IMAGE_PIXELS` pixels to decode (checked before
-            decoding), or the array has another shape, dtype or value range.
+            has more than ``max_pixels`` pixels to decode (checked before decoding), or the
+            array has another shape, dtype or value range.
     """
     from PIL import Image
 
-    image = _decode_file(Path(source)) if isinstance(source, str | os.PathLike) else None
-    image = _rgb_from_array(source) if image is None else image
-    if size is not None and image.shape[:2] != tuple(size):
-        resized = Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.LANCZOS)
-        image = np.asarray(resized)
-    return image
+    if isinstance(source, str | os.PathLike):
+        image = _decode_file(Path(source), max_pixels)
+    else:
+        array = _rgb_from_array(source)
+        if size is None or array.shape[:2] == tuple(size):
+            return array
+        image = Image.fromarray(array)
+    if size is not None and image.size != (size[1], size[0]):
+        # resized as a Pillow image: no full-size numpy copy of a large photo
+        image = image.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.uint8)
 
 
-def _too_large(path: Path, why: str) -> ValueError:
+def _too_large(path: Path, why: str, max_pixels: int) -> ValueError:
     return ValueError(
         f"'{path.name}' is too large to open safely: {why}, more than the "
-        f"{MAX_IMAGE_PIXELS / 1e6:.0f} million pixels this loader decodes. Shrink it (a few "
+        f"{max_pixels / 1e6:.0f} million pixels this loader decodes. Shrink it (a few "
         "thousand pixels a side is plenty: the models see 32x32 or 224x224) and try again"
     )
 
@@ -92,8 +102,17 @@ def _jpeg_scans(path: Path) -> int:
     return scans
 
 
-def _decode_file(path: Path) -> np.ndarray:
-    """Decode an image file to uint8 RGB, within :data:`MAX_IMAGE_PIXELS`."""
+def _draft_scale(width: int, height: int, max_pixels: int) -> int:
+    """1, 2, 4 or 8: how much a single-scan JPEG is shrunk as it is decoded. The most that
+    keeps its long side at least :data:`JPEG_DRAFT_SIDE`, or more if it would not fit in
+    ``max_pixels`` else (1/8 at most: past that it is refused)."""
+    keep_side = max(s for s in (1, 2, 4, 8) if max(width, height) >= JPEG_DRAFT_SIDE * s or s == 1)
+    fit = next((s for s in (1, 2, 4, 8) if width * height <= max_pixels * s * s), 8)
+    return max(keep_side, fit)
+
+
+def _decode_file(path: Path, max_pixels: int):
+    """Decode an image file to an RGB Pillow image, within ``max_pixels``."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not path.is_file():
@@ -102,18 +121,17 @@ def _decode_file(path: Path) -> np.ndarray:
     try:
         im = Image.open(path)  # reads the header only
     except Image.DecompressionBombError as exc:
-        raise _too_large(path, f"Pillow refuses it ({exc})") from None
+        raise _too_large(path, f"Pillow refuses it ({exc})", max_pixels) from None
     except unreadable as exc:
         raise _unreadable(path, exc) from None
     with im:
         width, height = im.size
-        large = max(width, height) > 2 * JPEG_DRAFT_SIDE
-        if im.format == "JPEG" and large and _jpeg_scans(path) == 1:
-            scale = JPEG_DRAFT_SIDE / max(width, height)
-            im.draft("RGB", (round(width * scale), round(height * scale)))
-        if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:
+        scale = _draft_scale(width, height, max_pixels)
+        if im.format == "JPEG" and scale > 1 and _jpeg_scans(path) == 1:
+            im.draft("RGB", (-(-width // scale), -(-height // scale)))  # sizes rounded up
+        if im.size[0] * im.size[1] > max_pixels:
             pixels = f"{width}x{height} pixels ({width * height / 1e6:.0f} million)"
-            raise _too_large(path, f"it has {pixels} to decode")
+            raise _too_large(path, f"it has {pixels} to decode", max_pixels)
         try:
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # a copy only if it must turn
@@ -123,12 +141,12 @@ def _decode_file(path: Path) -> np.ndarray:
         grey = np.array(im)  # uint16 or int32, changed in place: no float64 copies
         np.clip(grey, 0, 65535, out=grey)
         grey //= 257
-        return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
     if "A" in im.mode or "transparency" in im.info:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, rgba)
-    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def _rgb_from_array(source) -> np.ndarray:
@@ -163,7 +181,12 @@ def model_image_size(model) -> tuple[int, int]:
 
 
 def predict_image(
-    model, path_or_array, top_k: int = 5, class_names=FINE_LABEL_NAMES
+    model,
+    path_or_array,
+    top_k: int = 5,
+    class_names=FINE_LABEL_NAMES,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> list[tuple[str, float]]:
     """Classify one photo of any size into the 100 CIFAR-100 fine classes.
 
@@ -173,6 +196,7 @@ def predict_image(
     (32x32 where it is ``None``), and normalised as in training (float32 [0, 1], see
     :func:`predict_proba`). ``class_names``: the 100 names of the model's outputs, in order
     (:data:`FINE_LABEL_NAMES`, or those :func:`load_exported_model` read from a file).
+    ``max_pixels``: the most pixels a file may have to decode (see :func:`load_image`).
 
     Returns:
         ``[(class_name, probability), ...]``: the ``top_k`` classes, most probable
@@ -184,7 +208,7 @@ def predict_image(
     """
     if not 1 <= top_k <= 100:
         raise ValueError(f"top_k must be between 1 and 100, not {top_k}")
-    image = load_image(path_or_array, size=model_image_size(model))
+    image = load_image(path_or_array, size=model_image_size(model), max_pixels=max_pixels)
     probs = predict_proba(model, image[None])[0]
     if probs.shape != (100,):
         raise ValueError(

@@ -1,6 +1,10 @@
 """The web demo's server, through its HTTP API on loopback: it reads only the sample photos
-and files a visitor's own session uploaded, fetches no URL a request names, deletes uploads
-and keeps them within a disk budget, and its memory stays flat.
+and files a visitor's own session uploaded, fetches no URL a request names, sends nothing
+(no token) anywhere, deletes uploads and keeps them within a disk budget and each visitor's
+share, cuts off slow bodies, bounds what a photo costs to decode, and its memory stays flat.
+
+Visitors are told apart by their address: tests send from 127.0.0.2, 127.0.0.3, ... (all
+loopback on Linux) with :meth:`Demo.client`.
 
 A file "not read" is one whose access time did not move: :func:`canary` sets it an hour
 before the file's modification time, which any read updates (also under ``relatime``).
@@ -9,17 +13,19 @@ before the file's modification time, which any read updates (also under ``relati
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import RecordingServer, start_demo
+from conftest import RecordingServer, peak_memory, start_demo
 from PIL import Image
 
 import cifar_utils as cu
@@ -38,16 +44,20 @@ REFUSED = (
 # before classify runs, and says why only in the server's log
 REFUSED_BY_GRADIO = ("error", {"error": None})
 UPLOADS_FULL = "The demo's space for uploads is full. Try again in a few minutes."
-BUDGET_MB = 40  # --upload-budget-mb of the module's server
+SHARE_FULL = "Your uploads fill your share of this demo's space. Try again in a few minutes."
+BUDGET_MB, SHARE_MB = 40, 10  # --upload-budget-mb and --visitor-share-mb of the module's server
 
 
 class Demo:
     """``python app.py --model MODEL --port P`` on loopback, its uploads in ``upload_dir``,
     called as the page and API clients call it (one keep-alive HTTP client)."""
 
-    def __init__(self, model, upload_dir: Path, log: Path, *options: str):
+    def __init__(self, model, upload_dir: Path, log: Path, *options: str, env=None):
         self.upload_dir, self.log = upload_dir, log
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "GRADIO_TEMP_DIR": str(upload_dir)}
+        self.system_temp = upload_dir.parent / f"{upload_dir.name}-system-temp"
+        self.system_temp.mkdir(parents=True)
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "GRADIO_TEMP_DIR": str(upload_dir),
+               "TMPDIR": str(self.system_temp), **(env or {})}  # fmt: skip
         self.url, self.process = start_demo(
             lambda port: [
                 *[sys.executable, "app.py", "--model", str(model), "--port", str(port)],
@@ -56,23 +66,35 @@ class Demo:
             log,
             env,
         )
-        self.http = httpx.Client(base_url=f"{self.url}gradio_api/", timeout=60)
+        self.http = self.client("127.0.0.1")
 
-    def upload(self, *files: tuple[str, bytes]) -> list[str]:
+    def client(self, address: str) -> httpx.Client:
+        """An HTTP client of the API that connects from ``address`` (a visitor)."""
+        transport = httpx.HTTPTransport(local_address=address)
+        return httpx.Client(base_url=f"{self.url}gradio_api/", timeout=60, transport=transport)
+
+    def upload(self, *files: tuple[str, bytes], http=None) -> list[str]:
         """Upload ``(name, content)`` files as the page does; the server paths it returns."""
-        done = self.http.post("upload", files=[("files", file) for file in files])
+        done = (http or self.http).post("upload", files=[("files", file) for file in files])
         assert done.status_code == 200, done.text
         return done.json()
 
-    def classify(self, payload, session: str | None = None) -> tuple[str, object]:
+    def classify(self, payload, session: str | None = None, http=None, **headers):
         """Call ``classify`` with ``payload`` (in ``session``, else a new session): its one
         event, ``("complete", [label])`` or ``("error", {"error": message, ...})``."""
+        http = http or self.http
         body = {"data": [payload], **({"session_hash": session} if session else {})}
-        started = self.http.post("call/classify", json=body)
+        started = http.post("call/classify", json=body, headers=headers)
         assert started.status_code == 200, started.text
-        events = self.http.get(f"call/classify/{started.json()['event_id']}").text
+        events = http.get(f"call/classify/{started.json()['event_id']}").text
         event, data = events.split("\n\n")[0].split("\n")
         return event.removeprefix("event: "), json.loads(data.removeprefix("data: "))
+
+    def system_temp_files(self) -> list[str]:
+        """Files the server left in the system's temporary folder (TensorFlow's autograph
+        sources aside)."""
+        names = (p.name for p in self.system_temp.iterdir())
+        return [name for name in names if not name.startswith("__autograph_generated_file")]
 
     def serving(self) -> bool:
         return self.process.poll() is None
@@ -85,9 +107,9 @@ class Demo:
 
 
 @contextlib.contextmanager
-def running_demo(model, upload_dir: Path, log: Path, *options: str):
+def running_demo(model, upload_dir: Path, log: Path, *options: str, env=None):
     """A :class:`Demo`, killed on the way out unless a test has stopped it."""
-    demo = Demo(model, upload_dir, log, *options)
+    demo = Demo(model, upload_dir, log, *options, env=env)
     try:
         yield demo
     finally:
@@ -99,7 +121,9 @@ def running_demo(model, upload_dir: Path, log: Path, *options: str):
 @pytest.fixture(scope="module")
 def demo(small_model, tmp_path_factory):
     uploads, log = tmp_path_factory.mktemp("uploads"), tmp_path_factory.mktemp("log") / "app.log"
-    with running_demo(small_model[0], uploads, log, "--upload-budget-mb", str(BUDGET_MB)) as demo:
+    options = ("--upload-budget-mb", str(BUDGET_MB), "--visitor-share-mb", str(SHARE_MB),
+               "--body-seconds", "2")  # fmt: skip
+    with running_demo(small_model[0], uploads, log, *options) as demo:
         yield demo
 
 
@@ -186,9 +210,34 @@ def test_only_the_session_that_uploaded_a_file_may_read_it(demo, small_model, tm
     assert not was_read(Path(uploaded))
     assert_classified(demo.classify(file_data(uploaded), session="owner"), expected)
 
-    # the same photo uploaded again, by another visitor: a new file at that path, theirs
-    assert demo.upload(photo) == [uploaded]
-    assert_classified(demo.classify(file_data(uploaded), session="another"), expected)
+    # the same photo uploaded again, by another visitor: a new file at that path, theirs too;
+    # the owner keeps it (a re-upload took it away), and a visitor who only learnt the path
+    # can neither classify it nor fetch it
+    with demo.client("127.0.0.2") as other, demo.client("127.0.0.3") as snoop:
+        assert demo.upload(photo, http=other) == [uploaded]
+        assert_classified(demo.classify(file_data(uploaded), "another", other), expected)
+        assert_classified(demo.classify(file_data(uploaded), session="owner"), expected)
+        canary(Path(uploaded))
+        assert demo.classify(file_data(uploaded), "snoop", snoop) == REFUSED
+        assert snoop.get(f"file={uploaded}").status_code == 404
+        roundabout = (
+            f"{Path(uploaded).parent}/../{Path(uploaded).parent.name}/{Path(uploaded).name}"
+        )
+        assert snoop.get(f"file={roundabout}").status_code == 404
+        assert not was_read(Path(uploaded))
+        assert other.get(f"file={uploaded}").content == photo[1]
+    assert demo.serving()
+
+
+def test_no_visitor_can_pass_for_another(demo, small_model, tmp_path):
+    """uvicorn trusts X-Forwarded-For from loopback by default: a local client could name the
+    address of the visitor whose upload it wants, or a new one for each flood of uploads."""
+    photo, _ = visitor_photo(small_model, tmp_path, seed=4)
+    with demo.client("127.0.0.4") as owner:
+        (uploaded,) = demo.upload(photo, http=owner)
+    posing = {"X-Forwarded-For": "127.0.0.4"}
+    assert demo.http.get(f"file={uploaded}", headers=posing).status_code == 404
+    assert demo.classify(file_data(uploaded), "posing", **posing) == REFUSED
     assert demo.serving()
 
 
@@ -224,6 +273,14 @@ def test_the_sample_photos_are_classified_in_any_session(demo, small_model):
     config = demo.http.get(f"{demo.url}config").json()
     dataset = next(c for c in config["components"] if c["type"] == "dataset")
     samples = [sample for (sample,) in dataset["props"]["samples"]]  # what the page sends
+    # no server path: /config showed the absolute upload folder
+    for page in (f"{demo.url}config", demo.url, "info"):
+        assert str(demo.upload_dir) not in demo.http.get(page).text, page
+    for sample in samples:  # the page shows them
+        assert (
+            demo.http.get(sample["url"]).content
+            == Path(demo.upload_dir, sample["path"]).read_bytes()
+        )
     assert [Path(sample["path"]).name for sample in samples] == [
         file for file, _, _ in cu.SAMPLE_PHOTOS.values()
     ]
@@ -263,8 +320,8 @@ def test_uploads_are_capped_per_session_and_deleted_when_the_server_stops(own_de
     demo = own_demo
     samples = files_in(demo.upload_dir)  # Gradio's copies of the sample photos
     assert {path.name for path in samples} == {file for file, _, _ in cu.SAMPLE_PHOTOS.values()}
-    paths = demo.upload(*[(f"photo{i}.png", os.urandom(5 * 2**20)) for i in range(20)])
-    assert [Path(path).stat().st_size for path in paths] == [5 * 2**20] * 20
+    paths = demo.upload(*[(f"photo{i}.png", os.urandom(2 * 2**20)) for i in range(20)])
+    assert [Path(path).stat().st_size for path in paths] == [2 * 2**20] * 20
     for path in paths:  # one visitor's session names them all (none is an image)
         event, data = demo.classify(file_data(path), session="visitor")
         assert (event, data["error"]) == (
@@ -280,6 +337,7 @@ def test_uploads_are_capped_per_session_and_deleted_when_the_server_stops(own_de
     assert demo.stop() == 0
     assert files_in(demo.upload_dir) == samples  # the samples stay, as Gradio keeps examples
     assert not Path(more[0]).exists()
+    assert demo.system_temp_files() == []
     assert "Traceback" not in demo.log.read_text()
 
 
@@ -325,7 +383,7 @@ def test_leftovers_gradio_never_deletes_are_removed_when_old(tmp_path):
     """Temporary files of refused uploads and the empty folders delete_cache leaves would hold
     the upload budget for good: the housekeeping removes them once older than the uploads'
     lifetime; younger ones and folders holding an upload stay."""
-    import app
+    import upload_guard
 
     old, young = tmp_path / "tmpold", tmp_path / "tmpyoung"
     empty, upload = tmp_path / "empty", tmp_path / "abc123"
@@ -336,7 +394,7 @@ def test_leftovers_gradio_never_deletes_are_removed_when_old(tmp_path):
     (upload / "photo.png").write_bytes(b"png")
     for path in (old, empty, upload):
         os.utime(path, (1, 1))
-    assert sorted(app.remove_leftovers(tmp_path, 600)) == ["empty", "tmpold"]
+    assert sorted(upload_guard.remove_leftovers(tmp_path, 600)) == ["empty", "tmpold"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["abc123", "tmpyoung"]
 
 
@@ -345,24 +403,56 @@ def disk_use(folder: Path) -> int:
     return sum(max(s.st_size, s.st_blocks * 512) for s in map(os.lstat, folder.rglob("*")))
 
 
+def raw_request(demo, head: bytes, *chunks: bytes, pause: float = 0.0) -> tuple[str, float]:
+    """Send ``head`` (request line and headers) and ``chunks`` of body on a raw socket,
+    ``pause`` seconds apart (a body can be sent slowly, or short, as no HTTP client would);
+    the answer's status line and the seconds it took from the first byte."""
+    host, port = demo.url.split("/")[2].split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=120) as raw:
+        raw.sendall(head)
+        for chunk in chunks:
+            with contextlib.suppress(OSError):  # the server may have answered and closed
+                raw.sendall(chunk)
+            if select.select([raw], [], [], pause)[0]:  # answered
+                break
+        answer = raw.recv(4096).decode(errors="replace")
+    return answer.split("\r\n")[0], time.monotonic() - started
+
+
+def multipart_head(route: str, length: int, content_type="multipart/form-data") -> bytes:
+    return (
+        f"POST /gradio_api/{route} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n"
+        f"Content-Type: {content_type}; boundary=X\r\n\r\n"
+    ).encode()
+
+
+FILE_PART = (
+    b'--X\r\nContent-Disposition: form-data; name="files"; filename="part.bin"\r\n'
+    b"Content-Type: application/octet-stream\r\n\r\n"
+)
+
+
 def test_uploads_never_classified_stay_within_the_disk_budget(demo):
     """The upload route takes no session and up to 1,000 files a request: 2 MB files, never
     classified, are taken until the folder would pass the budget, then refused, whether one
-    or many a request; freed space (what delete_cache does) is taken again."""
+    or many a request; freed space (what delete_cache does) is taken again. Each visitor
+    (address) holds at most its share, so it takes several to fill the budget."""
     budget, size = BUDGET_MB * 2**20, 2 * 2**20
     room = budget - disk_use(demo.upload_dir)
     many = [("files", (f"many{i}.bin", os.urandom(2**20))) for i in range(BUDGET_MB + 1)]
     assert demo.http.post("upload", files=many).status_code == 413  # refused whole, unread
     assert budget - disk_use(demo.upload_dir) == room
-    taken, refusal = [], None
+    taken, refusals = [], []
     for i in range(60):
-        done = demo.http.post("upload", files=[("files", (f"junk{i}.bin", os.urandom(size)))])
+        with demo.client(f"127.0.1.{i // 4 + 1}") as visitor:  # 4 files each: within a share
+            done = visitor.post("upload", files=[("files", (f"junk{i}.bin", os.urandom(size)))])
         if done.status_code != 200:
-            refusal = done.status_code, done.text
+            refusals.append((done.status_code, done.text))
             break
         taken += done.json()
         assert disk_use(demo.upload_dir) <= budget
-    assert refusal == (413, UPLOADS_FULL)
+    assert refusals == [(413, UPLOADS_FULL)]
     assert room // size - 2 <= len(taken) <= room // size  # multipart and folder overhead
     chunked = demo.http.post(
         "upload",
@@ -370,21 +460,12 @@ def test_uploads_never_classified_stay_within_the_disk_budget(demo):
         headers={"Content-Type": "multipart/form-data; boundary=x"},
     )
     assert chunked.status_code == 411  # no Content-Length: its size is not known beforehand
-    # chunked with a small Content-Length: uvicorn would read the whole chunked body (raw
-    # socket: HTTP clients refuse to send such a request)
-    host, port = demo.url.split("/")[2].split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as raw:
-        raw.sendall(
-            b"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
-            b"Transfer-Encoding: chunked\r\nContent-Type: multipart/form-data; boundary=x\r\n"
-            b"\r\n"
-        )  # the headers alone: the answer comes before any of the body is read
-        assert raw.recv(64).startswith(b"HTTP/1.1 411")
-    assert disk_use(demo.upload_dir) <= budget
-    recording = demo.http.post(  # Gradio keeps such files in the system's temporary folder
-        "process_recording", files=[("video", ("clip.bin", os.urandom(2**20)))]
+    # chunked with a small Content-Length: uvicorn would read the whole chunked body
+    head = multipart_head("upload", 10).replace(
+        b"\r\n\r\n", b"\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
-    assert recording.status_code == 404
+    assert raw_request(demo, head)[0].startswith("HTTP/1.1 411")
+    assert disk_use(demo.upload_dir) <= budget
 
     sample = file_data(next(path for path in demo.upload_dir.rglob("coffee.png")))
     assert demo.classify(sample)[0] == "complete"  # still serving
@@ -392,3 +473,135 @@ def test_uploads_never_classified_stay_within_the_disk_budget(demo):
         shutil.rmtree(Path(path).parent)
     assert len(demo.upload(("again.bin", os.urandom(size)))) == 1
     assert demo.serving()
+
+
+def test_files_reach_the_disk_through_the_upload_route_only(demo):
+    """process_recording took any Content-Type case (and chunked bodies), and kept each file
+    (up to 50 MB) in the system's temporary folder for good: it is closed, multipart bodies
+    are refused on every other route whatever their case, other bodies are small."""
+    for content_type in ("multipart/form-data", "Multipart/form-data", "MULTIPART/FORM-DATA"):
+        for route in ("process_recording", "queue/join", "call/classify"):
+            body = FILE_PART + b"x" * 1000 + b"\r\n--X--\r\n"
+            head = multipart_head(route, len(body), content_type)
+            assert raw_request(demo, head, body)[0] == "HTTP/1.1 404 Not Found", route
+    chunked = multipart_head("process_recording", 10, "Multipart/form-data").replace(
+        b"Content-Length: 10", b"Transfer-Encoding: chunked"
+    )
+    assert raw_request(demo, chunked, b"5\r\n--X\r\n\r\n0\r\n\r\n")[0].startswith("HTTP/1.1 4")
+    large = demo.http.post("call/classify", content=b"[" * (2 << 20))
+    assert large.status_code == 413
+    assert demo.system_temp_files() == []
+    assert [p.name for p in demo.upload_dir.iterdir() if p.is_file()] == []
+    assert demo.serving()
+
+
+def test_bodies_cut_short_or_never_closed_leave_no_file(demo):
+    """A multipart never closed, or a Content-Length shorter than the body, stored a partial
+    file: the upload is refused (400) and its temporary file removed."""
+    before = files_in(demo.upload_dir)
+    unclosed = FILE_PART + b"y" * 5000
+    whole = unclosed + b"\r\n--X--\r\n"
+    for head, body in ((multipart_head("upload", len(unclosed)), unclosed),
+                       (multipart_head("upload", len(whole) - 20), whole)):  # fmt: skip
+        assert raw_request(demo, head, body)[0] == "HTTP/1.1 400 Bad Request"
+    assert files_in(demo.upload_dir) == before
+    assert demo.serving()
+
+
+def test_one_visitor_cannot_refuse_another(demo):
+    """Each visitor's uploads count against its own share: about 64 requests of 1,000 tiny
+    files (each counted 8 KB with its folder) filled the whole budget; a slow body holding
+    the budget refused everyone for as long as it stayed open. Now the flood fills its
+    sender's share only, and a slow body is cut off at its deadline (--body-seconds 2 plus
+    1 s per 100 KB) while others upload."""
+    tiny = [("files", (f"t{i}.bin", b"t")) for i in range(1000)]
+    with demo.client("127.0.0.5") as flood, demo.client("127.0.0.6") as other:
+        answers = [flood.post("upload", files=tiny).status_code for _ in range(3)]
+        assert answers == [200, 413, 413]  # 1,000 parts: 8 MB of a 10 MB share
+        assert len(demo.upload(("photo.bin", os.urandom(2**20)), http=other)) == 1
+
+        declared = 300_000  # deadline 2 + 3 s
+        head = multipart_head("upload", declared)
+        outcome = {}
+        slow = threading.Thread(
+            target=lambda: outcome.update(
+                answer=raw_request(demo, head, FILE_PART, *[b"x"] * 20, pause=0.5)
+            )
+        )
+        slow.start()
+        time.sleep(1)
+        for _ in range(3):  # meanwhile another visitor uploads as usual
+            assert len(demo.upload(("photo.bin", os.urandom(2**20)), http=other)) == 1
+        slow.join()
+    status, seconds = outcome["answer"]
+    assert status == "HTTP/1.1 408 Request Timeout"
+    assert 4.5 < seconds < 8, seconds
+    assert demo.serving()
+
+
+def test_no_token_leaves_the_host(small_model, recorder, tmp_path):
+    """With a Hugging Face token in the environment, Gradio's run history (on by default)
+    POSTed a classify run to the bucket a request header named, with the token, and listed
+    any bucket the token reads; huggingface_hub asked the Hub for /api/agent-harnesses.
+    The Hub here is a local recorder, the token a fake: nothing may reach the recorder."""
+    hub = f"http://127.0.0.1:{recorder.server_address[1]}"
+    env = {"HF_TOKEN": "hf_fake_token_for_tests", "HF_ENDPOINT": hub, "GRADIO_RUN_HISTORY": "True"}
+    with running_demo(small_model[0], tmp_path / "up", tmp_path / "app.log", env=env) as demo:
+        bucket = {"x-gradio-history-bucket": "someone/bucket"}
+        sample = file_data(next(path for path in demo.upload_dir.rglob("coffee.png")))
+        assert demo.classify({**sample, "url": f"{hub}/x.png"}, **bucket)[0] == "complete"
+        assert demo.classify(sample, session="history", **bucket)[0] == "complete"
+        listed = demo.http.get("run-history/records", params={"bucket": "owner/private"})
+        assert listed.status_code == 404
+        assert demo.http.get("runs").status_code == 404
+        config = demo.http.get(f"{demo.url}config").json()
+        assert config["run_history"] is False
+        time.sleep(2)  # history uploads ran in the background
+    assert recorder.requests == []
+
+
+def webp_bomb(folder: Path, side: int) -> Path:
+    """A lossless WebP of ``side`` x ``side`` black pixels: about 1.6 KB at 6300."""
+    path = folder / f"bomb{side}.webp"
+    Image.new("RGB", (side, side)).save(path, lossless=True)
+    return path
+
+
+def test_a_tiny_file_of_many_pixels_is_refused_before_decoding(demo, tmp_path):
+    """A 1.6 KB WebP of 6300x6300 took 1 to 2.3 s and ~630 MB at peak under the 40-megapixel
+    cap; the demo decodes at most DEMO_MAX_PIXELS (6 million)."""
+    bomb = webp_bomb(tmp_path, 6300)
+    assert bomb.stat().st_size < 2000
+    (uploaded,) = demo.upload((bomb.name, bomb.read_bytes()))
+    event, data = demo.classify(file_data(uploaded), session="bomb")
+    assert (event, data["error"]) == (
+        "error",
+        f"'{bomb.name}' is too large to open safely: it has 6300x6300 pixels (40 million) to "
+        "decode, more than the 6 million pixels this loader decodes. Shrink it (a few "
+        "thousand pixels a side is plenty: the models see 32x32 or 224x224) and try again",
+    )
+    assert demo.serving()
+
+
+@pytest.mark.parametrize("side", [2449])  # 5.998 megapixels: just within the demo's cap
+def test_the_largest_photo_the_demo_decodes_costs_about_100_mb(tmp_path, side):
+    import app
+
+    bomb = webp_bomb(tmp_path, side)
+    assert side * side <= app.DEMO_MAX_PIXELS < (side + 1) ** 2
+    load = (
+        f"photos.load_image({str(bomb)!r}, size=(224, 224), max_pixels=app.DEMO_MAX_PIXELS).shape"
+    )
+    grew, result = peak_memory("import app\nimport cifar_utils.photos as photos", load)
+    assert result == "(224, 224, 3)"
+    assert grew < 110, f"peak memory rose by {grew:.0f} MB"
+
+
+def test_a_large_jpeg_is_decoded_shrunk_to_the_demo_cap(tmp_path):
+    """A 12-megapixel phone photo is not refused: the JPEG decoder shrinks it to 3."""
+    import app
+
+    photo = tmp_path / "phone.jpg"
+    Image.new("RGB", (4000, 3000), (200, 30, 30)).save(photo, quality=90)
+    image = cu.load_image(photo, max_pixels=app.DEMO_MAX_PIXELS)
+    assert image.shape == (1500, 2000, 3)

@@ -249,8 +249,8 @@ def archive_bomb(cifar_archive, tmp_path_factory):
 
 def test_a_member_larger_than_any_cifar100_file_is_never_read(archive_bomb, tmp_path):
     too_large = (
-        " is 200,000,000 bytes, more than any CIFAR-100 file (170,000,000 at most; the "
-        "official train file is about 155 MB): not the CIFAR-100 archive"
+        " is 200,000,000 bytes, more than any CIFAR-100 train file (170,000,000 at most; the "
+        "official one is about 155 MB): not the CIFAR-100 archive"
     )
     load = f"data.load_cifar100({str(archive_bomb)!r})"
     grew, result = peak_memory("import cifar_utils.data as data", load)
@@ -260,6 +260,17 @@ def test_a_member_larger_than_any_cifar100_file_is_never_read(archive_bomb, tmp_
     os.truncate(folder / "train", 200_000_000)  # sparse: no disk space taken
     with pytest.raises(cu.CifarDataError, match=re.escape(f"{folder / 'train'}{too_large}")):
         cu.load_cifar100(folder)
+
+
+def test_each_member_is_bounded_near_the_official_size(cifar_archive, tmp_path):
+    """meta is 2 KB in the official archive: a 1 MB one is refused unread."""
+    bad = _rewrite(cifar_archive, tmp_path / "c.tar.gz", meta=_Zeros(1_000_000))
+    expected = (
+        f"{bad}:cifar-100-python/meta is 1,000,000 bytes, more than any CIFAR-100 meta file "
+        "(65,536 at most; the official one is about 2 KB)"
+    )
+    with pytest.raises(cu.CifarDataError, match=re.escape(expected)):
+        cu.load_cifar100(bad)
 
 
 @pytest.mark.parametrize("folder", ["other/", ""])
@@ -342,6 +353,97 @@ def test_foreign_label_names(cifar_archive, tmp_path):
     )
     with pytest.raises(cu.CifarDataError, match="not a CIFAR-100 archive"):
         cu.load_cifar100(bad)
+
+
+def _nested(depth: int) -> list:
+    """``[x, x]`` nested ``depth`` times: a few hundred bytes pickled (the pickle's memo
+    shares ``x``), 2**depth labels once numpy unfolds it."""
+    x = [0]
+    for _ in range(depth):
+        x = [x, x]
+    return x
+
+
+def test_nested_labels_are_refused_before_numpy_unfolds_them(cifar_archive, tmp_path):
+    """As fine_labels, depth 24 cost +500 MB and depth 40 4.9 GB in 37 s, then a bare
+    MemoryError: the labels are checked to be ints before numpy sees them."""
+    bad = _with_train(cifar_archive, tmp_path, fine_labels=_nested(40))
+    load = f"data.load_cifar100({str(bad)!r})"
+    grew, result = peak_memory("import cifar_utils.data as data", load)
+    assert result == f"CifarDataError: {bad}:train: 2 fine labels for 3000 images; they must match"
+    assert grew < 50, f"peak memory rose by {grew:.0f} MB"
+    labels = _member(cifar_archive, "train")[b"fine_labels"]
+    labels[5] = _nested(24)
+    bad = _with_train(cifar_archive, tmp_path, fine_labels=labels)
+    with pytest.raises(cu.CifarDataError, match=r"train: fine label 5 is a list \(\[\[\[\["):
+        cu.load_cifar100(bad)
+
+
+@pytest.mark.parametrize(
+    ("value", "what"),
+    [(3.7, "a float (3.7)"), (b"cat", "a bytes (b'cat')"), ({1: 2}, "a dict ({1: 2})"),
+     (None, "a NoneType (None)"), (True, "a bool (True)")],
+)  # fmt: skip
+def test_labels_that_are_not_ints_are_refused(cifar_archive, tmp_path, value, what):
+    """3.7 became 3 silently; bytes, a dict or None raised a bare ValueError/TypeError."""
+    labels = _member(cifar_archive, "train")[b"fine_labels"]
+    labels[7] = value
+    bad = _with_train(cifar_archive, tmp_path, fine_labels=labels)
+    expected = f"{bad}:train: fine label 7 is {what}, not an int; the file is corrupt"
+    with pytest.raises(cu.CifarDataError, match=re.escape(expected)):
+        cu.load_cifar100(bad)
+
+
+def test_a_huge_label_is_out_of_range_not_an_overflow(cifar_archive, tmp_path):
+    labels = _member(cifar_archive, "train")[b"fine_labels"]
+    labels[2] = 2**70
+    bad = _with_train(cifar_archive, tmp_path, fine_labels=labels)
+    expected = r"1 fine label\(s\) outside \[0, 99\] \(e.g. 1180591620717411303424\)"
+    with pytest.raises(cu.CifarDataError, match=expected):
+        cu.load_cifar100(bad)
+
+
+@pytest.mark.parametrize("data", [[[0] * 3072], np.zeros((3000, 3072), np.int64)])
+def test_data_that_is_not_a_uint8_array_is_refused(cifar_archive, tmp_path, data):
+    bad = _with_train(cifar_archive, tmp_path, data=data)
+    what = "a list" if isinstance(data, list) else "int64 (3000, 3072)"
+    with pytest.raises(cu.CifarDataError, match=re.escape(f"train: 'data' is {what};")):
+        cu.load_cifar100(bad)
+
+
+@pytest.mark.parametrize("names", [7, [b"apple"] * 99, None])
+def test_label_names_that_are_not_a_list_of_names_are_refused(cifar_archive, tmp_path, names):
+    """Meta names given as an int raised a bare TypeError."""
+    meta = {b"fine_label_names": names, b"coarse_label_names": list(cu.COARSE_LABEL_NAMES)}
+    blob = synthetic_cifar.py2_pickle_bytes(meta)
+    bad = _rewrite(cifar_archive, tmp_path / "c.tar.gz", meta=blob)
+    count = {7: "int", None: "NoneType"}.get(names, 99) if not isinstance(names, list) else 99
+    expected = f"meta: 'fine_label_names' holds {count} names, not CIFAR-100's 100 fine labels"
+    with pytest.raises(cu.CifarDataError, match=re.escape(expected)):
+        cu.load_cifar100(bad)
+
+
+@pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE])
+def test_a_huge_extended_tar_header_is_never_read(cifar_archive, tmp_path, kind):
+    """A 300 MB GNU long name or PAX header (1.4 MB of gzip) made tarfile hold 1.63 GB."""
+    import gzip
+
+    bomb = tmp_path / cu.ARCHIVE_NAME
+    header = tarfile.TarInfo("././@LongLink")
+    header.type, header.size = kind, 300_000_000
+    with gzip.open(bomb, "wb", compresslevel=1) as out:
+        out.write(header.tobuf(tarfile.GNU_FORMAT))
+        zeros = bytes(1 << 20)
+        for _ in range(header.size // len(zeros)):
+            out.write(zeros)
+        out.write(bytes(header.size % len(zeros) + 1024))
+    load = f"data.load_cifar100({str(bomb)!r})"
+    grew, result = peak_memory("import cifar_utils.data as data", load)
+    assert result.startswith(
+        f"CifarDataError: {bomb}: the entry after '././@LongLink' has a 300,000,000-byte "
+        "extended header (name or PAX), more than the 65,536 read"
+    ), result
+    assert grew < 50, f"peak memory rose by {grew:.0f} MB"
 
 
 # -------------------------------------------------- download (loopback server)
