@@ -11,13 +11,18 @@ One module per job, each importing only the ones listed before it:
 ``models``      the three networks, EfficientNetB0 weights, parameter counts
 ``augment``     Keras augmentation layers, per-batch seeds, albumentations
 ``pipelines``   ``make_dataset``: the ``tf.data`` pipelines
-``devices``     strategies, workers, precision, XLA, the CPU's small-conv gradients
+``devices``     the CPU, strategies over devices and workers, which process is chief
+``numerics``    seeds and op determinism, precision (dtype policy), XLA
+``small_conv``  a faster CPU input gradient for convolutions with tiny outputs
+``metrics``     top-k hits with one tie rule, the compiled metrics
 ``divergence``  NaN/inf and probability checks of a model's state and outputs
-``checkpoints`` checkpoint files, resume, the CSV log
-``training``    ``train``: checkpoints, resume, run plans, divergence guard; schedules
+``checkpoints`` the run state, checkpoint files, their commit and restore, the CSV log
+``callbacks``   small Keras callbacks: divergence guard, replica alignment, epoch commit
+``plans``       run plans: what a checkpoint means, how two plans differ
+``training``    ``train`` (``model.fit`` with those callbacks and resume); schedules
 ``evaluation``  top-k, per class and superclass, reports, most confused pairs
 ``photos``      reading photos, ``predict_image``, the sample photos
-``results``     results files, ``evaluate_and_save``, the README table, hardware
+``results``     scoring a run, its results file, the README table, hardware
 ``parameters``  the notebooks' parameter check
 ``export``      ``.keras`` export and loading, SavedModel
 ``plots``       every figure
@@ -61,16 +66,25 @@ _PUBLIC = {
         "derive_seed", "augmentation_layers", "albumentations_transform", "albumentations_batch",
         "albumentations_batch_transform",
     ),
-    "pipelines": ("make_dataset", "steps_per_epoch"),
+    "pipelines": ("TrainingData", "make_dataset", "steps_per_epoch"),
     "devices": (
-        "seed_everything", "choose_precision", "configure_precision", "is_chief",
-        "worker_run_dir", "to_numpy", "choose_strategy", "global_batch_size",
-        "resolve_jit_compile", "fast_small_conv_gradients",
+        "is_chief", "worker_run_dir", "to_numpy", "choose_strategy", "global_batch_size",
     ),
+    "numerics": (
+        "seed_everything", "choose_precision", "configure_precision", "xla_decision",
+        "resolve_jit_compile",
+    ),
+    "small_conv": ("fast_small_conv_gradients",),
+    "metrics": ("top_k_hits", "compile_metrics"),
     "divergence": ("check_probabilities", "nonfinite_variables", "training_state_problem"),
-    "checkpoints": ("check_checkpoint_path", "save_checkpoint", "read_log"),
+    "checkpoints": (
+        "RunState", "read_state", "check_checkpoint_path", "save_checkpoint", "read_log",
+    ),
+    "callbacks": ("LogLearningRate", "AlignReplicas", "DivergenceGuard", "EpochCommit",
+                  "CommittedCSVLogger"),
+    "plans": ("run_plan",),
     "training": (
-        "load_best", "join_runs", "compile_metrics", "run_plan", "train", "exponential_decay",
+        "TrainingInterrupted", "load_best", "join_runs", "train", "exponential_decay",
     ),
     "evaluation": (
         "predict_proba", "top_k_accuracy", "per_class_accuracy", "to_superclass",
@@ -78,7 +92,8 @@ _PUBLIC = {
     ),
     "photos": ("load_image", "predict_image", "SAMPLE_PHOTOS", "sample_photo"),
     "results": (
-        "write_results", "evaluate_and_save", "markdown_table", "total_params", "describe_hardware",
+        "write_results", "score_model", "exported_scores", "run_record", "evaluate_and_save",
+        "markdown_table", "total_params", "describe_hardware",
         "RESULTS_START", "RESULTS_END", "full_runs",
         "RUN_ONLY_PARAMETERS", "results_table", "update_readme_results",
     ),

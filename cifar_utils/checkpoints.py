@@ -1,5 +1,5 @@
-"""A run folder's files: checkpoints (weights-only ``.weights.h5``), their commit and
-restore, and the per-epoch ``log.csv``.
+"""A run folder's files: the run state, checkpoints (weights-only ``.weights.h5``), their
+commit and restore, and the per-epoch ``log.csv``.
 
 Used by :func:`cifar_utils.training.train` and the ``curves`` command.
 """
@@ -7,15 +7,92 @@ Used by :func:`cifar_utils.training.train` and the ``curves`` command.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import os
 from pathlib import Path
 
 import tensorflow as tf
 
+from . import files
 from .divergence import nonfinite_variables
 from .errors import ResumeError
 from .files import atomic_path
 from .models import load_weights_strictly
+
+
+@dataclasses.dataclass
+class RunState:
+    """A training run as ``state.json`` holds it: what :func:`cifar_utils.training.train`
+    returns, and (through :func:`cifar_utils.training.join_runs`) what the results record.
+
+    ``history`` maps a metric (``loss``, ``val_accuracy``, ``learning_rate``, ...) to one
+    float per committed epoch; ``epoch`` counts those epochs, ``step`` the optimizer steps;
+    ``seconds`` is training wall time over all sessions; ``best``/``best_epoch`` (1-based)
+    follow ``monitor`` under ``mode`` (``"min"``/``"max"``); ``params`` are the parameter
+    counts while training; ``phases`` is set by ``join_runs`` only.
+    """
+
+    run_dir: str
+    epochs: int
+    plan: dict
+    monitor: str = "val_accuracy"
+    mode: str = "max"
+    epoch: int = 0
+    step: int = 0
+    seconds: float = 0.0
+    history: dict = dataclasses.field(default_factory=dict)
+    best: float | None = None
+    best_epoch: int | None = None
+    initial_epoch: int = 0
+    seed_states: list = dataclasses.field(default_factory=list)
+    params: dict | None = None
+    phases: list | None = None
+    next_phase_from: dict | None = None
+
+    def improves(self, score) -> bool:
+        """Whether ``score`` of ``monitor`` beats :attr:`best` under :attr:`mode`."""
+        if score is None:
+            return False
+        return self.best is None or (score < self.best if self.mode == "min" else score > self.best)
+
+    def add_epoch(self, logs: dict, seconds: float, step: int, seed_states: list) -> bool:
+        """Append one epoch's ``logs`` (metric -> float); whether it is the new best."""
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+        self.epoch, self.step, self.seed_states = self.epoch + 1, step, seed_states
+        self.seconds += seconds
+        better = self.improves(logs.get(self.monitor))
+        if better:
+            self.best, self.best_epoch = logs[self.monitor], self.epoch
+        return better
+
+
+def read_state(run_dir: Path) -> RunState:
+    """The :class:`RunState` in ``run_dir/state.json`` (also as written before it existed).
+
+    Raises:
+        ResumeError: the file is not JSON, or lacks ``epoch`` or ``history``.
+    """
+    path = run_dir / "state.json"
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict) or not {"epoch", "history"} <= saved.keys():
+        raise ResumeError(  # the two keys every version wrote
+            f"{path} is no run state (no JSON object with 'epoch' and 'history'): start over "
+            "with RESUME=False, or use another OUTPUT_DIR to keep that folder"
+        )
+    known = {f.name for f in dataclasses.fields(RunState)}
+    saved.setdefault("epochs", saved["epoch"])
+    saved.setdefault("plan", {})
+    return RunState(**{**{k: v for k, v in saved.items() if k in known}, "run_dir": str(run_dir)})
+
+
+def write_state(state: RunState) -> Path:
+    """Write ``state`` to its ``state.json`` atomically: the commit point of an epoch."""
+    return files.write_json(Path(state.run_dir) / "state.json", dataclasses.asdict(state))
 
 
 def check_checkpoint_path(path) -> Path:

@@ -17,8 +17,8 @@ from .checks import check_label_pair, check_labels
 from .data import COARSE_LABEL_NAMES, FINE_LABEL_NAMES, FINE_TO_COARSE
 from .devices import to_numpy
 from .divergence import check_probabilities
+from .metrics import top_k_hits
 from .pipelines import model_input
-from .training import top_k_hits
 
 _FORWARD = weakref.WeakKeyDictionary()  # model -> its traced inference function
 
@@ -65,7 +65,7 @@ def top_k_accuracy(y_true, probs, k: int = 1) -> float:
 
     Returns:
         A float in [0, 1]. Equal scores rank by class index, lower first, as ``argmax``
-        breaks ties (:func:`cifar_utils.training.top_k_hits`, the one rule of every metric
+        breaks ties (:func:`cifar_utils.metrics.top_k_hits`, the one rule of every metric
         here): with ``k=1`` this is exactly the share of rows whose ``argmax`` is the true
         label. (scikit-learn's ``top_k_accuracy_score`` ranks ties the other way.)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from .checks import is_int
 from .data import FINE_LABEL_NAMES, TRAIN_IMAGES, split_problem
-from .devices import is_precision_setting
 from .errors import ParameterError
+from .numerics import is_precision_setting
 from .photos import load_image
 
 

@@ -53,22 +53,22 @@ def test_resume_continues_epoch_optimizer_step_schedule_and_history(tmp_path, da
     train_ds, val_ds = data
     first = tiny_model()
     s1 = cu.train(first, train_ds, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
-    assert s1["epoch"] == 1 and s1["step"] == STEPS and s1["initial_epoch"] == 0
+    assert s1.epoch == 1 and s1.step == STEPS and s1.initial_epoch == 0
     kernel_after_1 = np.array(first.layers[0].kernel)
 
     probe = Probe()
     fresh = tiny_model()  # a new model and optimizer object, as after a kernel restart
     s2 = cu.train(fresh, train_ds, val_ds, epochs=2, run_dir=tmp_path, callbacks=[probe], verbose=0)
-    assert s2["initial_epoch"] == 1  # starts at epoch 2
+    assert s2.initial_epoch == 1  # starts at epoch 2
     assert probe.step == STEPS  # optimizer step restored
     np.testing.assert_array_equal(probe.kernel, kernel_after_1)  # weights restored
     schedule = cu.exponential_decay(N_TRAIN, BATCH, 2)
     assert probe.lr == pytest.approx(float(schedule(STEPS)))  # the schedule continues
     assert probe.lr < 0.1
-    assert s2["epoch"] == 2 and s2["step"] == 2 * STEPS
-    assert len(s2["history"]["loss"]) == len(s2["history"]["val_accuracy"]) == 2
-    assert s2["history"]["loss"][0] == s1["history"]["loss"][0]
-    lrs = s2["history"]["learning_rate"]
+    assert s2.epoch == 2 and s2.step == 2 * STEPS
+    assert len(s2.history["loss"]) == len(s2.history["val_accuracy"]) == 2
+    assert s2.history["loss"][0] == s1.history["loss"][0]
+    lrs = s2.history["learning_rate"]
     assert lrs == pytest.approx([float(schedule(STEPS)), float(schedule(2 * STEPS))])
     assert lrs[1] == pytest.approx(1e-3)  # the planned final rate, reached at the last step
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 1 + 2
@@ -89,8 +89,8 @@ def test_interrupted_run_resumes_from_last_complete_epoch(tmp_path, data):
     state = cu.train(
         tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path, callbacks=[probe], verbose=0
     )
-    assert (state["initial_epoch"], probe.step, state["step"]) == (1, STEPS, 2 * STEPS)
-    assert len(state["history"]["accuracy"]) == 2
+    assert (state.initial_epoch, probe.step, state.step) == (1, STEPS, 2 * STEPS)
+    assert len(state.history["accuracy"]) == 2
 
 
 @pytest.mark.slow
@@ -103,9 +103,9 @@ def test_resume_false_starts_fresh(tmp_path, data, capsys):
         tiny_model(), train_ds, val_ds, epochs=1, run_dir=tmp_path, resume=False,
         callbacks=[probe], verbose=0,
     )  # fmt: skip
-    assert (state["initial_epoch"], probe.step, state["step"]) == (0, 0, STEPS)
+    assert (state.initial_epoch, probe.step, state.step) == (0, 0, STEPS)
     assert probe.lr == pytest.approx(0.1)
-    assert len(state["history"]["loss"]) == 1
+    assert len(state.history["loss"]) == 1
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 1 + 1
     said = capsys.readouterr().out
     assert f"Starting over in {tmp_path} (resume=False): its run of 2 epoch(s)" in said
@@ -146,11 +146,11 @@ def test_resume_refuses_another_plan_and_warns_about_other_epochs(tmp_path, data
     # A finished run trains nothing and says so, instead of passing old scores for new ones.
     state = run(tiny_model(), epochs=1, plan=plan)
     assert "already has 1 epoch(s), EPOCHS=1: nothing to train" in capsys.readouterr().out
-    assert (state["initial_epoch"], state["epoch"]) == (1, 1)
+    assert (state.initial_epoch, state.epoch) == (1, 1)
     # More epochs than planned: continues, with a warning about the schedule.
     with pytest.warns(UserWarning, match="planned for 1 epochs, this run asks for 2"):
         state = run(tiny_model(), epochs=2, plan=plan)
-    assert (state["initial_epoch"], state["epoch"], state["epochs"]) == (1, 2, 2)
+    assert (state.initial_epoch, state.epoch, state.epochs) == (1, 2, 2)
 
 
 def test_data_fingerprint_tells_training_sets_apart():
