@@ -2,6 +2,11 @@
 
 import functools
 import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -233,3 +238,80 @@ def test_a_checkpoint_that_does_not_belong_to_its_state_is_refused(tmp_path, dat
     (tmp_path / "state.json").write_text(state_after_1)
     with pytest.raises(ValueError, match=r"step 14 but state.json at step 7: they do not belong"):
         cu.train(tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
+
+
+SIGINT_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, "tests")
+import keras
+from conftest import small_datasets
+import cifar_utils as cu
+
+class SigintAt(keras.callbacks.Callback):  # what Ctrl-C (or papermill's interrupt) sends
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.model.optimizer.iterations.numpy() == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGINT)
+
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(4, 3),
+                          keras.layers.GlobalAveragePooling2D(),
+                          keras.layers.Dense(100, activation="softmax")])
+model.compile("sgd", "categorical_crossentropy")
+train, val = small_datasets(64, 32, 32)
+state = cu.train(model, train, val, epochs=3, run_dir=sys.argv[1], callbacks=[SigintAt()],
+                 verbose=0)
+print(f"done: epochs {state.initial_epoch + 1}-{state.epoch}")
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_where_the_run_stopped_and_the_same_command_resumes(tmp_path):
+    def run(stop_at_step):
+        return subprocess.run(
+            [sys.executable, "-c", SIGINT_SCRIPT, str(tmp_path), str(stop_at_step)],
+            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )  # fmt: skip
+
+    stopped = run(3)  # 2 steps an epoch: the signal comes in epoch 2
+    assert stopped.returncode != 0
+    said = stopped.stdout + stopped.stderr
+    assert "Training stopped after epoch 1 (the last epoch saved in" in said
+    assert "run the same command again to resume it" in said
+    assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 1
+    resumed = run(-1)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming from {tmp_path} after epoch 1." in resumed.stdout
+    assert "done: epochs 2-3" in resumed.stdout
+    # In a notebook IPython shows the one line instead of the traceback through model.fit.
+    interrupted = cu.TrainingInterrupted(1, tmp_path)
+    assert isinstance(interrupted, KeyboardInterrupt)
+    assert interrupted._render_traceback_() == [f"TrainingInterrupted: {interrupted}"]
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_xla_is_decided_once_and_recorded_as_keras_used_it(deterministic, capsys):
+    from tensorflow.python.framework import config  # the only switch back off
+
+    was = config.is_op_determinism_enabled()
+    (config.enable_op_determinism if deterministic else config.disable_op_determinism)()
+    try:
+        jit = cu.resolve_jit_compile(True)
+        said = capsys.readouterr().out
+        assert jit is not deterministic
+        if deterministic:
+            assert "XLA: off (XLA = True, but op determinism (DETERMINISTIC = True)" in said
+        else:
+            assert said == "XLA: on (XLA = True)\n"
+        assert cu.xla_decision("auto") == (
+            False,
+            'XLA = "auto" on a CPU, where XLA made training slower',
+        )  # fmt: skip  (no GPU on the test machines)
+        model = tiny_model()
+        with warnings.catch_warnings(record=True):  # Keras' own warning when it overrules
+            model.compile("sgd", "categorical_crossentropy", jit_compile=True)  # asked: True
+        run = cu.RunState("r", 1, {}, epoch=1, best_epoch=1, params=cu.parameter_counts(model))
+        record = cu.run_record(run, model, train_images=10, scores={})
+        assert record["xla"] is (not deterministic)  # what Keras used, not what was asked
+    finally:
+        (config.enable_op_determinism if was else config.disable_op_determinism)()
