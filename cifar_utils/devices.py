@@ -39,11 +39,10 @@ def cpu_info() -> dict:
 
 
 def _tf_config() -> tuple[int, str, int] | None:
-    """``(workers, task type, task index)`` from ``$TF_CONFIG``; ``None`` if it is unset.
+    """``(workers incl. chief, task type, task index)`` from ``$TF_CONFIG``; ``None`` if unset.
 
-    ``workers`` counts the worker tasks, chief included. TensorFlow's
-    ``TFConfigClusterResolver`` reads the same variable, but raises a bare ``JSONDecodeError``
-    on a typo and accepts a task index outside the cluster; this says what to fix.
+    (TensorFlow's ``TFConfigClusterResolver`` raises a bare ``JSONDecodeError`` on a typo
+    and accepts an index outside the cluster; this says what to fix.)
     """
     raw = os.environ.get("TF_CONFIG", "").strip()
     if not raw:
@@ -71,12 +70,8 @@ def _tf_config() -> tuple[int, str, int] | None:
 
 
 def is_chief() -> bool:
-    """Whether this process writes the shared results of a run.
-
-    True on one machine, and under a multi-worker ``$TF_CONFIG`` for the chief (the task
-    of type ``"chief"``, else worker 0). Only the chief writes results files, figures and
-    exported models; every worker keeps its own checkpoints (:func:`worker_run_dir`).
-    """
+    """Whether this process writes a run's results, figures and exported model: True on one
+    machine, else for the ``"chief"`` task of ``$TF_CONFIG`` (worker 0 if none is named)."""
     config = _tf_config()
     return config is None or config[1] == "chief"
 
@@ -90,12 +85,8 @@ def worker_run_dir(run_dir) -> Path:
 
 
 def to_numpy(value) -> np.ndarray:
-    """A variable or tensor as a numpy array, also under ``tf.distribute`` strategies.
-
-    ``int(optimizer.iterations)`` fails on a ``MirroredVariable``; this reads the value
-    (all replicas of a mirrored variable hold the same), and the first local replica's
-    value of a per-replica result.
-    """
+    """A variable or tensor as a numpy array, also a ``MirroredVariable`` (where ``int()``
+    fails) or a per-replica result (its first local replica's value)."""
     if isinstance(value, tf.distribute.DistributedValues):
         value = value.values[0]
     return np.asarray(tf.convert_to_tensor(getattr(value, "value", value)))
@@ -185,12 +176,8 @@ def choose_strategy(cpu_devices: int | None = None):
 
 
 def global_batch_size(per_replica: int, strategy) -> int:
-    """The batch size to give ``tf.data``: ``per_replica`` times the strategy's replica count.
-
-    A ``MirroredStrategy`` over 4 GPUs with ``BATCH_SIZE = 128`` takes batches of 512 and
-    hands each GPU 128, so each GPU does the work it would do alone. Over several workers
-    the count is the total over all machines; each worker batches at this global size
-    and keeps its share (Keras shards the data by element).
+    """The batch size to give ``tf.data``: ``per_replica`` times the strategy's replica count
+    over all machines (4 GPUs at ``BATCH_SIZE = 128``: 512, each GPU gets 128).
 
     Raises:
         ValueError: ``per_replica`` is not a positive int.

@@ -14,17 +14,12 @@ from .devices import cpu_info
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed Python, numpy and TensorFlow (``keras.utils.set_random_seed``); op determinism.
-
-    Call it before building the model.
+    """Seed Python, numpy and TensorFlow (``keras.utils.set_random_seed``), before building.
 
     Args:
         seed: the run's seed (int).
-        deterministic: also ``tf.config.experimental.enable_op_determinism``: the same seed
-            on the same machine then gives the same weights, history and scores. Without
-            it the seed still fixes initialisation, split, data order and augmentation, but
-            GPU kernels may sum in a varying order (runs drift by round-off). Keras compiles
-            nothing with XLA under op determinism (:func:`resolve_jit_compile`).
+        deterministic: also enable op determinism: the same seed on the same machine gives
+            the same run (without it GPU sums vary by round-off); it rules XLA out.
     """
     keras.utils.set_random_seed(int(seed))
     if deterministic:
@@ -42,8 +37,7 @@ PRECISION_POLICIES = {
 
 
 def is_precision_setting(value) -> bool:
-    """Whether ``value`` is one of the six ``MIXED_PRECISION`` values :func:`choose_precision`
-    takes: ``"auto"`` or a key of :data:`PRECISION_POLICIES` (a bool or its string)."""
+    """Whether ``value`` is a ``MIXED_PRECISION`` value: ``"auto"`` or a policy key."""
     return isinstance(value, bool | str) and (value == "auto" or value in PRECISION_POLICIES)
 
 
@@ -167,9 +161,6 @@ def _op_determinism() -> bool:
 def xla_decision(xla) -> tuple[bool, str]:
     """Whether ``model.compile`` will really use XLA for the ``XLA`` parameter, and why.
 
-    Keras compiles nothing with XLA under op determinism (FIELD-CASES 18, keras#22621): it
-    resets ``jit_compile`` to False with a warning blaming the model. Deciding here says so.
-
     Args:
         xla: ``True``, ``False`` or ``"auto"`` (on only when a GPU is visible: XLA slowed
             this project's CPU benchmark).
@@ -186,7 +177,7 @@ def xla_decision(xla) -> tuple[bool, str]:
         return False, "XLA = False"
     if xla == "auto" and not tf.config.list_physical_devices("GPU"):
         return False, 'XLA = "auto" on a CPU, where XLA made training slower'
-    if _op_determinism():
+    if _op_determinism():  # Keras resets jit_compile here, blaming the model (keras#22621)
         return False, (
             f"XLA = {xla!r}, but op determinism (DETERMINISTIC = True) keeps Keras from "
             "compiling with XLA; set DETERMINISTIC = False to use it"
@@ -195,10 +186,9 @@ def xla_decision(xla) -> tuple[bool, str]:
 
 
 def resolve_jit_compile(xla) -> bool:
-    """Print whether XLA is on and why; the ``jit_compile`` value for ``model.compile``.
+    """Print whether XLA is on and why; return ``jit_compile`` for ``model.compile``.
 
-    Call it after :func:`seed_everything`. The results record what the compiled model
-    used (``model.jit_compile``), see :func:`cifar_utils.results.run_record`.
+    Call it after :func:`seed_everything` (the results record ``model.jit_compile``).
 
     Args:
         xla: as for :func:`xla_decision`.

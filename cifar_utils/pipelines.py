@@ -83,30 +83,25 @@ def make_dataset(
 ):
     """A ``tf.data`` pipeline: (shuffle), batch, (augment), normalise, one-hot, prefetch.
 
-    A training pipeline's order and augmentation depend only on ``seed``, the epoch and the
-    batch index, never on how the parallel map runs, so a run repeats exactly.
-
     Args:
         x: images ``(N, H, W, 3)``: uint8 in [0, 255] (as loaded), or float in [0, 1].
         y: int labels ``(N,)`` in [0, num_classes).
         batch_size: images per batch (the last batch of an epoch may be smaller).
         training: shuffle every epoch and apply ``augment`` / ``batch_transform``.
-        augment: Keras preprocessing layers (e.g. :func:`augmentation_layers`), on float32
-            batches in [0, 1].
+        augment: Keras preprocessing layers on float32 batches in [0, 1].
         num_classes: width of the one-hot labels.
-        seed: the run's seed; shuffle, each augmentation layer and ``batch_transform`` draw
-            from their own streams of it (:func:`derive_seed`).
-        batch_transform: ``(images uint8 (B, H, W, 3), batch_seed int64 scalar) -> images``,
-            before normalisation, e.g. :func:`albumentations_batch_transform`.
+        seed: fixes order and augmentation with the epoch and batch index (each source its
+            own stream, :func:`derive_seed`), however the parallel map runs.
+        batch_transform: ``(uint8 images (B, H, W, 3), int64 seed) -> images``, e.g.
+            :func:`albumentations_batch_transform`, before normalisation.
 
     Returns:
-        Batches ``(images float32 (B, H, W, 3) in [0, 1], labels float32 one-hot
-        (B, num_classes))``: a :class:`TrainingData` when ``training``, else a
-        ``tf.data.Dataset``.
+        ``(float32 (B, H, W, 3) in [0, 1], float32 one-hot (B, num_classes))`` batches: a
+        :class:`TrainingData` when ``training``, else a ``tf.data.Dataset``.
 
     Raises:
-        ValueError: images not (N, H, W, 3), float images with NaN/inf or outside [0, 1],
-            labels invalid or not one per image, ``batch_transform`` with float images.
+        ValueError: bad images or labels (:func:`model_input`), not one label per image, or
+            ``batch_transform`` with float images.
     """
     x, scale = model_input(x)
     y = check_labels(y, num_classes, "labels")

@@ -49,57 +49,30 @@ class TrainingInterrupted(KeyboardInterrupt):
         return [f"TrainingInterrupted: {self}"]
 
 
-def train(
-    model,
-    train_ds,
-    val_ds,
-    *,
-    epochs: int,
-    run_dir,
-    resume: bool = True,
-    monitor: str = "val_accuracy",
-    mode: str = "auto",
-    callbacks=(),
-    tensorboard: bool = False,
-    plan: dict | None = None,
-    check_every: int = 50,
-    epoch_offset: int = 0,
-    verbose="auto",
-) -> RunState:
+# fmt: off
+def train(model, train_ds, val_ds, *, epochs: int, run_dir, resume: bool = True,
+          monitor: str = "val_accuracy", mode: str = "auto", callbacks=(),
+          tensorboard: bool = False, plan: dict | None = None, check_every: int = 50,
+          epoch_offset: int = 0, verbose="auto") -> RunState:
+    # fmt: on
     """``model.fit`` with per-epoch checkpoints, a CSV log, a divergence guard and resume.
 
-    Writes into ``run_dir`` (a non-chief worker into ``run_dir/worker-<index>``):
-    ``last.weights.h5`` (weights and optimizer state), ``best.weights.h5`` (best
-    ``monitor``), ``state.json`` (:class:`RunState`) and ``log.csv``; ``tensorboard=True``
-    adds ``run_dir/tensorboard``. Resume restores weights, optimizer, history and random
-    states and continues at the next epoch; with a :class:`TrainingData` it sees the batches
-    an uninterrupted run would have (a plain ``tf.data.Dataset`` restarts its epochs).
-
     Args:
-        model: a compiled model with float32 outputs.
-        train_ds: a :class:`TrainingData` from :func:`make_dataset`, or a ``tf.data.Dataset``.
-        val_ds: validation batches, or ``None``.
-        epochs: the epoch to end after (int >= 1), counting epochs already trained.
-        run_dir: the run's folder (str or Path).
-        resume: continue the run saved in ``run_dir`` if there is one.
-        monitor, mode: metric picking the best checkpoint; ``"auto"``, ``"min"`` or ``"max"``.
-        callbacks: more Keras callbacks.
-        plan: what the code cannot see (e.g. ``{"weights": "imagenet"}``; :func:`run_plan`).
-        check_every: batches between full divergence checks (0: at epoch ends only).
-        epoch_offset: epochs earlier phases trained on ``train_ds`` (their batches are skipped).
-        verbose: as for ``model.fit``.
+        model: compiled, with float32 outputs. val_ds: validation batches or ``None``.
+        train_ds: a :class:`TrainingData` (resumed epochs get the batches an uninterrupted
+            run would have) or a plain ``tf.data.Dataset`` (its epochs restart).
+        epochs: the epoch to end after (int >= 1). run_dir: the folder of the run's files.
+        monitor, mode: the metric picking ``best.weights.h5``; ``"auto"``/``"min"``/``"max"``.
+        plan: what the code cannot see (:func:`run_plan`). check_every: batches between full
+            divergence checks (0: epoch ends). epoch_offset: epochs earlier phases took.
+        resume, callbacks, tensorboard, verbose: as named.
 
     Returns:
         The :class:`RunState` after the last committed epoch.
 
     Raises:
-        TrainingDiverged: NaN/inf in the loss, a variable or the outputs; nothing of that
-            epoch is saved.
-        TrainingInterrupted: Ctrl-C; the run resumes from its last committed epoch.
-        ResumeError: (a ValueError) the saved run does not fit the model, holds NaN/inf, or
-            has another plan.
-        ValueError: ``epochs`` < 1; ``mode`` unknown or undecidable for ``monitor``; the
-            model is not compiled or its output is not float32.
+        TrainingDiverged, TrainingInterrupted (Ctrl-C: resumable), ResumeError (another plan
+        or a bad checkpoint), ValueError (bad ``epochs`` or ``mode``; model not ready).
     """
     _check_model(model, epochs)
     mode = _mode(monitor, mode)

@@ -347,7 +347,7 @@ def test_an_epoch_commits_together(tmp_path, arrays, monkeypatch):
     with pytest.raises(OSError, match="power cut"):
         run(2)  # the uncommitted epoch 2 was dropped, retrained, state.json committed
     state = json.loads((tmp_path / "state.json").read_text())
-    assert state.epoch == 2 and state.best_epoch == 2
+    assert state["epoch"] == 2 and state["best_epoch"] == 2
     monkeypatch.setattr(cifar_utils.checkpoints, "settle_checkpoints", real_settle)
     resumed = run(2)  # settles the committed epoch: its checkpoints move into place
     assert resumed.initial_epoch == 2 and not list(tmp_path.glob(".epoch-*"))

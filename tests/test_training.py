@@ -11,6 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import AtBatch, ctrl_c, small_datasets
 
 import cifar_utils as cu
@@ -315,3 +316,31 @@ def test_xla_is_decided_once_and_recorded_as_keras_used_it(deterministic, capsys
         assert record["xla"] is (not deterministic)  # what Keras used, not what was asked
     finally:
         (config.enable_op_determinism if was else config.disable_op_determinism)()
+
+
+def test_state_json_of_older_runs_is_read_and_a_broken_one_refused(tmp_path):
+    old = {"epoch": 2, "history": {"loss": [2.0, 1.5]}, "seconds": 3.5, "step": 14,
+           "best": 0.2, "best_epoch": 2, "plan": {"data": None}, "epochs": 5,
+           "initial_epoch": 1, "monitor": "val_accuracy", "mode": "max",
+           "params": {"total": 1}, "run_dir": "/elsewhere", "seed_states": []}  # fmt: skip
+    cu.write_json(tmp_path / "state.json", old)
+    state = cu.read_state(tmp_path)  # the dict train wrote before RunState
+    assert (state.epoch, state.step, state.best_epoch, state.epochs) == (2, 14, 2, 5)
+    assert state.history == {"loss": [2.0, 1.5]} and state.run_dir == str(tmp_path)
+    cu.write_json(tmp_path / "state.json", {"epoch": 1, "history": {}})  # the oldest keys only
+    assert (cu.read_state(tmp_path).epochs, cu.read_state(tmp_path).plan) == (1, {})
+    for broken in ("{not json", "[1, 2]", '{"history": {}}'):
+        (tmp_path / "state.json").write_text(broken)
+        with pytest.raises(cu.ResumeError, match="is no run state.*RESUME=False"):
+            cu.read_state(tmp_path)
+
+
+def test_a_transformed_training_pipeline_still_trains_but_warns_its_epochs_restart(tmp_path, data):
+    train_ds, val_ds = data
+    assert isinstance(train_ds, cu.TrainingData) and isinstance(train_ds, tf.data.Dataset)
+    mapped = train_ds.map(lambda x, y: (x, y))  # any transformation: a plain dataset
+    assert not isinstance(mapped, cu.TrainingData)
+    cu.train(tiny_model(), mapped, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
+    with pytest.warns(UserWarning, match="plain tf.data.Dataset.*restart"):
+        state = cu.train(tiny_model(), mapped, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
+    assert (state.initial_epoch, state.epoch, state.step) == (1, 2, 2 * STEPS)
