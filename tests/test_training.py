@@ -344,3 +344,21 @@ def test_a_transformed_training_pipeline_still_trains_but_warns_its_epochs_resta
     with pytest.warns(UserWarning, match="plain tf.data.Dataset.*restart"):
         state = cu.train(tiny_model(), mapped, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
     assert (state.initial_epoch, state.epoch, state.step) == (1, 2, 2 * STEPS)
+
+
+@pytest.mark.slow
+def test_the_divergence_guard_works_on_its_own_in_model_fit(data):
+    train_ds, _ = data
+    model = tiny_model(lr=0.01)
+
+    def poison(model):
+        kernel = model.layers[0].kernel
+        kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+
+    guard = cu.DivergenceGuard(check_every=1)
+    model.fit(train_ds, epochs=3, callbacks=[AtBatch(1, 2, poison), guard], verbose=0)
+    epoch, where, what = guard.diverged
+    # With oneDNN the loss can stay finite; the state check (every batch here) catches it.
+    assert (epoch, where) in ((2, "batch 3"), (2, "batch 3 (state check)"))
+    assert what in ("loss became nan", "loss became inf") or "holds NaN or inf" in what
+    assert model.stop_training and int(model.optimizer.iterations) == STEPS + 3
