@@ -1,9 +1,8 @@
 """Top-k hits with one tie rule, and the metrics the notebooks compile with.
 
-Keras' ``TopKCategoricalAccuracy`` (``in_top_k``) counts every class tied at the k-th place
-and scikit-learn's ``top_k_accuracy_score`` ranks ties the other way, so a saturated softmax
-(exact zeros) would score differently in the history, the results file and the per-class
-figures; every top-k figure of this project comes from :func:`top_k_hits`.
+Every top-k figure here comes from :func:`top_k_hits`: Keras' ``in_top_k`` counts every class
+tied at the k-th place and scikit-learn ranks ties the other way, so a saturated softmax
+would score differently in the history, the results file and the per-class figures.
 """
 
 from __future__ import annotations

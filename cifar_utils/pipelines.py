@@ -39,19 +39,16 @@ def scaled(images, scale: float):
 
 
 class TrainingData(tf.data.Dataset):
-    """A training ``tf.data.Dataset`` (a new epoch at every iteration, for ``model.fit``)
-    that also knows its epochs: what exact resume needs, in its type.
-
-    A transformation (``map``, ``take``, ...) returns a plain ``tf.data.Dataset``, which
-    :func:`cifar_utils.training.train` still takes, with a warning that its epochs restart.
-    (``tf.data`` offers no public way to subclass a dataset: this wraps one the way its own
-    unchanged-structure datasets do.)
-    """
+    """A training ``tf.data.Dataset`` (a new epoch at every iteration) that knows its epochs
+    (:meth:`from_epoch`), ``steps_per_epoch`` and ``plan``: exact resume's contract, in its type.
+    A transformation returns a plain dataset, which ``train`` takes with a warning."""
 
     def __init__(self, stream, steps_per_epoch: int, plan: dict, epoch_seed: int):
         self._stream, self.steps_per_epoch, self.plan = stream, steps_per_epoch, plan
         keys = tf.data.Dataset.random(seed=epoch_seed, rerandomize_each_iteration=True)
         self._base = stream(keys.take(1), 1)
+        # tf.data has no public way to subclass a dataset: this wraps one as its own
+        # unchanged-structure datasets do.
         super().__init__(self._base._variant_tensor)
 
     def _inputs(self):

@@ -32,11 +32,8 @@ from .plans import plan_differences, run_plan, schedule_change
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGINT) during :func:`train`: one line saying where the run stopped.
-
-    A ``KeyboardInterrupt``, so a notebook stops as before; IPython and papermill show
-    only the message (``_render_traceback_``), not the traceback through ``model.fit``.
-    """
+    """Ctrl-C (SIGINT) during :func:`train`: a ``KeyboardInterrupt`` that IPython and
+    papermill show as its one line (``_render_traceback_``), not a traceback through fit."""
 
     def __init__(self, epoch: int, run_dir: Path):
         done = f"after epoch {epoch}" if epoch else "before its first epoch ended"
@@ -225,10 +222,8 @@ def _restore_seed_states(model, saved: list) -> None:
 
 
 def load_best(model, run: RunState) -> RunState:
-    """Load a finished phase's best checkpoint into ``model``, to start the next phase from.
-
-    Validation picks the weights everywhere here, so the next phase starts from the best
-    epoch, not the last (keras.io's fine-tuning recipe takes the last).
+    """Load a finished phase's best checkpoint into ``model``, to start the next phase from
+    (keras.io's fine-tuning recipe takes the last epoch; validation picks weights here).
 
     Args:
         model: the model ``run`` trained (its weights are replaced).
