@@ -190,7 +190,7 @@ def bench_model(name: str, args) -> dict:
     return {
         "batch_size": batch,
         "params": cu.parameter_counts(model)["total"],
-        "jit_compile": bool(jit),
+        "jit_compile": bool(model.jit_compile),  # as Keras used it (FIELD-CASES 18)
         "fast_conv_layers": switched,
         "train_images_per_s": train,
         "inference_images_per_s": infer,

@@ -12,16 +12,21 @@ One module per job, each importing only the ones listed before it:
 ``models``      the three networks (from the notebooks), EfficientNetB0, parameter counts
 ``augment``     Keras augmentation layers, per-batch seeds, albumentations
 ``pipelines``   ``make_dataset``: the ``tf.data`` pipelines
-``devices``     strategies, workers, precision, XLA, the CPU's small-conv gradients
+``devices``     the CPU, strategies over devices and workers, which process is chief
 ``runlock``     one run of a notebook at a time per output folder (``own_output_dir``)
+``numerics``    seeds and op determinism, precision (dtype policy), XLA
+``small_conv``  a faster CPU input gradient for convolutions with tiny outputs
+``metrics``     top-k hits with one tie rule, the compiled metrics
 ``divergence``  NaN/inf and probability checks of a model's state and outputs
-``checkpoints`` checkpoint files, resume, the CSV log
-``training``    ``train``: checkpoints, resume, run plans, divergence guard; schedules
+``checkpoints`` the run state, checkpoint files, their commit and restore, the CSV log
+``callbacks``   small Keras callbacks: divergence guard, replica alignment, epoch commit
+``plans``       run plans: what a checkpoint means, how two plans differ
+``training``    ``train`` (``model.fit`` with those callbacks and resume); schedules
 ``evaluation``  top-k, per class and superclass, reports, most confused pairs
 ``calibration`` ECE, NLL, temperature scaling (also folded into a model), flip TTA
 ``photos``      reading photos, ``predict_image``, the sample photos
 ``explain``     Grad-CAM heatmaps placed at their receptive fields, overlays
-``results``     results files, ``evaluate_and_save``, the README table (spread over seeds)
+``results``     scoring a run, its results file, the README table (spread over seeds)
 ``parameters``  the notebooks' parameter check
 ``model_card``  the Markdown card of an exported model, from its results record
 ``export``      ``.keras`` export and loading, SavedModel
@@ -68,17 +73,26 @@ _PUBLIC = {
         "derive_seed", "augmentation_layers", "albumentations_transform", "albumentations_batch",
         "albumentations_batch_transform",
     ),
-    "pipelines": ("make_dataset", "steps_per_epoch"),
+    "pipelines": ("TrainingData", "make_dataset", "steps_per_epoch"),
     "devices": (
-        "seed_everything", "choose_precision", "configure_precision", "is_chief",
-        "worker_run_dir", "to_numpy", "choose_strategy", "global_batch_size",
-        "resolve_jit_compile", "fast_small_conv_gradients",
+        "is_chief", "worker_run_dir", "to_numpy", "choose_strategy", "global_batch_size",
     ),
     "runlock": ("lock_path", "own_output_dir"),
+    "numerics": (
+        "seed_everything", "choose_precision", "configure_precision", "xla_decision",
+        "resolve_jit_compile",
+    ),
+    "small_conv": ("fast_small_conv_gradients",),
+    "metrics": ("top_k_hits", "compile_metrics"),
     "divergence": ("check_probabilities", "nonfinite_variables", "training_state_problem"),
-    "checkpoints": ("check_checkpoint_path", "save_checkpoint", "read_log"),
+    "checkpoints": (
+        "RunState", "read_state", "check_checkpoint_path", "save_checkpoint", "read_log",
+    ),
+    "callbacks": ("LogLearningRate", "AlignReplicas", "DivergenceGuard", "EpochCommit",
+                  "CommittedCSVLogger"),
+    "plans": ("run_plan",),
     "training": (
-        "load_best", "join_runs", "compile_metrics", "run_plan", "train", "exponential_decay",
+        "TrainingInterrupted", "load_best", "join_runs", "train", "exponential_decay",
     ),
     "evaluation": (
         "predict_proba", "top_k_accuracy", "per_class_accuracy", "to_superclass",
@@ -94,7 +108,8 @@ _PUBLIC = {
         "feature_map_layer", "feature_map_grid", "grad_cam", "explain_photo", "overlay_heatmap",
     ),
     "results": (
-        "write_results", "evaluate_and_save", "markdown_table", "total_params", "describe_hardware",
+        "write_results", "score_model", "exported_scores", "run_record", "evaluate_and_save",
+        "markdown_table", "total_params", "describe_hardware",
         "RESULTS_START", "RESULTS_END", "full_runs",
         "RUN_ONLY_PARAMETERS", "results_table", "update_readme_results", "SERIES_FILE",
         "results_files", "read_results", "why_not_full", "SPREAD_METRICS", "OPTIONAL_METRICS",

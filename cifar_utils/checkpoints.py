@@ -1,5 +1,5 @@
-"""A run folder's files: checkpoints (weights-only ``.weights.h5``), their commit and
-restore, and the per-epoch ``log.csv``.
+"""A run folder's files: the run state, checkpoints (weights-only ``.weights.h5``), their
+commit and restore, and the per-epoch ``log.csv``.
 
 Used by :func:`cifar_utils.training.train` and the ``curves`` command.
 """
@@ -7,23 +7,100 @@ Used by :func:`cifar_utils.training.train` and the ``curves`` command.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import os
 from pathlib import Path
 
 import tensorflow as tf
 
+from . import files
 from .divergence import nonfinite_variables
 from .errors import ResumeError
 from .files import atomic_path
 from .models import load_weights_strictly
 
 
-def check_checkpoint_path(path) -> Path:
-    """Return ``path`` as a Path if it suits a Keras 3 weights-only checkpoint, else ValueError.
+@dataclasses.dataclass
+class RunState:
+    """A training run as ``state.json`` holds it: what :func:`cifar_utils.training.train`
+    returns, and (through :func:`cifar_utils.training.join_runs`) what the results record.
 
-    Keras 3 saves weights alone to ``.weights.h5`` only; ``.hdf5``, ``.h5``, ``.ckpt`` and
-    the rest are refused. (Whole models go to ``.keras`` files: see
-    :func:`cifar_utils.export.export_model`.)
+    ``history`` maps a metric (``loss``, ``val_accuracy``, ``learning_rate``, ...) to one
+    float per committed epoch; ``epoch`` counts those epochs, ``step`` the optimizer steps;
+    ``seconds`` is training wall time over all sessions; ``best``/``best_epoch`` (1-based)
+    follow ``monitor`` under ``mode`` (``"min"``/``"max"``); ``params`` are the parameter
+    counts while training; ``phases`` is set by ``join_runs`` only.
+    """
+
+    run_dir: str
+    epochs: int
+    plan: dict
+    monitor: str = "val_accuracy"
+    mode: str = "max"
+    epoch: int = 0
+    step: int = 0
+    seconds: float = 0.0
+    history: dict = dataclasses.field(default_factory=dict)
+    best: float | None = None
+    best_epoch: int | None = None
+    initial_epoch: int = 0
+    seed_states: list = dataclasses.field(default_factory=list)
+    params: dict | None = None
+    phases: list | None = None
+    next_phase_from: dict | None = None
+
+    def improves(self, score) -> bool:
+        """Whether ``score`` of ``monitor`` beats :attr:`best` under :attr:`mode`."""
+        if score is None:
+            return False
+        return self.best is None or (score < self.best if self.mode == "min" else score > self.best)
+
+    def add_epoch(self, logs: dict, seconds: float, step: int, seed_states: list) -> bool:
+        """Append one epoch's ``logs`` (metric -> float); whether it is the new best."""
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+        self.epoch, self.step, self.seed_states = self.epoch + 1, step, seed_states
+        self.seconds += seconds
+        better = self.improves(logs.get(self.monitor))
+        if better:
+            self.best, self.best_epoch = logs[self.monitor], self.epoch
+        return better
+
+
+def read_state(run_dir: Path) -> RunState:
+    """The :class:`RunState` in ``run_dir/state.json`` (also as written before it existed).
+
+    Raises:
+        ResumeError: the file is not JSON, or lacks ``epoch`` or ``history``.
+    """
+    path = run_dir / "state.json"
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict) or not {"epoch", "history"} <= saved.keys():
+        raise ResumeError(  # the two keys every version wrote
+            f"{path} is no run state (no JSON object with 'epoch' and 'history'): start over "
+            "with RESUME=False, or use another OUTPUT_DIR to keep that folder"
+        )
+    known = {f.name for f in dataclasses.fields(RunState)}
+    saved.setdefault("epochs", saved["epoch"])
+    saved.setdefault("plan", {})
+    return RunState(**{**{k: v for k, v in saved.items() if k in known}, "run_dir": str(run_dir)})
+
+
+def write_state(state: RunState) -> Path:
+    """Write ``state`` to its ``state.json`` atomically: the commit point of an epoch."""
+    return files.write_json(Path(state.run_dir) / "state.json", dataclasses.asdict(state))
+
+
+def check_checkpoint_path(path) -> Path:
+    """``path`` as a Path if it ends in ``.weights.h5`` (Keras 3's only weights-only
+    format; whole models go to ``.keras``, :func:`cifar_utils.export.export_model`).
+
+    Raises:
+        ValueError: another suffix (``.hdf5``, ``.h5``, ``.ckpt``, ...).
     """
     path = Path(path)
     if not path.name.endswith(".weights.h5"):
@@ -35,9 +112,8 @@ def check_checkpoint_path(path) -> Path:
 
 
 def save_checkpoint(model, path) -> Path:
-    """Save ``model``'s weights (and optimizer state) to ``path`` atomically.
-
-    The old file stays intact until the new one is whole.
+    """Save ``model``'s weights and optimizer state to ``path`` atomically (the old file
+    stays intact until the new one is whole); returns ``path`` as a Path.
 
     Raises:
         ValueError: ``path`` does not end in ``.weights.h5`` (see :func:`check_checkpoint_path`).
@@ -70,17 +146,9 @@ def restore(model, run_dir: Path) -> None:
 def align_replicas(model) -> None:
     """Give every replica's copy of the model's non-trainable variables the first replica's.
 
-    Under ``MirroredStrategy`` and ``MultiWorkerMirroredStrategy`` BatchNorm's moving
-    statistics are updated by each replica from its own share of the batch (Keras 3 does not
-    all-reduce them), while a checkpoint holds the first replica's (of the chief, under
-    several workers). Trainable weights and the optimizer's state stay identical anyway (their
-    updates are all-reduced). Called before each epoch's validation, so validation scores on
-    every replica the very weights the checkpoint of that epoch saves, and at each epoch's
-    start, so an uninterrupted run continues from exactly what a resumed one restores.
-
-    The first replica's values reach all the others through one all-reduce (a sum in which
-    the other replicas give zeros), so under several workers every worker must call this at
-    the same point, as ``fit``'s callbacks do. Nothing to do with one replica in all.
+    Keras 3 does not all-reduce BatchNorm's moving statistics: each replica updates its own,
+    while a checkpoint holds the first replica's (the chief's). One all-reduce (the other
+    replicas give zeros) spreads them, so every worker must call this at the same point.
     """
     strategy = model.distribute_strategy
     variables = [getattr(v, "value", v) for v in model.non_trainable_variables]
@@ -111,12 +179,8 @@ def staged_path(run_dir: Path, epoch: int, name: str) -> Path:
 
 
 def settle_checkpoints(run_dir: Path, committed_epoch: int) -> None:
-    """Finish or undo staged checkpoint files after ``state.json`` says ``committed_epoch``.
-
-    An epoch's files are written as ``.epoch-NNNNN.<name>`` first, then ``state.json`` (the
-    commit), then renamed into place; a crash leaves them staged. Those of the committed
-    epoch are moved into place, those of an epoch that never committed are removed.
-    """
+    """Move the staged ``.epoch-NNNNN.<name>`` files of ``committed_epoch`` into place and
+    remove those of epochs that never committed (a crash between staging and settling)."""
     for staged in run_dir.glob(".epoch-*.*.weights.h5"):
         epoch, name = staged.name[len(".epoch-") :].split(".", 1)
         if epoch.isdigit() and int(epoch) == committed_epoch:
@@ -126,11 +190,8 @@ def settle_checkpoints(run_dir: Path, committed_epoch: int) -> None:
 
 
 def write_log(run_dir: Path, history: dict) -> None:
-    """Rewrite ``log.csv`` from a run's committed history, as Keras' CSVLogger writes it.
-
-    A crash between committing an epoch and logging it (or the reverse) leaves the log a row
-    short (or long); a resumed run's log then continues from exactly the committed epochs.
-    """
+    """Rewrite ``log.csv`` from the committed ``history`` (metric -> floats), as Keras'
+    CSVLogger writes it: a crash between commit and log row left it a row short or long."""
     keys = sorted(history)
     rows = max((len(v) for v in history.values()), default=0)
     with atomic_path(run_dir / "log.csv") as tmp, open(tmp, "w", newline="") as f:

@@ -13,15 +13,14 @@ from .errors import NotProbabilities
 
 
 def check_probabilities(probs, what: str = "the model's output", atol: float = 1e-3):
-    """Return ``probs`` (float (N, C)) as a numpy array if every row is a distribution.
-
-    A row passes when all its values are finite, none is below ``-atol`` and it sums to 1
-    within ``atol``. NaN weights give NaN rows on some CPUs and rows of zeros on others
-    (oneDNN's softmax maps NaN to 0), so both are refused here rather than read as a top-1.
+    """``probs`` (float (N, C)) as a numpy array if every row is finite, no value is below
+    ``-atol`` and it sums to 1 within ``atol``.
 
     Raises:
         NotProbabilities: names the first bad row and what is wrong with it.
     """
+    # NaN weights give NaN rows on some CPUs and zero rows on others (oneDNN's softmax
+    # maps NaN to 0): both are refused here rather than read as a top-1.
     p = np.asarray(probs)
     if p.ndim != 2 or not np.issubdtype(p.dtype, np.floating):
         raise NotProbabilities(f"{what} must be float rows (N, classes), not {p.dtype} {p.shape}")
@@ -41,11 +40,9 @@ def check_probabilities(probs, what: str = "the model's output", atol: float = 1
 
 
 def nonfinite_variables(model) -> list[str]:
-    """Paths of the model's (and its optimizer's) variables holding NaN or inf; ``[]`` if none.
+    """Paths of the model's and its optimizer's variables holding NaN or inf; ``[]`` if none.
 
-    Decided from the values themselves (``tf.math.is_finite``), not from the loss: with
-    oneDNN a NaN weight can leave the loss finite. Reads the variables as they are now
-    (Keras creates optimizer slots at the first step). Works on distributed variables.
+    Read from the values, not the loss (with oneDNN a NaN weight can leave the loss finite).
     """
     optimizer = getattr(model, "optimizer", None)
     variables = list(model.variables) + (list(optimizer.variables) if optimizer else [])
@@ -59,14 +56,8 @@ def nonfinite_variables(model) -> list[str]:
 
 
 def training_state_problem(model, probe=None) -> str | None:
-    """What makes a model's training state unfit to checkpoint, or ``None`` if nothing.
-
-    The first model or optimizer variable holding NaN/inf (:func:`nonfinite_variables`),
-    else, given a ``probe`` batch (float32 (B, H, W, 3) in [0, 1]), outputs of the model in
-    inference mode that are no probability rows (:func:`check_probabilities`). What
-    :func:`train` checks every ``check_every`` batches and before each checkpoint; the
-    benchmark times it.
-    """
+    """Why a model's state is unfit to checkpoint (a variable holding NaN/inf, or outputs on
+    ``probe``, float32 (B, H, W, 3) in [0, 1], that are no probabilities), or ``None``."""
     bad = nonfinite_variables(model)
     if bad:
         return f"variable '{bad[0]}' holds NaN or inf"

@@ -17,8 +17,8 @@ from .checks import check_label_pair, check_labels
 from .data import COARSE_LABEL_NAMES, FINE_LABEL_NAMES, FINE_TO_COARSE
 from .devices import to_numpy
 from .divergence import check_probabilities
+from .metrics import top_k_hits
 from .pipelines import model_input
-from .training import top_k_hits
 
 _FORWARD = weakref.WeakKeyDictionary()  # model -> its traced inference function
 
@@ -26,11 +26,7 @@ _FORWARD = weakref.WeakKeyDictionary()  # model -> its traced inference function
 def predict_proba(model, x, batch_size: int = 256) -> np.ndarray:
     """Class probabilities for images ``x`` (N, H, W, 3): uint8 in [0, 255] or float in [0, 1].
 
-    Images go through the same normalisation as :func:`cifar_utils.pipelines.make_dataset`
-    (:func:`cifar_utils.pipelines.model_input`; no augmentation).
-    The model runs batch by batch on this process's first device, in order, so the rows
-    match ``x`` under every ``tf.distribute`` strategy (a multi-worker ``model.predict``
-    would shard the data between workers).
+    Normalised as :func:`cifar_utils.pipelines.make_dataset` does, without augmentation.
 
     Returns:
         float32 ``(N, num_classes)``, each row a probability distribution.
@@ -42,6 +38,8 @@ def predict_proba(model, x, batch_size: int = 256) -> np.ndarray:
     x, scale = model_input(x)
     if not len(x):
         raise ValueError("no images to classify: x holds 0 images")
+    # Batch by batch on this process's first device, in order, so rows match x under every
+    # strategy (a multi-worker model.predict would shard the data between workers).
     if model not in _FORWARD:  # traced once per model, not once per call
         ref = weakref.ref(model)  # the cache must not keep the model alive
         _FORWARD[model] = tf.function(
@@ -64,10 +62,8 @@ def top_k_accuracy(y_true, probs, k: int = 1) -> float:
         k: how many classes count, in [1, C].
 
     Returns:
-        A float in [0, 1]. Equal scores rank by class index, lower first, as ``argmax``
-        breaks ties (:func:`cifar_utils.training.top_k_hits`, the one rule of every metric
-        here): with ``k=1`` this is exactly the share of rows whose ``argmax`` is the true
-        label. (scikit-learn's ``top_k_accuracy_score`` ranks ties the other way.)
+        A float in [0, 1]; ties rank by class index as ``argmax`` does
+        (:func:`cifar_utils.metrics.top_k_hits`).
 
     Raises:
         ValueError: labels invalid or not one per row, ``probs`` not (N, C) or ``k`` outside
@@ -199,9 +195,8 @@ def evaluation_summary(y_true, probs, prefix: str = "test") -> dict:
 def most_confused(y_true, y_pred, n: int = 10, label_names=FINE_LABEL_NAMES) -> list[dict]:
     """The ``n`` most frequent mistakes as (true class -> predicted class) pairs.
 
-    Pairs are directed: ``maple_tree`` taken for ``oak_tree`` and the reverse are two rows.
-    Counts come from scikit-learn's ``confusion_matrix`` with its diagonal zeroed; ties are
-    broken by class index, and pairs that never occur are left out.
+    Pairs are directed (``maple_tree`` taken for ``oak_tree`` and the reverse are two rows);
+    ties go by class index; pairs that never occur are left out.
 
     Args:
         y_true, y_pred: int labels (N,) in [0, len(label_names)).

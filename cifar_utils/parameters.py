@@ -13,9 +13,9 @@ from pathlib import Path
 
 from .checks import is_int
 from .data import FINE_LABEL_NAMES, TRAIN_IMAGES, split_problem
-from .devices import is_precision_setting
 from .errors import ParameterError
 from .notebooks import notebook_path
+from .numerics import is_precision_setting
 from .photos import load_image
 from .runlock import own_output_dir
 
@@ -167,27 +167,15 @@ _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
 def check_parameters(namespace: dict, notebook) -> NotebookParameters:
     """Check a notebook run's parameters before anything is read or written.
 
-    The parameters and their defaults come from the notebook's own cell tagged
-    "parameters" (:func:`notebook_defaults`), so a new parameter is checked without more
-    code. Call it first thing after that cell: ``cu.check_parameters(globals(),
-    "simple_image_clasifier.ipynb")``.
-
-    - Unknown names (``-p EPOCH 2``: papermill only warns and runs on) are refused with the
-      closest known name ("EPOCH: no such parameter; did you mean EPOCHS?"): any global
-      in ``namespace`` written like a parameter (upper case) or close to one, that no
-      cell of the notebook assigns.
-    - Values by name: ``*EPOCHS`` ints >= 1; ``*_LR`` numbers > 0; ``VAL_SIZE``,
-      ``TRAIN_LIMIT`` and ``BATCH_SIZE`` ints that fit CIFAR-100's 50,000 training images
-      (:func:`split_problem`; ``BATCH_SIZE`` at most the images left to train on; the
-      loaded data are checked again by :func:`train_val_split` and
-      :meth:`NotebookParameters.check_batch_size`); ``SEED``, ``IMAGE_SIZE`` ints in range;
-      ``XLA`` True/False/"auto"; ``MIXED_PRECISION`` "auto", True/"float16", "bfloat16" or
-      False/"float32" (:func:`choose_precision`); ``WEIGHTS`` "imagenet", None or an
-      existing file; ``PHOTO`` None or a readable image file; ``DATA_DIR`` None or an
-      existing path; other ``*_DIR`` paths; any other parameter must have its default's
-      type (bool, int, number, string).
-    - Given the program's own globals (a notebook's kernel), it then locks ``OUTPUT_DIR`` for
-      this run (:func:`own_output_dir`): a second run of the notebook into it stops here.
+    Names and defaults come from the notebook's cell tagged "parameters"
+    (:func:`notebook_defaults`). Unknown names (papermill only warns on ``-p EPOCH 2``) are
+    refused with the closest known one. Values by name: ``*EPOCHS`` ints >= 1; ``*_LR``
+    numbers > 0; ``VAL_SIZE``, ``TRAIN_LIMIT``, ``BATCH_SIZE`` ints that fit CIFAR-100's
+    training images (:func:`split_problem`); ``SEED``, ``IMAGE_SIZE`` ints in range; ``XLA``
+    True/False/"auto"; ``MIXED_PRECISION`` as :func:`choose_precision` takes; ``WEIGHTS``
+    "imagenet", None or a file; ``PHOTO`` None or a readable image; ``*_DIR`` paths; any
+    other parameter its default's type. Given a notebook kernel's own globals, it then locks
+    ``OUTPUT_DIR`` (:func:`own_output_dir`): a second run of the notebook into it stops here.
 
     Args:
         namespace: the notebook's globals (``globals()``).

@@ -38,6 +38,35 @@ def scaled(images, scale: float):
     return tf.cast(images, tf.float32) / scale
 
 
+class TrainingData(tf.data.Dataset):
+    """A training ``tf.data.Dataset`` (a new epoch at every iteration) that knows its epochs
+    (:meth:`from_epoch`), ``steps_per_epoch`` and ``plan``: exact resume's contract, in its type.
+    A transformation returns a plain dataset, which ``train`` takes with a warning."""
+
+    def __init__(self, stream, steps_per_epoch: int, plan: dict, epoch_seed: int):
+        self._stream, self.steps_per_epoch, self.plan = stream, steps_per_epoch, plan
+        keys = tf.data.Dataset.random(seed=epoch_seed, rerandomize_each_iteration=True)
+        self._base = stream(keys.take(1), 1)
+        # tf.data has no public way to subclass a dataset: this wraps one as its own
+        # unchanged-structure datasets do.
+        super().__init__(self._base._variant_tensor)
+
+    def _inputs(self):
+        return [self._base]
+
+    @property
+    def element_spec(self):
+        return self._base.element_spec
+
+    def from_epoch(self, first: int, last: int) -> tf.data.Dataset:
+        """Epochs ``first`` to ``last - 1`` (0-based) as one dataset, the same whoever asks.
+
+        Returns:
+            ``tf.data.Dataset`` of ``(last - first) * steps_per_epoch`` batches.
+        """
+        return self._stream(tf.data.Dataset.range(first, last), last - first)
+
+
 def make_dataset(
     x,
     y,
@@ -52,33 +81,24 @@ def make_dataset(
     """A ``tf.data`` pipeline: (shuffle), batch, (augment), normalise, one-hot, prefetch.
 
     Args:
-        x: images ``(N, H, W, 3)``: uint8 in [0, 255] (as loaded), or float in [0, 1];
-            y: int labels ``(N,)`` in [0, num_classes).
+        x: images ``(N, H, W, 3)``: uint8 in [0, 255] (as loaded), or float in [0, 1].
+        y: int labels ``(N,)`` in [0, num_classes).
         batch_size: images per batch (the last batch of an epoch may be smaller).
         training: shuffle every epoch and apply ``augment`` / ``batch_transform``.
-        augment: Keras image preprocessing layers (e.g. :func:`augmentation_layers`), on
-            float32 batches in [0, 1].
-        seed: the run's seed; the shuffle, each augmentation layer and ``batch_transform``
-            each draw from their own stream of it (:func:`derive_seed`).
-        batch_transform: a callable ``(images, batch_seed) -> images`` on uint8 batches
-            (B, H, W, 3) in [0, 255], applied before normalisation when ``training``, e.g.
-            :func:`albumentations_batch_transform`; ``batch_seed`` is an int64 scalar tensor.
+        augment: Keras preprocessing layers on float32 batches in [0, 1].
+        num_classes: width of the one-hot labels.
+        seed: fixes order and augmentation with the epoch and batch index (each source its
+            own stream, :func:`derive_seed`), however the parallel map runs.
+        batch_transform: ``(uint8 images (B, H, W, 3), int64 seed) -> images``, e.g.
+            :func:`albumentations_batch_transform`, before normalisation.
 
     Returns:
-        ``tf.data.Dataset`` of ``(images float32 (B, H, W, 3) in [0, 1],
-        labels float32 one-hot (B, num_classes))``. A training dataset is one epoch; each
-        iteration of it is a new epoch, as ``model.fit(ds, epochs=...)`` expects. Its order
-        and augmentation depend only on ``seed``, the epoch and the batch index, never on
-        how the parallel map happens to run, so a run repeats exactly. It also carries
-        ``steps_per_epoch`` (``ceil(N / batch_size)``), ``plan`` (what :func:`train`
-        records: data fingerprint, batch size, seed, augmentation) and
-        ``from_epoch(first, last)``: epochs ``first`` to ``last - 1`` (0-based) as one
-        dataset, the same batches whichever run asks for them. :func:`train` uses it, so
-        a resumed run trains on the batches an uninterrupted one would have seen.
+        ``(float32 (B, H, W, 3) in [0, 1], float32 one-hot (B, num_classes))`` batches: a
+        :class:`TrainingData` when ``training``, else a ``tf.data.Dataset``.
 
     Raises:
-        ValueError: images not (N, H, W, 3), float images with NaN/inf or outside [0, 1],
-            labels invalid or not one per image, ``batch_transform`` with float images.
+        ValueError: bad images or labels (:func:`model_input`), not one label per image, or
+            ``batch_transform`` with float images.
     """
     x, scale = model_input(x)
     y = check_labels(y, num_classes, "labels")
@@ -87,7 +107,6 @@ def make_dataset(
             f"need one label per image and at least one image, got {len(x)} "
             f"images and {len(y)} labels"
         )
-    steps = steps_per_epoch(len(x), batch_size)
 
     def prepare(images, labels):
         return scaled(images, scale), tf.one_hot(labels, num_classes)
@@ -97,6 +116,20 @@ def make_dataset(
         return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
     if batch_transform is not None and x.dtype != np.uint8:
         raise ValueError("batch_transform takes uint8 batches: pass the uint8 images")
+    steps = steps_per_epoch(len(x), batch_size)
+    stream = _epoch_stream(x, y, batch_size, steps, prepare, augment, seed, batch_transform)
+    plan = {  # what train records: a resume with another plan is refused
+        "data": data_fingerprint(x, y),
+        "images": len(x),
+        "batch_size": int(batch_size),
+        "seed": int(seed),
+        "augmentation": describe_augmentation(augment, batch_transform),
+    }
+    return TrainingData(stream, steps, plan, derive_seed(seed, "epochs"))
+
+
+def _epoch_stream(x, y, batch_size, steps, prepare, augment, seed, batch_transform):
+    """``stream(epoch_numbers, count)``: those epochs' batches, each fixed by seed, epoch, batch."""
     images, labels = tf.constant(x), tf.constant(y)
     order_seed = derive_seed(seed, "shuffle")
     transform_seed = derive_seed(seed, "batch_transform")
@@ -123,20 +156,7 @@ def make_dataset(
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds.prefetch(tf.data.AUTOTUNE)
 
-    epoch_keys = tf.data.Dataset.random(
-        seed=derive_seed(seed, "epochs"), rerandomize_each_iteration=True
-    )
-    ds = stream(epoch_keys.take(1), 1)  # a new epoch at every iteration, for model.fit
-    ds.steps_per_epoch = steps
-    ds.from_epoch = lambda first, last: stream(tf.data.Dataset.range(first, last), last - first)
-    ds.plan = {
-        "data": data_fingerprint(x, y),
-        "images": len(x),
-        "batch_size": int(batch_size),
-        "seed": int(seed),
-        "augmentation": describe_augmentation(augment, batch_transform),
-    }
-    return ds
+    return stream
 
 
 def steps_per_epoch(train_size: int, batch_size: int) -> int:

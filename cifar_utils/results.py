@@ -22,90 +22,120 @@ from .published import TEST_TOP1, TRAINING_SECONDS
 
 
 def write_results(output_dir, name: str, **fields) -> Path:
-    """Write ``output_dir/<name>.json`` (atomically) with ``fields`` plus a timestamp.
+    """Write ``output_dir/<name>.json`` (atomically): ``fields`` plus the model name and a
+    timestamp. Only the chief of a multi-worker run writes (:func:`is_chief`).
 
-    Only the chief of a multi-worker run writes (:func:`is_chief`); the path is returned
-    either way.
+    Returns:
+        The file's path (also on a worker that wrote nothing).
     """
     record = {"model": name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
     path = Path(output_dir) / f"{name}.json"
     return write_json(path, record) if is_chief() else path
 
 
-def evaluate_and_save(
-    model, run: dict, output_dir, name: str, train, val, test, *, data=None, settings=None, **extra
-):
-    """Load the best checkpoint, score it once on validation and test, write the results file.
+def score_model(model, x, y, split: str = "test") -> tuple[dict, np.ndarray]:
+    """Score ``model`` (its weights as they are) on one split.
 
     Args:
-        model: the trained model; its weights are replaced by ``best.weights.h5`` from
-            ``run["run_dir"]``.
-        run: the state :func:`train` returned (or :func:`join_runs` of several phases).
-        train, val, test: ``(x uint8 (N, 32, 32, 3), y int (N,))`` pairs; ``train`` only
-            counts images.
-        data: the provenance from ``load_cifar100(..., provenance=True)``. The record is
-            ``full_cifar100`` only if the data are the official archive's (md5 checked)
-            and the run trained on all its training images (train + validation: no
-            ``TRAIN_LIMIT``) and tested on all its test images. Without ``data``: never.
-        settings: the notebook's checked parameters (:func:`check_parameters`), recorded
-            whole and as the ones that differ from the notebook's defaults.
-        extra: more JSON-able fields for the record (batch size, weights source, ...).
+        model: a model with probability outputs.
+        x: uint8 images ``(N, 32, 32, 3)``; y: int fine labels ``(N,)`` in [0, 99].
+        split: the key prefix, e.g. ``"val"`` or ``"test"``.
 
     Returns:
-        ``(record, test_probs)``: the record written to ``output_dir/<name>.json`` (by the
-        chief only: :func:`is_chief`): parameter counts while training (``params``; its
-        ``trainable`` is the last phase's), ``phases`` (name, epochs and trainable
-        parameters of each; from :func:`join_runs`, the epoch each phase started from),
-        epochs, training seconds, history, best epoch, hardware, ``precision`` (the model's
-        dtype policy: ``"float32"``, ``"mixed_bfloat16"`` or ``"mixed_float16"``), data
-        provenance, settings and :func:`evaluation_summary` of validation and test
-        (``val_top1``, ``test_top5``, ... floats in [0, 1]: the model as trained, in its
-        precision, so ``val_top1`` is the history's best), ``exported_test_top1`` and
-        ``exported_test_top5`` (the same weights computing in float32, as the exported
-        ``.keras`` file does: equal to ``test_top1``/``test_top5`` for a float32 run, within
-        bfloat16 round-off otherwise), and the test-set probabilities, float32 (N, 100).
+        ``(scores, probs)``: :func:`evaluation_summary` (``{split}_top1``, ... floats in
+        [0, 1]) and the float32 probabilities ``(N, 100)``.
 
     Raises:
-        NotProbabilities: the model's outputs are no probabilities (a diverged model).
+        NotProbabilities: the outputs are no probabilities (a diverged model).
     """
-    model.load_weights(Path(run["run_dir"]) / "best.weights.h5")
-    val_probs, test_probs = predict_proba(model, val[0]), predict_proba(model, test[0])
-    n_train, n_val, n_test = len(train[0]), len(val[0]), len(test[0])
-    whole = data is not None and (n_train + n_val, n_test) == (
-        data.get("train_images"),
-        data.get("test_images"),
-    )
-    exported = float32_copy(model)  # what the exported .keras computes, on every machine
-    exported_probs = test_probs if exported is model else predict_proba(exported, test[0])
-    params = run.get("params") or parameter_counts(model)
-    phases = run.get("phases") or [
-        {"name": "train", "epochs": run["epoch"], "trainable_params": params["trainable"]}
-    ]
-    record = {
+    probs = predict_proba(model, x)
+    return evaluation_summary(y, probs, split), probs
+
+
+def exported_scores(model, x, y) -> dict:
+    """``exported_test_top1``/``_top5``: the weights computing in float32, as the exported
+    ``.keras`` file does (equal to the model's own for a float32 run)."""
+    scores, _ = score_model(float32_copy(model), x, y, "exported_test")
+    return {k: scores[k] for k in ("exported_test_top1", "exported_test_top5")}
+
+
+def run_record(run, model, *, train_images: int, scores: dict, data=None, settings=None) -> dict:
+    """The results record of a trained, scored run (without writing it).
+
+    Args:
+        run: the :class:`RunState` of :func:`train` or :func:`join_runs`.
+        model: the scored model: its dtype policy and ``jit_compile`` (XLA as Keras used
+            it, not as asked) are recorded.
+        train_images: images trained on (int).
+        scores: the merged :func:`score_model` and :func:`exported_scores` dicts.
+        data: the provenance from ``load_cifar100(..., provenance=True)``. ``full_cifar100``
+            only for the official archive, all its training images (train + validation)
+            and all its test images; without ``data``: never.
+        settings: the notebook's checked parameters (:func:`check_parameters`).
+
+    Returns:
+        The record: parameter counts, phases, epochs, seconds, best epoch, hardware,
+        ``precision``, ``xla``, provenance, settings, the scores and the history.
+    """
+    params = run.params or parameter_counts(model)
+    seen = (train_images + scores.get("val_images", 0), scores.get("test_images"))
+    whole = data is not None and seen == (data.get("train_images"), data.get("test_images"))
+    return {
         "params": params,
-        "phases": phases,
-        "epochs": run["epoch"],
-        "best_epoch": run.get("best_epoch"),
-        "seconds": round(run["seconds"], 1),
+        "phases": run.phases
+        or [{"name": "train", "epochs": run.epoch, "trainable_params": params["trainable"]}],
+        "epochs": run.epoch,
+        "best_epoch": run.best_epoch,
+        "seconds": round(run.seconds, 1),
         "hardware": describe_hardware(),
         "precision": model.dtype_policy.name,
-        "train_images": n_train,
+        "xla": bool(model.jit_compile),
+        "train_images": train_images,
         "full_cifar100": bool(whole and data.get("official")),
         "data": data,
         "settings": dict(settings) if settings is not None else None,
         "settings_changed": settings.changed() if hasattr(settings, "changed") else None,
-        **evaluation_summary(val[1], val_probs, "val"),
-        **evaluation_summary(test[1], test_probs, "test"),
-        **{
-            key: value
-            for key, value in evaluation_summary(test[1], exported_probs, "exported_test").items()
-            if key in ("exported_test_top1", "exported_test_top5")
-        },
-        **extra,
-        "history": run["history"],
+        **scores,
+        "history": run.history,
     }
-    write_results(output_dir, name, **record)
-    return record, test_probs
+
+
+def evaluate_and_save(
+    model,
+    run,
+    *,
+    output_dir,
+    name: str,
+    train_images: int,
+    val,
+    test,
+    data=None,
+    settings=None,
+    **extra,
+) -> tuple[dict, np.ndarray]:
+    """Load ``run``'s best checkpoint, score it on ``val`` and ``test``, write the record.
+
+    Args:
+        model: the trained model (its weights become ``best.weights.h5``).
+        run, train_images, data, settings: as for :func:`run_record`.
+        output_dir, name: the record goes to ``output_dir/<name>.json``.
+        val, test: ``(x uint8 (N, 32, 32, 3), y int (N,))`` pairs.
+        extra: more JSON-able fields (batch size, weights source, ...).
+
+    Returns:
+        ``(record, test_probs)``: the record written and float32 ``(N, 100)`` probabilities.
+
+    Raises:
+        NotProbabilities: the model's outputs are no probabilities (a diverged model).
+    """
+    model.load_weights(Path(run.run_dir) / "best.weights.h5")
+    val_scores, _ = score_model(model, *val, "val")
+    test_scores, test_probs = score_model(model, *test, "test")
+    scores = {**val_scores, **test_scores, **exported_scores(model, *test)}
+    record = run_record(run, model, train_images=train_images, scores=scores, data=data,
+                        settings=settings)  # fmt: skip
+    write_results(output_dir, name, **record, **extra)
+    return record | extra, test_probs
 
 
 def markdown_table(rows: list[dict], columns=None) -> str:

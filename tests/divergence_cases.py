@@ -200,12 +200,12 @@ def test_predictions_of_a_nan_model_are_refused_everywhere(tmp_path, output):
     with pytest.raises(cu.NotProbabilities):
         cu.predict_image(model, images[0])
     model.save_weights(tmp_path / "best.weights.h5")
-    run = {"run_dir": str(tmp_path), "epoch": 1, "seconds": 1.0, "history": {},
-           "params": cu.parameter_counts(model)}  # fmt: skip
+    run = cu.RunState(str(tmp_path), 1, {}, epoch=1, seconds=1.0,
+                      params=cu.parameter_counts(model))  # fmt: skip
     labels = np.arange(20) % 100
     with pytest.raises(cu.NotProbabilities):
-        cu.evaluate_and_save(model, run, tmp_path, "m", (images, labels), (images, labels),
-                             (images, labels))  # fmt: skip
+        cu.evaluate_and_save(model, run, output_dir=tmp_path, name="m", train_images=20,
+                             val=(images, labels), test=(images, labels))  # fmt: skip
     assert not (tmp_path / "m.json").exists()
 
 

@@ -44,13 +44,13 @@ def fit(strategy, batch_norm, x, y, run_dir, epochs=EPOCHS):
 def best_reproduced(model, run, x, y) -> dict:
     """The history's validation numbers at the best epoch, and those of ``best.weights.h5``:
     ``model.evaluate`` on the same pipeline and :func:`cu.predict_proba`'s correct count."""
-    best = run["best_epoch"] - 1
-    model.load_weights(f"{run['run_dir']}/best.weights.h5")
+    best = run.best_epoch - 1
+    model.load_weights(f"{run.run_dir}/best.weights.h5")
     val = cu.make_dataset(x, y, batch_size=2 * B, training=False)
     scores = model.evaluate(val, return_dict=True, verbose=0)
     return {
-        "history": {"accuracy": run["history"]["val_accuracy"][best], "best": run["best"],
-                    "loss": run["history"]["val_loss"][best]},
+        "history": {"accuracy": run.history["val_accuracy"][best], "best": run.best,
+                    "loss": run.history["val_loss"][best]},
         "evaluate": {"accuracy": scores["accuracy"], "loss": scores["loss"]},
         "predict_correct": int((cu.predict_proba(model, x).argmax(1) == y).sum()),
         "images": len(y),
@@ -68,14 +68,14 @@ def main() -> None:
             key = "batch_norm" if batch_norm else "plain"
             _, single = fit(one, batch_norm, x, y, f"{tmp}/{key}-one")
             model, multi = fit(mirrored, batch_norm, x, y, f"{tmp}/{key}-mirrored")
-            out[key] = {"one_device": single["history"]["loss"],
-                        "two_replicas": multi["history"]["loss"]}  # fmt: skip
+            out[key] = {"one_device": single.history["loss"],
+                        "two_replicas": multi.history["loss"]}  # fmt: skip
         out["best_reproduced"] = best_reproduced(model, multi, x[N:], y[N:])
         # Resume under the mirrored strategy: epoch 3 from the checkpoint of epoch 2.
         model, resumed = fit(mirrored, True, x, y, f"{tmp}/batch_norm-mirrored", epochs=3)
         probs = cu.predict_proba(model, x[N:])
-        out["resumed"] = {"initial_epoch": resumed["initial_epoch"], "step": resumed["step"],
-                          "epochs": len(resumed["history"]["loss"])}  # fmt: skip
+        out["resumed"] = {"initial_epoch": resumed.initial_epoch, "step": resumed.step,
+                          "epochs": len(resumed.history["loss"])}  # fmt: skip
         out["predict_rows"] = float(np.abs(probs.sum(1) - 1).max())
         out["predict_matches_model"] = float(
             np.abs(probs - model.predict(x[N:] / 255, verbose=0)).max()

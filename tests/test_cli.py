@@ -154,7 +154,7 @@ def test_curves_of_a_real_run(tmp_path):
     history = cu.read_log(tmp_path / "run")
     assert history["epoch"] == [1, 2]
     for key in ("accuracy", "loss", "val_accuracy", "val_loss", "learning_rate"):
-        np.testing.assert_allclose(history[key], run["history"][key], rtol=1e-5)
+        np.testing.assert_allclose(history[key], run.history[key], rtol=1e-5)
     assert cu.main(["curves", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
 

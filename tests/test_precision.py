@@ -39,9 +39,13 @@ def test_auto_picks_from_the_hardware(cpu_flags, gpus, policy, why):
 
 
 def test_forced_choices_and_bad_values():
-    for setting, policy in [(True, "mixed_float16"), ("float16", "mixed_float16"),
-                            ("bfloat16", "mixed_bfloat16"), (False, "float32"),
-                            ("float32", "float32")]:  # fmt: skip
+    for setting, policy in [
+        (True, "mixed_float16"),
+        ("float16", "mixed_float16"),
+        ("bfloat16", "mixed_bfloat16"),
+        (False, "float32"),
+        ("float32", "float32"),
+    ]:
         chosen, reason = cu.choose_precision(setting, cpu_flags=AVX2, gpus=[])
         assert chosen == policy
         assert f"MIXED_PRECISION = {setting!r} forces it; " in reason
@@ -106,8 +110,13 @@ def test_nan_in_a_bfloat16_variable_is_found(policy):
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16"], indirect=True)
 def test_train_refuses_a_model_without_a_float32_output(tmp_path, policy):
-    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(),
-                              keras.layers.Dense(100, activation="softmax")])  # fmt: skip
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(100, activation="softmax"),
+        ]
+    )
     model.compile(keras.optimizers.SGD(0.1), "categorical_crossentropy")
     train, val = small_datasets(100, 100, 50)
     with pytest.raises(ValueError, match=r"output is bfloat16 .*dtype=\"float32\""):
@@ -135,19 +144,29 @@ def test_a_bfloat16_run_records_its_precision_and_exports_a_float32_model(tmp_pa
     model = cu.build_simple_cnn()
     model.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy", metrics=["accuracy"])
     run = cu.train(model, train, val, epochs=2, run_dir=tmp_path / "run", verbose=0)
-    assert run["plan"]["model"]["dtype_policy"] == "mixed_bfloat16"
+    assert run.plan["model"]["dtype_policy"] == "mixed_bfloat16"
     (x, y), (xv, yv) = labelled_images(300, 100)
-    record, probs = cu.evaluate_and_save(model, run, tmp_path, "simple_cnn", (x, y), (xv, yv),
-                                         (xv, yv))  # fmt: skip
+    record, probs = cu.evaluate_and_save(
+        model,
+        run,
+        output_dir=tmp_path,
+        name="simple_cnn",
+        train_images=len(x),
+        val=(xv, yv),
+        test=(xv, yv),
+    )
     assert record["precision"] == "mixed_bfloat16" and probs.dtype == np.float32
     assert json.loads((tmp_path / "simple_cnn.json").read_text())["precision"] == "mixed_bfloat16"
     path = cu.export_model(model, tmp_path / "simple_cnn.keras")
     np.save(tmp_path / "x.npy", xv / 255)
     done = subprocess.run(
         [sys.executable, "-c", FRESH_PROCESS, str(path), str(tmp_path / "x.npy")],
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True, text=True,
-        timeout=300, cwd=ROOT,
-    )  # fmt: skip
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     assert loaded["policies"] == ["float32"] and loaded["dtype"] == "float32"
@@ -169,8 +188,9 @@ def _test_top1(archive, setting) -> float:
     cu.seed_everything(0)
     (x, y), (xt, yt) = cu.load_cifar100(archive)[:2]
     (xtr, ytr), _ = cu.train_val_split(x, y, val_size=500, seed=0, train_limit=1000)
-    train = cu.make_dataset(xtr, ytr, batch_size=32, training=True, seed=0,
-                            augment=cu.augmentation_layers(seed=0))  # fmt: skip
+    train = cu.make_dataset(
+        xtr, ytr, batch_size=32, training=True, seed=0, augment=cu.augmentation_layers(seed=0)
+    )
     model = cu.build_simple_cnn()
     cu.fast_small_conv_gradients(model)
     model.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy")

@@ -102,9 +102,13 @@ def test_augmentation_draws_are_independent_of_each_other():
     # Inside the training pipeline (per-batch seeds), across batches and epochs.
     labels = np.zeros(len(copies), np.int64)
     ds = cu.make_dataset(
-        (copies * 255).round().astype(np.uint8), labels, batch_size=256, training=True,
-        augment=layers, seed=42,
-    )  # fmt: skip
+        (copies * 255).round().astype(np.uint8),
+        labels,
+        batch_size=256,
+        training=True,
+        augment=layers,
+        seed=42,
+    )
     piped = np.concatenate([_draws(b) for b, _ in ds.from_epoch(0, 1)])
     _assert_independent(piped, names)
     other_epoch = np.concatenate([_draws(b) for b, _ in ds.from_epoch(1, 2)])
@@ -114,8 +118,14 @@ def test_augmentation_draws_are_independent_of_each_other():
 def test_albumentations_draws_anew_for_every_batch():
     image = synthetic_cifar.make_images(np.array([7]), seed=0)
     same = np.repeat(image, 256, axis=0)  # one image, 256 times: only augmentation differs
-    ds = cu.make_dataset(same, np.zeros(256, np.int64), batch_size=64, training=True, seed=3,
-                         batch_transform=cu.albumentations_batch_transform)  # fmt: skip
+    ds = cu.make_dataset(
+        same,
+        np.zeros(256, np.int64),
+        batch_size=64,
+        training=True,
+        seed=3,
+        batch_transform=cu.albumentations_batch_transform,
+    )
     batches = [b.numpy() for b, _ in ds.from_epoch(0, 1)]
     assert not any(np.array_equal(batches[0], b) for b in batches[1:])
     distinct = {im.tobytes() for b in batches for im in b}
@@ -125,8 +135,17 @@ def test_albumentations_draws_anew_for_every_batch():
 
 
 def test_each_random_source_has_its_own_seed():
-    seeds = {cu.derive_seed(42, *name) for name in [("shuffle",), ("augment", 0), ("augment", 1),
-             ("augment", 2), ("batch_transform",), ("epochs",)]}  # fmt: skip
+    seeds = {
+        cu.derive_seed(42, *name)
+        for name in [
+            ("shuffle",),
+            ("augment", 0),
+            ("augment", 1),
+            ("augment", 2),
+            ("batch_transform",),
+            ("epochs",),
+        ]
+    }
     assert len(seeds) == 6 and all(0 <= s < 2**31 for s in seeds)
     assert cu.derive_seed(42, "shuffle") == cu.derive_seed(42, "shuffle")
     assert cu.derive_seed(42, "shuffle") != cu.derive_seed(43, "shuffle")
@@ -147,10 +166,14 @@ def test_epochs_are_fixed_by_seed_epoch_and_batch(arrays):
     assert not np.array_equal(epochs[0][0], epochs[1][0])  # a new order every epoch
     (x, y), _ = arrays
     order = [
-        [tuple(b.numpy().argmax(1)) for _, b in cu.make_dataset(
-            x, y, batch_size=BATCH, training=True, seed=1).from_epoch(e, e + 1)]
+        [
+            tuple(b.numpy().argmax(1))
+            for _, b in cu.make_dataset(x, y, batch_size=BATCH, training=True, seed=1).from_epoch(
+                e, e + 1
+            )
+        ]
         for e in range(2)
-    ]  # fmt: skip
+    ]
     assert order[0] != order[1] and sorted(sum(order[0], ())) == sorted(y.tolist())
 
 
@@ -163,25 +186,24 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, arrays, 
     def run(folder, **kwargs):
         cu.seed_everything(0)  # a new process: same seed, fresh model and pipelines
         train, val = pipelines(arrays)
-        return cu.train(dropout_model(), train, val, epochs=3, run_dir=folder, verbose=0,
-                        **kwargs)  # fmt: skip
+        return cu.train(dropout_model(), train, val, epochs=3, run_dir=folder, verbose=0, **kwargs)
 
     whole = run(tmp_path / "whole")
-    assert whole["plan"]["model"]["dtype_policy"] == policy
+    assert whole.plan["model"]["dtype_policy"] == policy
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", callbacks=[AtBatch(1, 2, ctrl_c)])  # stopped after epoch 1
     assert json.loads((tmp_path / "cut" / "state.json").read_text())["epoch"] == 1
     resumed = run(tmp_path / "cut")
-    assert resumed["initial_epoch"] == 1
-    assert resumed["history"] == whole["history"]  # every metric of every epoch, exactly
-    assert resumed["step"] == whole["step"] == 3 * STEPS
+    assert resumed.initial_epoch == 1
+    assert resumed.history == whole.history  # every metric of every epoch, exactly
+    assert resumed.step == whole.step == 3 * STEPS
     fresh, other = dropout_model(), dropout_model()
     fresh.load_weights(tmp_path / "whole" / "last.weights.h5")
     other.load_weights(tmp_path / "cut" / "last.weights.h5")
     for a, b in zip(fresh.get_weights(), other.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     again = run(tmp_path / "again", resume=False)  # the same seed on the same machine
-    assert again["history"] == whole["history"]
+    assert again.history == whole.history
 
 
 @pytest.mark.slow
@@ -236,7 +258,7 @@ def test_resume_refuses_what_changes_a_checkpoint_meaning(tmp_path, arrays):
     # plan ended at 0.001, the 2-epoch plan gives 0.01 at that step (the middle).
     with pytest.warns(UserWarning, match="planned for 1 epochs, this run asks for 2") as warned:
         state = run(epochs=2)
-    assert (state["initial_epoch"], state["epoch"]) == (1, 2)
+    assert (state.initial_epoch, state.epoch) == (1, 2)
     message = str(warned[0].message)
     assert f"at the restored step {STEPS} it gives 0.01, where the old plan gave 0.001" in message
 
@@ -245,8 +267,9 @@ def test_resume_refuses_what_changes_a_checkpoint_meaning(tmp_path, arrays):
 def test_resume_refuses_another_network_loss_monitor_or_start(tmp_path, arrays):
     def run(folder, model=None, epochs=1, **kwargs):
         train, val = pipelines(arrays)
-        return cu.train(model or dropout_model(), train, val, epochs=epochs, run_dir=folder,
-                        verbose=0, **kwargs)  # fmt: skip
+        return cu.train(
+            model or dropout_model(), train, val, epochs=epochs, run_dir=folder, verbose=0, **kwargs
+        )
 
     run(tmp_path / "a")
     smoothed = keras.losses.CategoricalCrossentropy(label_smoothing=0.5)
@@ -271,8 +294,9 @@ def test_resume_refuses_another_network_loss_monitor_or_start(tmp_path, arrays):
     train, val = pipelines(arrays)
     calls, original = [], train.from_epoch
     train.from_epoch = lambda first, last: calls.append((first, last)) or original(first, last)
-    cu.train(dropout_model(), train, val, epochs=1, run_dir=tmp_path / "b", epoch_offset=2,
-             verbose=0)  # fmt: skip
+    cu.train(
+        dropout_model(), train, val, epochs=1, run_dir=tmp_path / "b", epoch_offset=2, verbose=0
+    )
     assert calls == [(2, 3)]
 
 
@@ -287,8 +311,9 @@ def _bytes(folder):
 def test_an_epoch_commits_together(tmp_path, arrays, monkeypatch):
     def run(epochs):
         train, val = pipelines(arrays)
-        return cu.train(dropout_model(), train, val, epochs=epochs, run_dir=tmp_path,
-                        monitor="loss", verbose=0)  # fmt: skip
+        return cu.train(
+            dropout_model(), train, val, epochs=epochs, run_dir=tmp_path, monitor="loss", verbose=0
+        )
 
     run(1)
     after_1 = _bytes(tmp_path)
@@ -325,9 +350,9 @@ def test_an_epoch_commits_together(tmp_path, arrays, monkeypatch):
     assert state["epoch"] == 2 and state["best_epoch"] == 2
     monkeypatch.setattr(cifar_utils.checkpoints, "settle_checkpoints", real_settle)
     resumed = run(2)  # settles the committed epoch: its checkpoints move into place
-    assert resumed["initial_epoch"] == 2 and not list(tmp_path.glob(".epoch-*"))
+    assert resumed.initial_epoch == 2 and not list(tmp_path.glob(".epoch-*"))
     log = cu.read_log(tmp_path)  # the epoch committed but cut before its log row: rewritten
-    assert log["epoch"] == [1, 2] and log["loss"] == resumed["history"]["loss"]
+    assert log["epoch"] == [1, 2] and log["loss"] == resumed.history["loss"]
     model = dropout_model()
     model.optimizer.build(model.trainable_variables)
     model.load_weights(tmp_path / "last.weights.h5")
@@ -337,7 +362,7 @@ def test_an_epoch_commits_together(tmp_path, arrays, monkeypatch):
     for a, b in zip(best.get_weights(), model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)  # epoch 2 was the best: same weights
     longer = run(3)  # and the log goes on from the committed epochs
-    assert cu.read_log(tmp_path)["loss"] == longer["history"]["loss"]
+    assert cu.read_log(tmp_path)["loss"] == longer.history["loss"]
 
 
 @pytest.mark.slow
@@ -354,16 +379,17 @@ def test_an_epoch_commits_together(tmp_path, arrays, monkeypatch):
 def test_the_best_checkpoint_follows_the_monitor_mode(tmp_path, arrays, monitor, mode, pick):
     train, val = pipelines(arrays)
     model = dropout_model(lr=0.5, momentum=0.0)  # a bumpy run: the best is not the last
-    state = cu.train(model, train, val, epochs=4, run_dir=tmp_path, monitor=monitor, mode=mode,
-                     verbose=0)  # fmt: skip
-    values = state["history"][monitor]
-    assert state["best_epoch"] == int(pick(values)) + 1 and state["best"] == values[pick(values)]
-    assert state["mode"] == ("max" if pick is np.argmax else "min")
+    state = cu.train(
+        model, train, val, epochs=4, run_dir=tmp_path, monitor=monitor, mode=mode, verbose=0
+    )
+    values = state.history[monitor]
+    assert state.best_epoch == int(pick(values)) + 1 and state.best == values[pick(values)]
+    assert state.mode == ("max" if pick is np.argmax else "min")
     if monitor == "val_loss":  # the file holds that epoch's weights
         best = dropout_model()
         best.load_weights(tmp_path / "best.weights.h5")
         loss = best.evaluate(val, verbose=0)[0]
-        assert loss == pytest.approx(state["best"], rel=1e-5)
+        assert loss == pytest.approx(state.best, rel=1e-5)
 
 
 def test_monitor_mode_errors(tmp_path, arrays):
@@ -372,8 +398,13 @@ def test_monitor_mode_errors(tmp_path, arrays):
         cu.train(dropout_model(), train, val, epochs=1, run_dir=tmp_path, mode="sideways")
     with pytest.raises(ValueError, match="pass mode='min' or 'max'"):
         cu.train(dropout_model(), train, val, epochs=1, run_dir=tmp_path, monitor="val_f00")
-    bare = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(),
-                             keras.layers.Dense(100, activation="softmax")])  # fmt: skip
+    bare = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(100, activation="softmax"),
+        ]
+    )
     with pytest.raises(ValueError, match="compile the model"):
         cu.train(bare, train, val, epochs=1, run_dir=tmp_path)
     with pytest.raises(ValueError, match="epochs must be an int >= 1"):
@@ -395,19 +426,36 @@ def test_only_the_whole_official_data_makes_a_full_cifar100_result(
     model = dropout_model()
     noise = rng.integers(0, 256, (64, 32, 32, 3), np.uint8)
     train = cu.make_dataset(noise, np.arange(64) % 100, batch_size=32, training=True)
-    run = cu.train(model, train, None, epochs=1, run_dir=tmp_path / "run", monitor="loss",
-                   verbose=0)  # fmt: skip
+    run = cu.train(
+        model, train, None, epochs=1, run_dir=tmp_path / "run", monitor="loss", verbose=0
+    )
     big = rng.integers(0, 256, (10_000, 32, 32, 3), np.uint8), np.arange(10_000) % 100
     sizes = (big[0][:5000], big[1][:5000])
     out = tmp_path / "results"
-    record, _ = cu.evaluate_and_save(model, run, out, "noise", (np.zeros((45_000, 1)), None),
-                                     sizes, big, image_size=32)  # fmt: skip
+    record, _ = cu.evaluate_and_save(
+        model,
+        run,
+        output_dir=out,
+        name="noise",
+        train_images=45_000,
+        val=sizes,
+        test=big,
+        image_size=32,
+    )
     assert record["full_cifar100"] is False  # the sizes alone prove nothing
 
     (x, y), test, synthetic = cu.load_cifar100(cifar_archive, provenance=True)
     (xt, yt), val = cu.train_val_split(x, y, val_size=100, seed=0)
-    record, _ = cu.evaluate_and_save(model, run, out, "synthetic", (xt, yt), val, test,
-                                     data=synthetic)  # fmt: skip
+    record, _ = cu.evaluate_and_save(
+        model,
+        run,
+        output_dir=out,
+        name="synthetic",
+        train_images=len(xt),
+        val=val,
+        test=test,
+        data=synthetic,
+    )
     assert record["full_cifar100"] is False and record["data"]["official"] is False
 
     # Pretend the generated archive is the official one: whole -> full, TRAIN_LIMIT -> not.
@@ -419,12 +467,30 @@ def test_only_the_whole_official_data_makes_a_full_cifar100_result(
         {"EPOCHS": 1, "TRAIN_LIMIT": None, "DATA_DIR": "x"},
         {"EPOCHS": 100, "TRAIN_LIMIT": None, "DATA_DIR": None},
     )
-    record, _ = cu.evaluate_and_save(model, run, out, "simple_cnn", (xt, yt), val, test,
-                                     data=official, settings=params)  # fmt: skip
+    record, _ = cu.evaluate_and_save(
+        model,
+        run,
+        output_dir=out,
+        name="simple_cnn",
+        train_images=len(xt),
+        val=val,
+        test=test,
+        data=official,
+        settings=params,
+    )
     assert record["full_cifar100"] is True
     assert record["settings_changed"] == {"EPOCHS": 1, "DATA_DIR": "x"}
     (xl, yl), val = cu.train_val_split(x, y, val_size=100, seed=0, train_limit=1000)
-    cu.evaluate_and_save(model, run, out, "complex_cnn", (xl, yl), val, test, data=official)
+    cu.evaluate_and_save(
+        model,
+        run,
+        output_dir=out,
+        name="complex_cnn",
+        train_images=len(xl),
+        val=val,
+        test=test,
+        data=official,
+    )
     records, skipped = cu.full_runs(out)
     assert [r["model"] for r in records] == ["simple_cnn"]
     why = dict(skipped)

@@ -2,10 +2,16 @@
 
 import functools
 import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import AtBatch, ctrl_c, small_datasets
 
 import cifar_utils as cu
@@ -53,22 +59,22 @@ def test_resume_continues_epoch_optimizer_step_schedule_and_history(tmp_path, da
     train_ds, val_ds = data
     first = tiny_model()
     s1 = cu.train(first, train_ds, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
-    assert s1["epoch"] == 1 and s1["step"] == STEPS and s1["initial_epoch"] == 0
+    assert s1.epoch == 1 and s1.step == STEPS and s1.initial_epoch == 0
     kernel_after_1 = np.array(first.layers[0].kernel)
 
     probe = Probe()
     fresh = tiny_model()  # a new model and optimizer object, as after a kernel restart
     s2 = cu.train(fresh, train_ds, val_ds, epochs=2, run_dir=tmp_path, callbacks=[probe], verbose=0)
-    assert s2["initial_epoch"] == 1  # starts at epoch 2
+    assert s2.initial_epoch == 1  # starts at epoch 2
     assert probe.step == STEPS  # optimizer step restored
     np.testing.assert_array_equal(probe.kernel, kernel_after_1)  # weights restored
     schedule = cu.exponential_decay(N_TRAIN, BATCH, 2)
     assert probe.lr == pytest.approx(float(schedule(STEPS)))  # the schedule continues
     assert probe.lr < 0.1
-    assert s2["epoch"] == 2 and s2["step"] == 2 * STEPS
-    assert len(s2["history"]["loss"]) == len(s2["history"]["val_accuracy"]) == 2
-    assert s2["history"]["loss"][0] == s1["history"]["loss"][0]
-    lrs = s2["history"]["learning_rate"]
+    assert s2.epoch == 2 and s2.step == 2 * STEPS
+    assert len(s2.history["loss"]) == len(s2.history["val_accuracy"]) == 2
+    assert s2.history["loss"][0] == s1.history["loss"][0]
+    lrs = s2.history["learning_rate"]
     assert lrs == pytest.approx([float(schedule(STEPS)), float(schedule(2 * STEPS))])
     assert lrs[1] == pytest.approx(1e-3)  # the planned final rate, reached at the last step
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 1 + 2
@@ -89,8 +95,8 @@ def test_interrupted_run_resumes_from_last_complete_epoch(tmp_path, data):
     state = cu.train(
         tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path, callbacks=[probe], verbose=0
     )
-    assert (state["initial_epoch"], probe.step, state["step"]) == (1, STEPS, 2 * STEPS)
-    assert len(state["history"]["accuracy"]) == 2
+    assert (state.initial_epoch, probe.step, state.step) == (1, STEPS, 2 * STEPS)
+    assert len(state.history["accuracy"]) == 2
 
 
 @pytest.mark.slow
@@ -103,9 +109,9 @@ def test_resume_false_starts_fresh(tmp_path, data, capsys):
         tiny_model(), train_ds, val_ds, epochs=1, run_dir=tmp_path, resume=False,
         callbacks=[probe], verbose=0,
     )  # fmt: skip
-    assert (state["initial_epoch"], probe.step, state["step"]) == (0, 0, STEPS)
+    assert (state.initial_epoch, probe.step, state.step) == (0, 0, STEPS)
     assert probe.lr == pytest.approx(0.1)
-    assert len(state["history"]["loss"]) == 1
+    assert len(state.history["loss"]) == 1
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 1 + 1
     said = capsys.readouterr().out
     assert f"Starting over in {tmp_path} (resume=False): its run of 2 epoch(s)" in said
@@ -146,11 +152,11 @@ def test_resume_refuses_another_plan_and_warns_about_other_epochs(tmp_path, data
     # A finished run trains nothing and says so, instead of passing old scores for new ones.
     state = run(tiny_model(), epochs=1, plan=plan)
     assert "already has 1 epoch(s), EPOCHS=1: nothing to train" in capsys.readouterr().out
-    assert (state["initial_epoch"], state["epoch"]) == (1, 1)
+    assert (state.initial_epoch, state.epoch) == (1, 1)
     # More epochs than planned: continues, with a warning about the schedule.
     with pytest.warns(UserWarning, match="planned for 1 epochs, this run asks for 2"):
         state = run(tiny_model(), epochs=2, plan=plan)
-    assert (state["initial_epoch"], state["epoch"], state["epochs"]) == (1, 2, 2)
+    assert (state.initial_epoch, state.epoch, state.epochs) == (1, 2, 2)
 
 
 def test_data_fingerprint_tells_training_sets_apart():
@@ -233,3 +239,126 @@ def test_a_checkpoint_that_does_not_belong_to_its_state_is_refused(tmp_path, dat
     (tmp_path / "state.json").write_text(state_after_1)
     with pytest.raises(ValueError, match=r"step 14 but state.json at step 7: they do not belong"):
         cu.train(tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
+
+
+SIGINT_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, "tests")
+import keras
+from conftest import small_datasets
+import cifar_utils as cu
+
+class SigintAt(keras.callbacks.Callback):  # what Ctrl-C (or papermill's interrupt) sends
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.model.optimizer.iterations.numpy() == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGINT)
+
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(4, 3),
+                          keras.layers.GlobalAveragePooling2D(),
+                          keras.layers.Dense(100, activation="softmax")])
+model.compile("sgd", "categorical_crossentropy")
+train, val = small_datasets(64, 32, 32)
+state = cu.train(model, train, val, epochs=3, run_dir=sys.argv[1], callbacks=[SigintAt()],
+                 verbose=0)
+print(f"done: epochs {state.initial_epoch + 1}-{state.epoch}")
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_where_the_run_stopped_and_the_same_command_resumes(tmp_path):
+    def run(stop_at_step):
+        return subprocess.run(
+            [sys.executable, "-c", SIGINT_SCRIPT, str(tmp_path), str(stop_at_step)],
+            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )  # fmt: skip
+
+    stopped = run(3)  # 2 steps an epoch: the signal comes in epoch 2
+    assert stopped.returncode != 0
+    said = stopped.stdout + stopped.stderr
+    assert "Training stopped after epoch 1 (the last epoch saved in" in said
+    assert "run the same command again to resume it" in said
+    assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 1
+    resumed = run(-1)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming from {tmp_path} after epoch 1." in resumed.stdout
+    assert "done: epochs 2-3" in resumed.stdout
+    # In a notebook IPython shows the one line instead of the traceback through model.fit.
+    interrupted = cu.TrainingInterrupted(1, tmp_path)
+    assert isinstance(interrupted, KeyboardInterrupt)
+    assert interrupted._render_traceback_() == [f"TrainingInterrupted: {interrupted}"]
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_xla_is_decided_once_and_recorded_as_keras_used_it(deterministic, capsys):
+    from tensorflow.python.framework import config  # the only switch back off
+
+    was = config.is_op_determinism_enabled()
+    (config.enable_op_determinism if deterministic else config.disable_op_determinism)()
+    try:
+        jit = cu.resolve_jit_compile(True)
+        said = capsys.readouterr().out
+        assert jit is not deterministic
+        if deterministic:
+            assert "XLA: off (XLA = True, but op determinism (DETERMINISTIC = True)" in said
+        else:
+            assert said == "XLA: on (XLA = True)\n"
+        assert cu.xla_decision("auto") == (
+            False,
+            'XLA = "auto" on a CPU, where XLA made training slower',
+        )  # fmt: skip  (no GPU on the test machines)
+        model = tiny_model()
+        with warnings.catch_warnings(record=True):  # Keras' own warning when it overrules
+            model.compile("sgd", "categorical_crossentropy", jit_compile=True)  # asked: True
+        run = cu.RunState("r", 1, {}, epoch=1, best_epoch=1, params=cu.parameter_counts(model))
+        record = cu.run_record(run, model, train_images=10, scores={})
+        assert record["xla"] is (not deterministic)  # what Keras used, not what was asked
+    finally:
+        (config.enable_op_determinism if was else config.disable_op_determinism)()
+
+
+def test_state_json_of_older_runs_is_read_and_a_broken_one_refused(tmp_path):
+    old = {"epoch": 2, "history": {"loss": [2.0, 1.5]}, "seconds": 3.5, "step": 14,
+           "best": 0.2, "best_epoch": 2, "plan": {"data": None}, "epochs": 5,
+           "initial_epoch": 1, "monitor": "val_accuracy", "mode": "max",
+           "params": {"total": 1}, "run_dir": "/elsewhere", "seed_states": []}  # fmt: skip
+    cu.write_json(tmp_path / "state.json", old)
+    state = cu.read_state(tmp_path)  # the dict train wrote before RunState
+    assert (state.epoch, state.step, state.best_epoch, state.epochs) == (2, 14, 2, 5)
+    assert state.history == {"loss": [2.0, 1.5]} and state.run_dir == str(tmp_path)
+    cu.write_json(tmp_path / "state.json", {"epoch": 1, "history": {}})  # the oldest keys only
+    assert (cu.read_state(tmp_path).epochs, cu.read_state(tmp_path).plan) == (1, {})
+    for broken in ("{not json", "[1, 2]", '{"history": {}}'):
+        (tmp_path / "state.json").write_text(broken)
+        with pytest.raises(cu.ResumeError, match="is no run state.*RESUME=False"):
+            cu.read_state(tmp_path)
+
+
+def test_a_transformed_training_pipeline_still_trains_but_warns_its_epochs_restart(tmp_path, data):
+    train_ds, val_ds = data
+    assert isinstance(train_ds, cu.TrainingData) and isinstance(train_ds, tf.data.Dataset)
+    mapped = train_ds.map(lambda x, y: (x, y))  # any transformation: a plain dataset
+    assert not isinstance(mapped, cu.TrainingData)
+    cu.train(tiny_model(), mapped, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
+    with pytest.warns(UserWarning, match="plain tf.data.Dataset.*restart"):
+        state = cu.train(tiny_model(), mapped, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
+    assert (state.initial_epoch, state.epoch, state.step) == (1, 2, 2 * STEPS)
+
+
+@pytest.mark.slow
+def test_the_divergence_guard_works_on_its_own_in_model_fit(data):
+    train_ds, _ = data
+    model = tiny_model(lr=0.01)
+
+    def poison(model):
+        kernel = model.layers[0].kernel
+        kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+
+    guard = cu.DivergenceGuard(check_every=1)
+    model.fit(train_ds, epochs=3, callbacks=[AtBatch(1, 2, poison), guard], verbose=0)
+    epoch, where, what = guard.diverged
+    # With oneDNN the loss can stay finite; the state check (every batch here) catches it.
+    assert (epoch, where) in ((2, "batch 3"), (2, "batch 3 (state check)"))
+    assert what in ("loss became nan", "loss became inf") or "holds NaN or inf" in what
+    assert model.stop_training and int(model.optimizer.iterations) == STEPS + 3

@@ -373,35 +373,33 @@ def test_tf_data_pipeline_is_repeatable_and_varies_per_epoch():
 
 
 def test_join_runs_and_phase_markers():
-    head = {
-        "epoch": 2,
-        "seconds": 10.0,
-        "best_epoch": 2,
-        "best": 0.2,
-        "params": {"total": 10, "trainable": 3, "non_trainable": 7},
-        "run_dir": "r/head",
-        "history": {"accuracy": [0.1, 0.2], "loss": [4.0, 3.0]},
-    }
-    fine = {
-        "epoch": 3,
-        "seconds": 20.0,
-        "best_epoch": 2,
-        "best": 0.6,
-        "params": {"total": 10, "trainable": 8, "non_trainable": 2},
-        "run_dir": "r/finetune",
-        "history": {"accuracy": [0.5, 0.6, 0.7], "loss": [2.0, 1.5, 1.2], "lr": [1e-5] * 3},
-    }
+    head = cu.RunState(
+        "r/head",
+        2,
+        {},
+        epoch=2,
+        seconds=10.0,
+        best_epoch=2,
+        best=0.2,
+        params={"total": 10, "trainable": 3, "non_trainable": 7},
+        history={"accuracy": [0.1, 0.2], "loss": [4.0, 3.0]},
+    )
+    fine = cu.RunState(
+        "r/finetune", 3, {}, epoch=3, seconds=20.0, best_epoch=2, best=0.6,
+        params={"total": 10, "trainable": 8, "non_trainable": 2},
+        history={"accuracy": [0.5, 0.6, 0.7], "loss": [2.0, 1.5, 1.2], "lr": [1e-5] * 3},
+    )  # fmt: skip
     run = cu.join_runs(head=head, finetune=fine)
-    assert run["history"]["accuracy"] == [0.1, 0.2, 0.5, 0.6, 0.7]
-    assert np.isnan(run["history"]["lr"][:2]).all() and run["history"]["lr"][2:] == [1e-5] * 3
-    assert run["phases"] == [
+    assert run.history["accuracy"] == [0.1, 0.2, 0.5, 0.6, 0.7]
+    assert np.isnan(run.history["lr"][:2]).all() and run.history["lr"][2:] == [1e-5] * 3
+    assert run.phases == [
         {"name": "head", "first_epoch": 1, "epochs": 2, "trainable_params": 3},
         {"name": "finetune", "first_epoch": 3, "epochs": 3, "trainable_params": 8,
          "starts_from": {"phase": "head", "epoch": 2, "weights": "last.weights.h5"}},
     ]  # fmt: skip
-    assert (run["epoch"], run["seconds"], run["best_epoch"], run["best"]) == (5, 30.0, 4, 0.6)
-    assert run["run_dir"] == "r/finetune" and run["params"]["trainable"] == 8
-    fig = cu.plot_history(run["history"], phases=run["phases"])
+    assert (run.epoch, run.seconds, run.best_epoch, run.best) == (5, 30.0, 4, 0.6)
+    assert run.run_dir == "r/finetune" and run.params["trainable"] == 8
+    fig = cu.plot_history(run.history, phases=run.phases)
     dashed = [ln for ln in fig.axes[0].lines if ln.get_linestyle() == "--"]
     assert [ln.get_xdata()[0] for ln in dashed] == [0.5, 2.5]
     for ax in fig.axes:  # whole epochs, no offset, phase names inside the axes
@@ -433,14 +431,14 @@ def test_finetuning_starts_from_the_heads_best_epoch(tmp_path):
     net.save_weights(tmp_path / "head" / "best.weights.h5")  # the head's epoch 1
     best = [np.asarray(w) for w in net.weights]
     net.set_weights([w + 1 for w in best])  # the head's last epoch, as train leaves it
-    head = {"epoch": 3, "best_epoch": 1, "seconds": 1.0, "run_dir": str(tmp_path / "head"),
-            "history": {"val_accuracy": [0.3, 0.2, 0.25]}}  # fmt: skip
+    head = cu.RunState(str(tmp_path / "head"), 3, {}, epoch=3, best_epoch=1, seconds=1.0,
+                       history={"val_accuracy": [0.3, 0.2, 0.25]})  # fmt: skip
     head = cu.load_best(net, head)
     for loaded, saved in zip(net.weights, best, strict=True):
         np.testing.assert_array_equal(np.asarray(loaded), saved)
-    fine = {"epoch": 2, "best_epoch": 2, "seconds": 1.0, "run_dir": str(tmp_path / "fine"),
-            "history": {"val_accuracy": [0.4, 0.5]}}  # fmt: skip
-    phases = cu.join_runs(head=head, finetune=fine)["phases"]
+    fine = cu.RunState(str(tmp_path / "fine"), 2, {}, epoch=2, best_epoch=2, seconds=1.0,
+                       history={"val_accuracy": [0.4, 0.5]})  # fmt: skip
+    phases = cu.join_runs(head=head, finetune=fine).phases
     assert "starts_from" not in phases[0]
     assert phases[1]["starts_from"] == {"phase": "head", "epoch": 1, "weights": "best.weights.h5"}
     with pytest.raises(FileNotFoundError, match="No best checkpoint"):

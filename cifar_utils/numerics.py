@@ -1,0 +1,204 @@
+"""How training computes: seeds and op determinism, precision (dtype policy), XLA.
+
+Used by each notebook's "Setup" step, after :func:`cifar_utils.devices.choose_strategy`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import tensorflow as tf
+
+from .devices import cpu_info
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, numpy and TensorFlow (``keras.utils.set_random_seed``), before building.
+
+    Args:
+        seed: the run's seed (int).
+        deterministic: also enable op determinism: the same seed on the same machine gives
+            the same run (without it GPU sums vary by round-off); it rules XLA out.
+    """
+    keras.utils.set_random_seed(int(seed))
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+#: ``MIXED_PRECISION`` values that force a precision -> Keras dtype policy.
+PRECISION_POLICIES = {
+    True: "mixed_float16",
+    False: "float32",
+    "float16": "mixed_float16",
+    "bfloat16": "mixed_bfloat16",
+    "float32": "float32",
+}
+
+
+def is_precision_setting(value) -> bool:
+    """Whether ``value`` is a ``MIXED_PRECISION`` value: ``"auto"`` or a policy key."""
+    return isinstance(value, bool | str) and (value == "auto" or value in PRECISION_POLICIES)
+
+
+#: CPU flags (``/proc/cpuinfo``) of native bfloat16 arithmetic: AVX512_BF16 or AMX.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _native(policy: str, cpu_flags, gpus: list) -> bool:
+    """Whether this hardware computes ``policy`` natively (so at least as fast as float32)."""
+    if policy == "mixed_float16":
+        return bool(gpus) and all(cc and cc[0] >= 7 for cc in gpus)
+    if policy == "mixed_bfloat16":
+        if gpus:
+            return all(cc and cc[0] >= 8 for cc in gpus)
+        return bool(set(BF16_CPU_FLAGS) & set(cpu_flags))
+    return True
+
+
+def _gpu_capabilities() -> list:
+    """Compute capability ``(major, minor)`` of each visible GPU (``None`` where unknown)."""
+    return [
+        tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        for gpu in tf.config.list_physical_devices("GPU")
+    ]
+
+
+def _auto_precision(cpu_flags, gpus: list) -> tuple[str, str]:
+    """``(policy, reason)`` that ``MIXED_PRECISION = "auto"`` picks for this hardware."""
+    if gpus:
+        if not all(gpus):
+            return "float32", "a GPU whose compute capability TensorFlow does not report"
+        major, minor = min(tuple(cc) for cc in gpus)
+        cc = f"GPU compute capability {major}.{minor}"
+        if _native("mixed_bfloat16", cpu_flags, gpus):
+            return "mixed_bfloat16", f"{cc} (8.0 or newer: native bfloat16)"
+        if _native("mixed_float16", cpu_flags, gpus):
+            return "mixed_float16", f"{cc} (7.x: float16 tensor cores, with loss scaling)"
+        return "float32", f"{cc} (below 7.0: no fast low-precision units)"
+    if not cpu_flags:
+        return "float32", "no GPU, and the CPU's flags are unknown (no /proc/cpuinfo)"
+    if _native("mixed_bfloat16", cpu_flags, gpus):
+        native = ", ".join(sorted(set(BF16_CPU_FLAGS) & set(cpu_flags)))
+        return "mixed_bfloat16", f"no GPU; the CPU has native bfloat16 ({native})"
+    return "float32", (
+        "no GPU, and the CPU has no avx512_bf16 or amx_bf16 flag (bfloat16 would be emulated "
+        "and slower)"
+    )
+
+
+def choose_precision(setting="auto", *, cpu_flags=None, gpus=None) -> tuple[str, str]:
+    """The Keras dtype policy for the ``MIXED_PRECISION`` parameter, and why, in words.
+
+    ``"auto"``: on GPUs (the lowest compute capability of all) ``"mixed_bfloat16"`` from 8.0
+    on, ``"mixed_float16"`` on 7.x, else ``"float32"``; without a GPU ``"mixed_bfloat16"``
+    when the CPU has a flag of :data:`BF16_CPU_FLAGS`, else ``"float32"``.
+
+    Args:
+        setting: ``"auto"``, ``True``/``"float16"``, ``"bfloat16"`` or ``False``/``"float32"``.
+        cpu_flags: the CPU's flags (default: :func:`cpu_info`'s).
+        gpus: compute capability ``(major, minor)`` per visible GPU, ``None`` where unknown
+            (default: TensorFlow's device details; ``[]``: no GPU).
+
+    Returns:
+        ``(policy, reason)``: ``"float32"``, ``"mixed_bfloat16"`` or ``"mixed_float16"``, and
+        one phrase saying why (for a forced choice: what ``"auto"`` would pick here).
+
+    Raises:
+        ValueError: ``setting`` is none of the six values.
+    """
+    gpus = _gpu_capabilities() if gpus is None else list(gpus)
+    cpu_flags = cpu_info()["flags"] if cpu_flags is None else frozenset(cpu_flags)
+    auto, why = _auto_precision(cpu_flags, gpus)
+    if isinstance(setting, str) and setting == "auto":
+        return auto, f'MIXED_PRECISION = "auto": {why}'
+    if not is_precision_setting(setting):
+        raise ValueError(
+            f'MIXED_PRECISION = {setting!r}: must be "auto" (decide from the hardware), '
+            'True or "float16", "bfloat16", or False or "float32"'
+        )
+    return PRECISION_POLICIES[setting], (
+        f'MIXED_PRECISION = {setting!r} forces it; "auto" would pick {auto} here ({why})'
+    )
+
+
+def configure_precision(setting="auto", *, cpu_flags=None, gpus=None) -> str:
+    """Set Keras' global dtype policy from ``MIXED_PRECISION`` and print it with its reason.
+
+    Call it before building models (models built earlier keep their policy). A forced policy
+    the hardware does not compute natively warns: it runs slower than float32 there.
+
+    Args:
+        setting, cpu_flags, gpus: as for :func:`choose_precision`.
+
+    Returns:
+        The policy now in force: ``"float32"``, ``"mixed_bfloat16"`` or ``"mixed_float16"``.
+
+    Raises:
+        ValueError: ``setting`` is none of the values :func:`choose_precision` takes.
+    """
+    gpus = _gpu_capabilities() if gpus is None else list(gpus)
+    cpu_flags = cpu_info()["flags"] if cpu_flags is None else frozenset(cpu_flags)
+    policy, reason = choose_precision(setting, cpu_flags=cpu_flags, gpus=gpus)
+    print(f"Precision: {policy} ({reason})")
+    if not _native(policy, cpu_flags, gpus):
+        where = "a CPU" if not gpus else "this GPU"
+        warnings.warn(
+            f"{policy} on {where} without native {policy.removeprefix('mixed_')} runs slower "
+            'than float32, not faster. Set MIXED_PRECISION = "auto" here.',
+            stacklevel=2,
+        )
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+def _op_determinism() -> bool:
+    from tensorflow.python.framework.config import is_op_determinism_enabled
+
+    return is_op_determinism_enabled()  # what Keras' model_supports_jit reads
+
+
+def xla_decision(xla) -> tuple[bool, str]:
+    """Whether ``model.compile`` will really use XLA for the ``XLA`` parameter, and why.
+
+    Args:
+        xla: ``True``, ``False`` or ``"auto"`` (on only when a GPU is visible: XLA slowed
+            this project's CPU benchmark).
+
+    Returns:
+        ``(jit_compile, reason)``: the bool to pass to ``model.compile`` and one phrase.
+
+    Raises:
+        ValueError: ``xla`` is none of ``True``, ``False``, ``"auto"``.
+    """
+    if not (isinstance(xla, bool) or xla == "auto"):
+        raise ValueError(f'XLA must be True, False or "auto", not {xla!r}')
+    if xla is False:
+        return False, "XLA = False"
+    if xla == "auto" and not tf.config.list_physical_devices("GPU"):
+        return False, 'XLA = "auto" on a CPU, where XLA made training slower'
+    if _op_determinism():  # Keras resets jit_compile here, blaming the model (keras#22621)
+        return False, (
+            f"XLA = {xla!r}, but op determinism (DETERMINISTIC = True) keeps Keras from "
+            "compiling with XLA; set DETERMINISTIC = False to use it"
+        )
+    return True, f"XLA = {xla!r}" + (" with a GPU" if xla == "auto" else "")
+
+
+def resolve_jit_compile(xla) -> bool:
+    """Print whether XLA is on and why; return ``jit_compile`` for ``model.compile``.
+
+    Call it after :func:`seed_everything` (the results record ``model.jit_compile``).
+
+    Args:
+        xla: as for :func:`xla_decision`.
+
+    Returns:
+        ``True`` or ``False``.
+
+    Raises:
+        ValueError: ``xla`` is none of ``True``, ``False``, ``"auto"``.
+    """
+    on, why = xla_decision(xla)
+    print(f"XLA: {'on' if on else 'off'} ({why})")
+    return on
