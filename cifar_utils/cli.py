@@ -67,7 +67,7 @@ def _print_other_series(found) -> None:
 def _run_history(run_dir: Path) -> tuple[dict, list, list[Path]]:
     """A run folder's history from its ``log.csv`` (both phases of a two-phase run, one
     after the other): ``(history, phase marks, the logs read)``."""
-    from .checkpoints import read_log
+    from .checkpoints import RunState, read_log
     from .training import join_runs
 
     phases = [run_dir / name for name in PHASES if (run_dir / name / "log.csv").is_file()]
@@ -76,10 +76,11 @@ def _run_history(run_dir: Path) -> tuple[dict, list, list[Path]]:
     runs = {}
     for phase in phases:
         log = read_log(phase)
-        runs[phase.name] = {"epoch": len(log["epoch"]), "seconds": 0.0, "history": log}
+        epochs = len(log["epoch"])
+        runs[phase.name] = RunState(str(phase), epochs, {}, epoch=epochs, history=log)
     joined = join_runs(**runs)
-    history = {**joined["history"], "epoch": list(range(1, joined["epoch"] + 1))}
-    return history, joined["phases"], [phase / "log.csv" for phase in phases]
+    history = {**joined.history, "epoch": list(range(1, joined.epoch + 1))}
+    return history, joined.phases, [phase / "log.csv" for phase in phases]
 
 
 def _series_runs(folder: Path) -> list[tuple[str, Path]]:
