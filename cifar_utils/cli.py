@@ -6,6 +6,7 @@ need it are imported by the command that runs.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -239,59 +240,29 @@ def _predict_command(args) -> int:
     return 2 if errors else 0
 
 
-def main(argv=None) -> int:
-    """The command line; ``python -m cifar_utils COMMAND --help`` describes each command.
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints its usage too: one line, like the others
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
 
-    - ``report [--results-dir DIR] [--readme FILE]``: the results table into README.md
-      (:func:`cifar_utils.results.update_readme_results`), rewriting the file in place.
-    - ``curves RUN_DIR [--out PNG]``: accuracy, loss and learning-rate curves of a run,
-      also while it trains; both phases of a two-phase run (``RUN_DIR/head`` and
-      ``RUN_DIR/finetune``); default ``RUN_DIR/curves.png``.
-    - ``export MODEL.keras [--format saved_model] --out DIR``: a TensorFlow SavedModel
-      (:func:`cifar_utils.export.export_saved_model`).
-    - ``predict --model MODEL.keras PHOTO|FOLDER ... [--top-k 5] [--json]``: the top-k
-      classes of each photo (:func:`cifar_utils.photos.predict_image`); a folder means its
-      image files. ``predict --model MODEL.keras --info`` prints the model card kept in
-      the file (:func:`cifar_utils.model_card.card_markdown`).
-    - ``report --all`` also prints the series of quick or non-CIFAR-100 runs, in a table
-      of their own (never in the README).
-    - ``repeat NOTEBOOK --seeds 3 [-p NAME VALUE ...] [--log-output]``: a series of runs,
-      one per SEED (:func:`cifar_utils.series.run_series`); ``curves`` of its folder
-      overlays them.
 
-    Args:
-        argv: the arguments (without the program name); ``None`` reads ``sys.argv``.
+def _top_k(text: str) -> int:
+    value = int(text) if text.strip().lstrip("-").isdigit() else None
+    if value is None or not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 100, not {text!r}")
+    return value
 
-    Returns:
-        The exit status: 0 on success; on any error, a one-line ``error: ...`` on stderr
-        and 2. ``predict`` still classifies the other photos when one cannot be read (or a
-        folder holds none), then returns 2. Wrong usage exits (status 2, one line too,
-        raised as ``SystemExit``). Arguments, and that the model, photos and README named
-        exist, are checked before TensorFlow is imported.
-    """
-    import argparse
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # argparse prints its usage too: one line, like the others
-            self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+def _seeds(text: str) -> int | list[int]:
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(
+            "give a count of runs (e.g. 3) or seeds separated by commas (e.g. 1,2,3), "
+            f"whole numbers >= 0, not {text!r}"
+        )
+    return int(parts[0]) if len(parts) == 1 else [int(part) for part in parts]
 
-    def top_k(text: str) -> int:
-        value = int(text) if text.strip().lstrip("-").isdigit() else None
-        if value is None or not 1 <= value <= 100:
-            raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 100, not {text!r}")
-        return value
 
-    def seeds(text: str) -> int | list[int]:
-        parts = [part.strip() for part in text.split(",")]
-        if not all(part.isdigit() for part in parts):
-            raise argparse.ArgumentTypeError(
-                "give a count of runs (e.g. 3) or seeds separated by commas (e.g. 1,2,3), "
-                f"whole numbers >= 0, not {text!r}"
-            )
-        return int(parts[0]) if len(parts) == 1 else [int(part) for part in parts]
-
-    parser = Parser(prog="python -m cifar_utils", description="CIFAR-100 notebook helpers")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_report_and_curves(commands) -> None:
     report = commands.add_parser(
         "report", help="write the results/*.json comparison table into README.md"
     )
@@ -319,6 +290,9 @@ def main(argv=None) -> int:
     )
     curves.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png)")
     curves.set_defaults(run=_curves_command)
+
+
+def _add_export_and_predict(commands) -> None:
     export = commands.add_parser("export", help="a .keras model as a SavedModel, for TF Serving")
     export.add_argument("model", help="a .keras file, e.g. results/simple_cnn.keras")
     export.add_argument(
@@ -331,17 +305,20 @@ def main(argv=None) -> int:
     predict.add_argument("--model", required=True, help="e.g. results/simple_cnn.keras")
     predict.add_argument("photos", nargs="*", help="image files, or folders of them")
     predict.add_argument(
-        "--top-k", type=top_k, default=5, help="classes per photo, 1 to 100 (default: %(default)s)"
+        "--top-k", type=_top_k, default=5, help="classes per photo, 1 to 100 (default: %(default)s)"
     )
     predict.add_argument("--json", action="store_true", help="print one JSON document")
     predict.add_argument("--info", action="store_true", help="print the model card it holds")
     predict.set_defaults(run=_predict_command)
+
+
+def _add_repeat(commands) -> None:
     repeat = commands.add_parser("repeat", help="run a notebook once per SEED: a series")
     repeat.add_argument("notebook", help="e.g. simple_image_clasifier.ipynb")
     repeat.add_argument(
         "--seeds",
         required=True,
-        type=seeds,
+        type=_seeds,
         help="how many runs (3: the notebook's SEED and the next ones) or the seeds (1,2,3)",
     )
     repeat.add_argument(
@@ -356,7 +333,34 @@ def main(argv=None) -> int:
     )
     repeat.add_argument("--log-output", action="store_true", help="show each run's output")
     repeat.set_defaults(run=_repeat_command)
-    args = parser.parse_args(argv)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``python -m cifar_utils`` argument parser: each command's ``--help`` says what it
+    does, its arguments and their defaults."""
+    top = _Parser(prog="python -m cifar_utils", description="CIFAR-100 notebook helpers")
+    commands = top.add_subparsers(dest="command", required=True)
+    _add_report_and_curves(commands)
+    _add_export_and_predict(commands)
+    _add_repeat(commands)
+    return top
+
+
+def main(argv=None) -> int:
+    """The command line: ``report``, ``curves``, ``export``, ``predict``, ``repeat``
+    (``python -m cifar_utils COMMAND --help`` describes each).
+
+    Args:
+        argv: the arguments (without the program name); ``None`` reads ``sys.argv``.
+
+    Returns:
+        The exit status: 0 on success; on any error, a one-line ``error: ...`` on stderr
+        and 2. ``predict`` still classifies the other photos when one cannot be read (or a
+        folder holds none), then returns 2. Wrong usage exits (status 2, one line too,
+        raised as ``SystemExit``). Arguments, and that the model, photos and README named
+        exist, are checked before TensorFlow is imported.
+    """
+    args = parser().parse_args(argv)
     try:
         if hasattr(args, "model"):
             check_model_file(args.model)

@@ -67,38 +67,19 @@ def _plain_keras_layer(layer):
 def export_model(model, path, /, class_names=FINE_LABEL_NAMES, record=None, **metadata) -> Path:
     """Save ``model`` whole to a ``.keras`` file that plain Keras loads, with its class names.
 
-    The file is a copy of ``model`` made of Keras built-in layers only (see
-    :func:`_plain_keras_layer`; the ``efficientnet`` package's ``FixedDropout`` and ``swish``
-    are replaced by their Keras equivalents, and :func:`fast_small_conv_gradients` is not
-    carried over), with the same weights, so ``keras.saving.load_model(path)`` works in a
-    Python process that never imports this module or ``efficientnet``. It computes in
-    float32 whatever precision ``model`` trained in (a ``mixed_bfloat16`` or
-    ``mixed_float16`` model's layers become float32 ones: its variables are float32
-    already), so it runs on any machine and its outputs differ from the mixed model's only
-    by that rounding. Its outputs are checked before writing against ``model`` computing
-    in float32, on two random images (max abs difference below 1e-5). No optimizer state
-    is saved. The file is written atomically, and only by the chief of a multi-worker run
-    (:func:`is_chief`).
-
-    Inside the ``.keras`` zip, beside Keras' own members, ``class_names.json`` holds the JSON
-    list of class names (one per output unit) and ``export_metadata.json`` the JSON object
-    ``metadata``. Read them without Keras::
-
-        import json, zipfile
-        with zipfile.ZipFile("results/simple_cnn.keras") as z:
-            names = json.loads(z.read("class_names.json"))
-            metadata = json.loads(z.read("export_metadata.json"))
+    The file holds Keras built-in layers only, computes in float32 whatever precision
+    ``model`` trained in, carries no optimizer state, and is written atomically by the chief
+    of a multi-worker run only. Inside the zip, ``class_names.json`` holds the class names and
+    ``export_metadata.json`` the ``metadata`` (docs/using-your-model.md shows how to read them).
 
     Args:
         model: a built single-input image classifier; input float32 (B, H, W, 3) in [0, 1]
             (uint8 pixels / 255, as :func:`predict_proba` feeds it), output (B, C).
         path: the ``.keras`` file to write (its folder is created).
         class_names: C names, in output order.
-        record: the run's results record (what :func:`evaluate_and_save` returned), or
-            ``None``. Given it, the metadata also hold ``card``, the facts of
-            :func:`card_facts`, and the Markdown model card (:func:`card_markdown`) is written
-            beside the file (:func:`card_path`: ``simple_cnn.keras`` ->
-            ``simple_cnn.card.md``).
+        record: the run's results record, or ``None``. Given it, the metadata also hold
+            ``card`` (:func:`card_facts`) and the Markdown model card is written beside the
+            file (:func:`card_path`: ``simple_cnn.keras`` -> ``simple_cnn.card.md``).
         metadata: JSON-able extra fields, e.g. ``model="simple_cnn", test_top1=0.48``
             (``model`` and ``path`` are positional-only, so these names are free).
 
@@ -125,18 +106,7 @@ def export_model(model, path, /, class_names=FINE_LABEL_NAMES, record=None, **me
         metadata_json = json.dumps(metadata)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"metadata must be JSON-able (str, number, list, dict): {exc}") from None
-    plain = keras.models.clone_model(model, clone_function=_plain_keras_layer, recursive=True)
-    # clone_model copies the compile settings (the notebooks' custom top-5 metric, which plain
-    # Keras cannot load): the same layers as a fresh, uncompiled model.
-    plain = keras.Model(plain.input, plain.output, name=plain.name)
-    plain.set_weights(model.get_weights())
-    height, width = model_image_size(model)
-    probe = np.random.default_rng(0).random((2, height, width, 3), dtype=np.float32)
-    reference = float32_copy(model)
-    outputs = [np.asarray(m(probe, training=False)) for m in (plain, reference)]  # BN stats kept
-    gap = float(np.max(np.abs(outputs[0] - outputs[1])))
-    if gap >= 1e-5:
-        raise ValueError(f"The exported copy's outputs differ from the model's by {gap:.3g}")
+    plain = _plain_copy(model)
     if not is_chief():
         return path  # a multi-worker run: the chief writes the file
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +118,26 @@ def export_model(model, path, /, class_names=FINE_LABEL_NAMES, record=None, **me
     if record is not None:
         _write_card_file(path, metadata["card"])
     return path
+
+
+def _plain_copy(model):
+    """``model`` rebuilt from Keras built-ins (:func:`_plain_keras_layer`), uncompiled, with its
+    weights; raises ValueError when its outputs differ from ``model``'s in float32."""
+    # The efficientnet package's FixedDropout and swish become their Keras equivalents, and
+    # fast_small_conv_gradients is not carried over: plain Keras loads the file anywhere.
+    plain = keras.models.clone_model(model, clone_function=_plain_keras_layer, recursive=True)
+    # clone_model copies the compile settings (the notebooks' custom top-5 metric, which plain
+    # Keras cannot load): the same layers as a fresh, uncompiled model.
+    plain = keras.Model(plain.input, plain.output, name=plain.name)
+    plain.set_weights(model.get_weights())
+    height, width = model_image_size(model)
+    probe = np.random.default_rng(0).random((2, height, width, 3), dtype=np.float32)
+    reference = float32_copy(model)  # a mixed-precision model's layers as float32 ones
+    outputs = [np.asarray(m(probe, training=False)) for m in (plain, reference)]  # BN stats kept
+    gap = float(np.max(np.abs(outputs[0] - outputs[1])))
+    if gap >= 1e-5:
+        raise ValueError(f"The exported copy's outputs differ from the model's by {gap:.3g}")
+    return plain
 
 
 def _write_card_file(path: Path, facts: dict) -> None:

@@ -112,11 +112,15 @@ def card_markdown(facts: dict) -> str:
     The first line says whether the model was trained on all of official CIFAR-100, on
     part of it, or on other data (then: NOT trained on CIFAR-100).
     """
+    lines = [_first_line(facts), ""]
+    lines += _model_and_data(facts) + _training(facts) + _figures(facts) + _MEANING
+    return "\n".join(lines) + "\n"
+
+
+def _model_and_data(facts: dict) -> list[str]:
     training, params = facts["training"], facts["params"]
     counts = params if isinstance(params, dict) else {"total": params}
-    lines = [
-        _first_line(facts),
-        "",
+    return [
         "## Model",
         "",
         f"- Network: `{facts['model']}`; parameters: {_count(counts.get('total'))} "
@@ -142,6 +146,12 @@ def card_markdown(facts: dict) -> str:
         f"{_count(facts['data']['train_images'])} training and "
         f"{_count(facts['data']['test_images'])} test images).",
         "",
+    ]
+
+
+def _training(facts: dict) -> list[str]:
+    training = facts["training"]
+    return [
         "## Training",
         "",
         f"- Epochs: {training['epochs']} (best validation top-1 at epoch "
@@ -153,9 +163,11 @@ def card_markdown(facts: dict) -> str:
         + (", ".join(f"{k}={v}" for k, v in training["settings_changed"].items()) or "none")
         + f". Finished {training['finished']}.",
         "",
-        "## Test figures",
-        "",
     ]
+
+
+def _figures(facts: dict) -> list[str]:
+    lines = ["## Test figures", ""]
     lines += [
         f"- {label}: {facts['figures'][key]:.4f}"
         for key, label in CARD_FIGURES
@@ -183,20 +195,22 @@ def card_markdown(facts: dict) -> str:
             f"\nThe seed project published a test top-1 of {facts['published_test_top1']:.3f} "
             "for this network (one run; not measured here)."
         )
-    lines += [
-        "",
-        "## What the numbers mean",
-        "",
-        "- Top-1: the share of the test images whose most probable class is the true one; "
-        "top-5: whose true class is among the 5 most probable; superclass top-1: the same "
-        "over the 20 coarse classes. Chance is 0.01, 0.05 and 0.05.",
-        "- The test images were scored once, after the best epoch was picked on the "
-        "validation images. Runs with another SEED differ: a single figure is one draw.",
-        "",
-        "## What this model cannot do",
-        "",
-        "- It knows only the 100 CIFAR-100 classes: any other picture still gets one of them.",
-        "- It sees 32x32 images: a photo is shrunk to 32x32 first, losing detail.",
-        "- It was trained and tested on no other data; figures on other images are unknown.",
-    ]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+_MEANING = [
+    "",
+    "## What the numbers mean",
+    "",
+    "- Top-1: the share of the test images whose most probable class is the true one; "
+    "top-5: whose true class is among the 5 most probable; superclass top-1: the same "
+    "over the 20 coarse classes. Chance is 0.01, 0.05 and 0.05.",
+    "- The test images were scored once, after the best epoch was picked on the "
+    "validation images. Runs with another SEED differ: a single figure is one draw.",
+    "",
+    "## What this model cannot do",
+    "",
+    "- It knows only the 100 CIFAR-100 classes: any other picture still gets one of them.",
+    "- It sees 32x32 images: a photo is shrunk to 32x32 first, losing detail.",
+    "- It was trained and tested on no other data; figures on other images are unknown.",
+]

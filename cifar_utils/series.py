@@ -134,20 +134,16 @@ def run_series(
 ):
     """Run ``notebook`` headless once per seed, each run in ``OUTPUT_DIR/seed-<n>/``.
 
-    Starting it again continues an interrupted series: runs that finished are kept (not
-    run again), a run that stopped resumes from its checkpoints (the notebook's
-    ``RESUME``). Before anything runs, every run's parameters are checked
-    (:func:`check_parameters`) and the folder must hold this series or nothing. One
-    progress line per run, with the time left estimated from the runs done (their mean
-    wall time). At the end, the series' spread goes into each run's model card.
+    Started again, it continues: finished runs are kept, a stopped one resumes from its
+    checkpoints. One progress line per run, with the time left from the runs done. At the
+    end, the series' spread goes into each run's model card.
 
     Args:
         notebook: the notebook file, e.g. ``"simple_image_clasifier.ipynb"``.
         seeds: how many runs, or their seeds (:func:`seed_list`; a count starts at the
             ``SEED`` of ``parameters`` or the notebook's default).
         parameters: notebook parameters (name -> value); ``OUTPUT_DIR`` is the series
-            folder (default ``<the notebook's OUTPUT_DIR>/<NAME>-series``, e.g.
-            ``results/simple_cnn-series``). ``SEED`` only sets a count's first seed.
+            folder (default e.g. ``results/simple_cnn-series``); ``SEED`` a count's first.
         log_output: show each run's notebook output (papermill's ``log_output``).
         log: where the progress lines go.
 
@@ -157,16 +153,47 @@ def run_series(
 
     Raises:
         ValueError: bad seeds or parameters; a folder holding another series, other runs,
-            or results files that are truncated or from another notebook (nothing is
-            overwritten); a run that stopped on an error (the message names its executed
-            notebook: start the command again to resume it).
+            or truncated or foreign results files (nothing is overwritten); a run that
+            stopped on an error (start the command again to resume it).
     """
-    import papermill
-
     path = notebook_path(notebook)
     if path.suffix != ".ipynb" or not path.is_file():
         raise FileNotFoundError(f"No notebook at '{notebook}' (e.g. simple_image_clasifier.ipynb)")
-    defaults, model = notebook_defaults(path), notebook_model_name(path)
+    model = notebook_model_name(path)
+    folder, parameters, manifest = _plan_series(path, model, seeds, parameters)
+    records = {s: _check_run_folder(folder / f"seed-{s}", model) for s in manifest["seeds"]}
+    done = {s for s in manifest["seeds"] if str(s) in manifest["done"] and records[s]}
+    write_json(folder / SERIES_FILE, manifest)
+    log(
+        f"Series of {model} ({path.name}): SEEDs {', '.join(map(str, manifest['seeds']))} in "
+        f"'{folder}'" + (f"; {len(done)} run(s) finished earlier" if done else "")
+    )
+    total = len(manifest["seeds"])
+    for i, seed in enumerate(manifest["seeds"], 1):
+        if seed in done:
+            log(f"[{i}/{total}] SEED {seed}: finished earlier "
+                f"(test top-1 {records[seed]['test_top1']:.3f})")  # fmt: skip
+            continue
+        start = time.monotonic()
+        records[seed] = _run_one(path, folder / f"seed-{seed}", model, parameters, seed, log_output)
+        manifest["done"][str(seed)] = {"wall_seconds": round(time.monotonic() - start, 1)}
+        write_json(folder / SERIES_FILE, manifest)
+        walls = [d["wall_seconds"] for d in manifest["done"].values()]
+        left = total - i
+        eta = f"; {left} run(s) left, about {left * sum(walls) / len(walls) / 60:.1f} min" + (
+            f" (the mean of {len(walls)} run(s))"
+        )
+        log(
+            f"[{i}/{total}] SEED {seed}: test top-1 {records[seed]['test_top1']:.3f}, "
+            f"{manifest['done'][str(seed)]['wall_seconds']:.0f} s" + (eta if left else "")
+        )
+    return _summarise(folder, model, manifest["seeds"], records, log)
+
+
+def _plan_series(path: Path, model: str, seeds, parameters: dict) -> tuple[Path, dict, dict]:
+    """The series folder, the runs' shared parameters and the manifest; every run's
+    parameters checked and the folder holding this series or nothing (else ValueError)."""
+    defaults = notebook_defaults(path)
     # The notebook runs in its own folder: a path given relative to here must stay valid.
     parameters = {
         k: str(Path(v).resolve()) if k in PATH_PARAMETERS and _is_path(v) else v
@@ -181,57 +208,42 @@ def run_series(
         folder, {"notebook": path.name, "model": model, "parameters": parameters,
                  "seeds": chosen, "done": {}},
     )  # fmt: skip
-    records = {s: _check_run_folder(folder / f"seed-{s}", model) for s in manifest["seeds"]}
-    done = {s for s in manifest["seeds"] if str(s) in manifest["done"] and records[s]}
-    write_json(folder / SERIES_FILE, manifest)
-    log(
-        f"Series of {model} ({path.name}): SEEDs {', '.join(map(str, manifest['seeds']))} in "
-        f"'{folder}'" + (f"; {len(done)} run(s) finished earlier" if done else "")
-    )
-    total = len(manifest["seeds"])
-    for i, seed in enumerate(manifest["seeds"], 1):
-        run_dir = folder / f"seed-{seed}"
-        if seed in done:
-            log(f"[{i}/{total}] SEED {seed}: finished earlier "
-                f"(test top-1 {records[seed]['test_top1']:.3f})")  # fmt: skip
-            continue
-        start = time.monotonic()
-        run_dir.mkdir(parents=True, exist_ok=True)  # papermill writes the executed notebook there
-        try:
-            papermill.execute_notebook(
-                str(path),
-                str(run_dir / path.name),
-                parameters={**parameters, "SEED": seed, "OUTPUT_DIR": str(run_dir)},
-                cwd=str(path.parent),
-                kernel_name="python3",
-                progress_bar=False,
-                log_output=log_output,
-            )
-        except papermill.PapermillExecutionError as exc:
-            raise ValueError(
-                f"The run with SEED {seed} stopped: {exc.ename}: {exc.evalue.splitlines()[0]} "
-                f"(see {run_dir / path.name}). Start the same command again to resume it"
-            ) from None
-        records[seed] = _check_run_folder(run_dir, model)
-        if records[seed] is None:
-            raise ValueError(f"The run with SEED {seed} wrote no {model}.json in '{run_dir}'")
-        manifest["done"][str(seed)] = {"wall_seconds": round(time.monotonic() - start, 1)}
-        write_json(folder / SERIES_FILE, manifest)
-        walls = [d["wall_seconds"] for d in manifest["done"].values()]
-        left = total - i
-        eta = f"; {left} run(s) left, about {left * sum(walls) / len(walls) / 60:.1f} min" + (
-            f" (the mean of {len(walls)} run(s))"
+    return folder, parameters, manifest
+
+
+def _run_one(path: Path, run_dir: Path, model: str, parameters: dict, seed: int, log_output):
+    """Run the notebook once with ``SEED = seed`` into ``run_dir``; its results record."""
+    import papermill
+
+    run_dir.mkdir(parents=True, exist_ok=True)  # papermill writes the executed notebook there
+    try:
+        papermill.execute_notebook(
+            str(path),
+            str(run_dir / path.name),
+            parameters={**parameters, "SEED": seed, "OUTPUT_DIR": str(run_dir)},
+            cwd=str(path.parent),
+            kernel_name="python3",
+            progress_bar=False,
+            log_output=log_output,
         )
-        log(
-            f"[{i}/{total}] SEED {seed}: test top-1 {records[seed]['test_top1']:.3f}, "
-            f"{manifest['done'][str(seed)]['wall_seconds']:.0f} s" + (eta if left else "")
-        )
-    groups = group_series([(folder / f"seed-{s}" / f"{model}.json", records[s])
-                           for s in manifest["seeds"]])  # fmt: skip
+    except papermill.PapermillExecutionError as exc:
+        raise ValueError(
+            f"The run with SEED {seed} stopped: {exc.ename}: {exc.evalue.splitlines()[0]} "
+            f"(see {run_dir / path.name}). Start the same command again to resume it"
+        ) from None
+    record = _check_run_folder(run_dir, model)
+    if record is None:
+        raise ValueError(f"The run with SEED {seed} wrote no {model}.json in '{run_dir}'")
+    return record
+
+
+def _summarise(folder: Path, model: str, seeds: list, records: dict, log) -> dict:
+    """The series' spread (:func:`series_summary`), logged and written into each run's card."""
+    groups = group_series([(folder / f"seed-{s}" / f"{model}.json", records[s]) for s in seeds])
     if len(groups) != 1:  # the notebook checks its data: another archive, say
         raise ValueError(f"The runs in '{folder}' do not pool into one series: see `report --all`")
     summary = series_summary(groups[0])
-    for seed in manifest["seeds"]:
+    for seed in seeds:
         keras_file = folder / f"seed-{seed}" / f"{model}.keras"
         if keras_file.is_file():
             write_card(keras_file, card_facts(records[seed], summary))
