@@ -1,7 +1,4 @@
-"""Augmentation: Keras preprocessing layers, albumentations, and their per-batch seeds.
-
-Keras layers take float32 batches in [0, 1]; albumentations takes uint8 in [0, 255].
-"""
+"""Augmentation: Keras layers (float32 in [0, 1]), albumentations (uint8) and per-batch seeds."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Calibration (ECE, NLL, temperature scaling) and flip test-time augmentation.
 
-Labels are int (N,) in [0, C); probabilities float (N, C), rows summing to 1; every function
-raises ValueError on invalid ones. Temperature scaling: Guo et al. 2017, "On Calibration of
-Modern Neural Networks".
+Guo et al. 2017, "On Calibration of Modern Neural Networks". Labels int (N,) in [0, C),
+probabilities float (N, C), rows summing to 1; functions taking them raise ValueError if invalid.
 """
 
 from __future__ import annotations

@@ -1,7 +1,4 @@
-"""CIFAR-100 itself: finding, downloading and reading the archive; label names; the split.
-
-Images come out uint8 (N, 32, 32, 3) in [0, 255], labels int64 (N,).
-"""
+"""CIFAR-100 itself: finding, downloading and reading the archive; label names; the split."""
 
 from __future__ import annotations
 

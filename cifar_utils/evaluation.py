@@ -1,7 +1,7 @@
 """Metrics: top-k accuracy, per class and per superclass, reports, most confused pairs.
 
-Labels are fine labels, int (N,) in [0, 99]; probabilities float (N, 100). Every function
-raises ValueError on invalid labels. Ties: the lower class index wins, everywhere.
+Labels are fine labels, int (N,) in [0, 99] (ValueError if invalid); probabilities float
+(N, 100). Ties: the lower class index wins, everywhere.
 """
 
 from __future__ import annotations

@@ -11,12 +11,10 @@ from .devices import cpu_info
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed Python, numpy and TensorFlow before building; ``deterministic`` turns on op determinism.
-
-    Op determinism makes a seed repeat on one machine (GPU sums otherwise vary) and rules XLA out.
-    """
+    """Seed Python, numpy and TensorFlow, before building; ``deterministic``: op determinism too."""
     keras.utils.set_random_seed(int(seed))
     if deterministic:
+        # A seed then repeats on one machine (GPU sums vary otherwise); it rules XLA out.
         tf.config.experimental.enable_op_determinism()
 
 

@@ -1,7 +1,4 @@
-"""Photos: reading any image file safely, ``predict_image``, the sample photos.
-
-Images come out uint8 RGB (H, W, 3) in [0, 255].
-"""
+"""Photos: reading any image file safely as uint8 RGB (H, W, 3), ``predict_image``, samples."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""``make_dataset``: the notebooks' ``tf.data`` pipelines.
-
-uint8 images in, float32 batches in [0, 1] and one-hot float32 labels out.
-"""
+"""``make_dataset``: the notebooks' ``tf.data`` pipelines; uint8 images to float32 in [0, 1]."""
 
 from __future__ import annotations
 

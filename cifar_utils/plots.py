@@ -1,7 +1,4 @@
-"""Every figure of the notebooks and the ``curves`` command (matplotlib).
-
-Each ``plot_*`` returns the figure and, given ``path``, also saves it (atomically).
-"""
+"""Every figure of the notebooks and ``curves`` (matplotlib); saved atomically if given ``path``."""
 
 from __future__ import annotations
 

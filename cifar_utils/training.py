@@ -1,6 +1,4 @@
-"""``train``: ``model.fit`` with checkpoints, exact resume, run plans and a divergence guard;
-the learning-rate schedule; joining training phases.
-"""
+"""``train`` (``model.fit``, checkpoints, exact resume, divergence guard), schedule, phases."""
 
 from __future__ import annotations
 
