@@ -29,16 +29,13 @@ def augmentation_layers(
     rotation_degrees: float = 0.0,
     seed: int | None = None,
 ):
-    """Keras preprocessing layers for training-time augmentation, as a ``keras.Sequential``.
+    """A ``keras.Sequential`` augmenting float32 (B, H, W, C) batches when ``training``.
 
     Args:
         flip: random horizontal flip.
         shift: maximum shift as a fraction of the image size (0.1 = 3 px on 32x32); 0: off.
         rotation_degrees: maximum rotation either way, in degrees; 0: off.
         seed: the run's seed, or ``None``.
-
-    Returns:
-        float32 (B, H, W, C) -> same, under every dtype policy; augments only when ``training``.
     """
     steps, f32 = [], "float32"  # the pipeline's images, whatever the global dtype policy
     if flip:

@@ -30,10 +30,7 @@ NETWORK_NOTEBOOKS = {
 
 
 def build_from_notebook(notebook, **kwargs):
-    """``build_model(**kwargs)`` from ``notebook``'s cell tagged ``network``.
-
-    Args:
-        notebook: a path, or a file name in the repository root (:data:`NETWORK_NOTEBOOKS`).
+    """``build_model(**kwargs)`` of the cell tagged ``network`` in ``notebook`` (path or name).
 
     Raises:
         FileNotFoundError: no such notebook.

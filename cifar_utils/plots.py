@@ -319,11 +319,7 @@ def plot_photo_grad_cam(model, path_or_array, top_k: int = 5, path=None):
 
 
 def plot_reliability(y_true, probs, calibrated_probs=None, bins: int = ECE_BINS, path=None):
-    """Reliability diagram with the ECE; a second panel for ``calibrated_probs`` if given.
-
-    Args:
-        y_true: int (N,); probs, calibrated_probs: float (N, C).
-    """
+    """Reliability diagram and ECE: ``y_true`` int (N,), ``probs`` (and calibrated) float (N, C)."""
     import matplotlib.pyplot as plt
 
     panels = [("before temperature scaling" if calibrated_probs is not None else "", probs)]

@@ -215,10 +215,7 @@ def _restore_seed_states(model, saved: list) -> None:
 
 
 def load_best(model, run: RunState) -> RunState:
-    """Load a finished phase's ``best.weights.h5`` into ``model``, to start the next phase from.
-
-    Returns:
-        A copy of ``run`` whose ``next_phase_from`` names that epoch, for :func:`join_runs`.
+    """Load ``run``'s ``best.weights.h5`` into ``model``; return ``run`` marked as next start.
 
     Raises:
         FileNotFoundError: ``run.run_dir`` has no ``best.weights.h5``.
