@@ -56,7 +56,7 @@ def build_simple_cnn(**kwargs):
 
 
 def build_complex_cnn(**kwargs):
-    """The seed's complex network (``complex_image_clasifier.ipynb``): 12 conv, Dense 512, 100.
+    """The seed's complex network (``complex_image_clasifier.ipynb``): 12 conv + 2 Dense layers.
 
     Kwargs ``num_classes`` (100), ``stages``, ``dense_units`` (512), ``l2`` (5e-4). With the
     defaults 15,047,588 parameters, 9,472 non-trainable: the seed notebook's figures.
