@@ -215,7 +215,7 @@ def _restore_seed_states(model, saved: list) -> None:
 
 
 def load_best(model, run: RunState) -> RunState:
-    """Load ``run``'s ``best.weights.h5`` into ``model``; return ``run`` marked as next start.
+    """Load ``run``'s best checkpoint into ``model``; return ``run`` with ``next_phase_from`` set.
 
     Raises:
         FileNotFoundError: ``run.run_dir`` has no ``best.weights.h5``.
