@@ -1,8 +1,4 @@
-"""Augmentation: Keras preprocessing layers, albumentations, and their per-batch seeds.
-
-Used by the notebooks' "Augmentation" step and by :func:`cifar_utils.pipelines.make_dataset`.
-Keras layers take float32 batches in [0, 1]; albumentations takes uint8 in [0, 255].
-"""
+"""Augmentation: Keras layers (float32 in [0, 1]), albumentations (uint8) and per-batch seeds."""
 
 from __future__ import annotations
 
@@ -20,16 +16,9 @@ from .published import AUGMENTATION
 
 
 def derive_seed(seed: int, *names) -> int:
-    """An independent seed for one random source of a run, from the run's ``seed``.
-
-    Each source (the shuffle, every augmentation layer, albumentations, ...) gets its own
-    stream: ``derive_seed(SEED, "shuffle")`` and ``derive_seed(SEED, "augment", 0)`` are
-    unrelated numbers (numpy's ``SeedSequence`` mixes ``seed`` with a CRC-32 of each name),
-    so two sources never draw in lockstep, as two layers given the same seed would.
-
-    Returns:
-        An int in [0, 2**31), the range every Keras and TensorFlow seed accepts.
-    """
+    """An int seed in [0, 2**31) for one random source, unrelated to other ``names``' seeds."""
+    # SeedSequence mixes seed with each name's CRC-32: sources never draw in lockstep, as two
+    # layers given one seed would.
     words = [int(seed) % 2**32, *(zlib.crc32(str(n).encode()) for n in names)]
     return int(np.random.SeedSequence(words).generate_state(1)[0] >> 1)
 
@@ -40,24 +29,13 @@ def augmentation_layers(
     rotation_degrees: float = 0.0,
     seed: int | None = None,
 ):
-    """Keras preprocessing layers for training-time augmentation.
+    """A ``keras.Sequential`` augmenting float32 (B, H, W, C) batches when ``training``.
 
     Args:
         flip: random horizontal flip.
-        shift: maximum width/height shift as a fraction of the image size (0.1 = 3 px
-            on 32x32); 0 disables it.
-        rotation_degrees: maximum rotation either way, in degrees; 0 disables it.
-        seed: the run's seed; each layer gets its own stream from it (:func:`derive_seed`),
-            so flips, shifts and rotations are drawn independently of each other.
-
-    Returns:
-        ``keras.Sequential`` mapping float32 batches (B, H, W, C) to the same shape, in
-        float32 under every dtype policy (a mixed policy set by :func:`configure_precision`
-        is for the model, not the input pipeline); it only augments when called with
-        ``training=True``. Borders are filled with the nearest pixel, as Keras' old
-        ``ImageDataGenerator`` did. Inside :func:`make_dataset` the layers draw from seeds
-        given per batch instead, so the augmentation of every batch is fixed by the seed,
-        the epoch and the batch index.
+        shift: maximum shift as a fraction of the image size (0.1 = 3 px on 32x32); 0: off.
+        rotation_degrees: maximum rotation either way, in degrees; 0: off.
+        seed: the run's seed, or ``None``.
     """
     steps, f32 = [], "float32"  # the pipeline's images, whatever the global dtype policy
     if flip:
@@ -74,20 +52,17 @@ def augmentation_layers(
                 rotation_degrees / 360.0, fill_mode="nearest", seed=s, dtype=f32
             )
         )
+    # One stream per layer. Borders: nearest pixel, as the old ImageDataGenerator. Inside
+    # make_dataset the draws come per batch instead (augment_with_seeds).
     own = [None if seed is None else derive_seed(seed, "augment", i) for i in range(len(steps))]
     return keras.Sequential(
         [make(s) for make, s in zip(steps, own, strict=True)], name="augmentation"
     )
 
 
+# Keras' SeedGenerator state races in a parallel tf.data map and restarts with the run.
 class _BatchSeeds(keras.random.SeedGenerator):
-    """Stateless seeds for one call of a Keras random layer inside ``tf.data``.
-
-    Keras' random layers draw from a ``SeedGenerator`` whose state variable advances at
-    each call: in a parallel ``tf.data`` map the calls race for it, and a restarted run
-    starts it again. This one holds no state (``SeedGenerator.__init__`` is skipped on
-    purpose): its ``k``-th draw is ``seed`` folded with ``k``, ``seed`` being given per batch.
-    """
+    """Stateless seeds for one call of a Keras random layer: ``seed`` folded with the draw count."""
 
     def __init__(self, seed):  # no super().__init__: it would create the state variable
         self._seed, self._draws = seed, 0
@@ -98,20 +73,21 @@ class _BatchSeeds(keras.random.SeedGenerator):
 
 
 def fold_seed(seed: int, *data):
-    """A stateless seed, int64 (2,), from an int seed folded with int tensors ``data``.
-
-    ``stateless_fold_in(s, d)`` returns ``[hash(s), d]``: the last value folded in stays
-    apart in the second element. A final fold with 0 mixes it into the first, so the
-    first element alone (an int seed for albumentations) depends on every input too.
-    """
+    """A stateless seed, int64 (2,), from an int seed folded with int tensors ``data``."""
     out = tf.constant([seed, 0], tf.int64)
+    # fold_in(s, d) is [hash(s), d]; the final fold with 0 mixes d into element 0 too, which
+    # albumentations uses alone.
     for d in (*data, 0):
         out = tf.random.experimental.stateless_fold_in(out, tf.cast(d, tf.int64))
     return out
 
 
 def augment_with_seeds(augment, images, seed: int, batch_key):
-    """Apply Keras image layers ``augment`` with draws fixed by ``seed`` and ``batch_key``."""
+    """Apply Keras image layers ``augment`` with draws fixed by ``seed`` and ``batch_key``.
+
+    Raises:
+        TypeError: a layer is not a Keras image preprocessing layer.
+    """
     layers = augment.layers if isinstance(augment, keras.Sequential) else [augment]
     for i, layer in enumerate(layers):
         if not hasattr(layer, "get_random_transformation"):
@@ -137,18 +113,12 @@ def describe_augmentation(augment, batch_transform) -> list:
 
 
 def albumentations_transform(seed: int | None = None):
-    """The seed's albumentations augmentation for 32x32 uint8 images, as an ``A.Compose``.
-
-    HorizontalFlip (p 0.5); Affine shifting the width by up to 50% (p 0.5; no rotation,
-    scale or shear; the old ShiftScaleRotate's reflect border, ``cv2.BORDER_REFLECT_101``,
-    given explicitly since albumentations 2.x defaults to black); GridDistortion (p 0.2) and
-    ElasticTransform (p 0.2, ``alpha`` 80, ``sigma`` 4: about 1.7 pixels' mean displacement
-    on 32x32, where the default ``alpha`` 1 moves nothing), both with the same border. Written
-    for albumentations 2.0.8. ``seed`` makes the sequence of augmentations repeatable.
-    """
+    """The seed's albumentations augmentation for 32x32 uint8 images (albumentations 2.0.8)."""
     import albumentations as A
     import cv2
 
+    # ShiftScaleRotate's reflect border made explicit (albumentations 2.x defaults to black);
+    # ElasticTransform alpha 80, sigma 4 moves ~1.7 px on 32x32 (the default alpha 1 moves nothing).
     seed_values, border = AUGMENTATION["efficientnet_b0"], cv2.BORDER_REFLECT_101
     shift = seed_values["width_shift"]
     return A.Compose(
@@ -175,24 +145,21 @@ _AUGMENTERS = threading.local()  # one Compose per tf.data worker thread
 
 
 def albumentations_batch(images, seed: int) -> np.ndarray:
-    """Augment a batch with :func:`albumentations_transform`, repeatably for a given ``seed``.
+    """Augment a batch with :func:`albumentations_transform`, repeatably for a given int ``seed``.
 
     Args:
-        images: uint8 (N, H, W, 3) in [0, 255], or float (N, H, W, 3) in [0, 1] (e.g. for
-            :func:`plot_augmentation`), which is rounded to uint8 first: albumentations treats
-            float images as [0, 1], so 0-255 floats would saturate.
-        seed: any int (reduced modulo 2**63); per batch, so parallel calls stay repeatable.
+        images: uint8 (N, H, W, 3) in [0, 255], or float in [0, 1] (rounded to uint8 first).
 
     Returns:
-        uint8 (N, H, W, 3) in [0, 255] for uint8 input, else float32 in [0, 1].
+        uint8 (N, H, W, 3) for uint8 input, else float32 in [0, 1].
 
     Raises:
-        ValueError: not (N, H, W, 3), neither uint8 nor float, or float values outside
-            [0, 1] or not finite.
+        ValueError: not (N, H, W, 3), neither uint8 nor float, or floats outside [0, 1].
     """
     images = check_pixels(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected images (N, H, W, 3), got shape {images.shape}")
+    # albumentations treats float images as [0, 1]; 0-255 floats would saturate.
     batch = images if images.dtype == np.uint8 else np.round(images * 255).astype(np.uint8)
     if not hasattr(_AUGMENTERS, "transform"):
         _AUGMENTERS.transform = albumentations_transform()
@@ -203,17 +170,7 @@ def albumentations_batch(images, seed: int) -> np.ndarray:
 
 
 def albumentations_batch_transform(images, seed):
-    """:func:`albumentations_batch` inside ``tf.data``: ``make_dataset(batch_transform=...)``.
-
-    Runs through ``tf.numpy_function`` (Python, so parallel ``map`` calls share the GIL; the
-    OpenCV work inside releases it) and restores the static shape with ``tf.ensure_shape``,
-    which ``numpy_function`` loses and ``fit`` needs.
-
-    Args:
-        images: uint8 tensor (B, H, W, 3) in [0, 255]; seed: int64 scalar tensor.
-
-    Returns:
-        uint8 tensor of ``images``' shape, static shape included.
+    """:func:`albumentations_batch` on a uint8 (B, H, W, 3) tensor inside ``tf.data``; same shape.
 
     Raises:
         TypeError: ``images`` is not uint8 (augment before normalising).
@@ -223,5 +180,6 @@ def albumentations_batch_transform(images, seed):
             f"albumentations_batch_transform takes uint8 batches in [0, 255], not {images.dtype}: "
             "apply it before normalisation (make_dataset's batch_transform does)"
         )
+    # numpy_function holds the GIL (OpenCV releases it) and loses the static shape fit needs.
     out = tf.numpy_function(albumentations_batch, [images, seed], tf.uint8, stateful=False)
     return tf.ensure_shape(out, images.shape)

@@ -1,10 +1,7 @@
-"""Calibration and flip test-time augmentation: ECE, NLL, temperature scaling, mirrored TTA.
+"""Calibration (ECE, NLL, temperature scaling) and flip test-time augmentation.
 
-Used by the notebooks' evaluation, the results record and the export. Labels are int
-``(N,)`` in [0, C); probabilities float ``(N, C)`` rows summing to 1 (from
-:func:`predict_proba`). Temperature scaling (Guo et al. 2017, "On Calibration of Modern
-Neural Networks") divides the class scores before the softmax by one scalar ``T > 0``
-fitted on the validation set; it never changes a row's ranking, so no top-k changes.
+Guo et al. 2017, "On Calibration of Modern Neural Networks". Labels int (N,) in [0, C),
+probabilities float (N, C), rows summing to 1; functions taking them raise ValueError if invalid.
 """
 
 from __future__ import annotations
@@ -22,8 +19,7 @@ TEMPERATURE_RANGE = (0.05, 20.0)
 
 
 def _check_probs(probs) -> np.ndarray:
-    """``probs`` as float64 (N, C), each row divided by its sum, if its rows are probability
-    distributions (within 1e-3)."""
+    """``probs`` as float64 (N, C), rows renormalised; ValueError if not probabilities."""
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or not len(probs):
         raise ValueError(f"probs must be (N, classes) with N >= 1, not shape {probs.shape}")
@@ -45,22 +41,16 @@ def _checked(y_true, probs) -> tuple[np.ndarray, np.ndarray]:
 def reliability_bins(y_true, probs, bins: int = ECE_BINS) -> dict:
     """Top-1 confidence against accuracy in ``bins`` equal-width bins of (0, 1].
 
-    Bin ``b`` holds the rows whose top-1 probability lies in ``(b / bins, (b + 1) / bins]``.
-    scikit-learn's ``calibration_curve`` is for one class's probability and drops the bin
-    counts that the expected calibration error weights by, hence this.
-
     Returns:
-        ``{"edges"`` float64 (bins + 1,), ``"count"`` int64 (bins,), ``"confidence"`` and
-        ``"accuracy"`` float64 (bins,) (mean top-1 probability and share right in each bin;
-        NaN where empty)``}``.
-
-    Raises:
-        ValueError: labels or probabilities invalid, or ``bins`` not an int >= 1.
+        dict: ``edges`` float64 (bins + 1,), ``count`` int64 (bins,), ``confidence`` and
+        ``accuracy`` float64 (bins,), NaN where a bin is empty.
     """
     y_true, probs = _checked(y_true, probs)
     bins = check_positive_int(bins, "bins")
     confidence = probs.max(axis=1)
     right = probs.argmax(axis=1) == y_true
+    # Bin b holds confidences in (b/bins, (b+1)/bins]; sklearn's calibration_curve is per
+    # class and drops the counts ECE weights by.
     which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
     count = np.bincount(which, minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -75,17 +65,7 @@ def reliability_bins(y_true, probs, bins: int = ECE_BINS) -> dict:
 
 
 def expected_calibration_error(y_true, probs, bins: int = ECE_BINS) -> float:
-    """Expected calibration error of the top-1 confidence (Guo et al. 2017, 15 bins).
-
-    The mean over bins of ``|accuracy - mean confidence|`` weighted by each bin's share of
-    the rows (:func:`reliability_bins`).
-
-    Returns:
-        A float in [0, 1]: 0 when every bin's accuracy equals its confidence.
-
-    Raises:
-        ValueError: labels or probabilities invalid.
-    """
+    """Expected calibration error in [0, 1] of the top-1 confidence (Guo et al. 2017)."""
     table = reliability_bins(y_true, probs, bins)
     full = table["count"] > 0
     gaps = np.abs(table["accuracy"][full] - table["confidence"][full])
@@ -93,13 +73,7 @@ def expected_calibration_error(y_true, probs, bins: int = ECE_BINS) -> float:
 
 
 def negative_log_likelihood(y_true, probs) -> float:
-    """Mean negative log-likelihood of the true labels (natural log), scikit-learn's
-    ``log_loss`` over all C classes; probabilities are clipped to [2.2e-16, 1 - 2.2e-16]
-    (float64's epsilon), so one image costs at most 36.
-
-    Raises:
-        ValueError: labels or probabilities invalid.
-    """
+    """Mean NLL (natural log) of the true labels, float >= 0, at most 36 per image."""
     from sklearn.metrics import log_loss
 
     y_true, probs = _checked(y_true, probs)
@@ -107,19 +81,10 @@ def negative_log_likelihood(y_true, probs) -> float:
 
 
 def apply_temperature(probs, temperature: float) -> np.ndarray:
-    """Probabilities with the scores before the softmax divided by ``temperature``.
-
-    ``softmax(z / T)`` computed from ``p = softmax(z)`` as ``softmax(log p / T)`` (the
-    two differ by a constant per row, which the softmax ignores), in float64. A class
-    whose float32 probability underflowed to 0 (a score more than about 100 below the
-    top one) stays 0.
-
-    Returns:
-        float64 (N, C) (float32 could round two near probabilities into a tie), rows
-        summing to 1, each row ranked as before.
+    """``softmax(log(probs) / temperature)``: float64 (N, C), each row ranked as before.
 
     Raises:
-        ValueError: probabilities invalid, or ``temperature`` not a finite number > 0.
+        ValueError: ``temperature`` not a finite number > 0.
     """
     from scipy.special import softmax
 
@@ -127,6 +92,8 @@ def apply_temperature(probs, temperature: float) -> np.ndarray:
     temperature = _check_temperature(temperature)
     with np.errstate(divide="ignore"):
         logs = np.log(probs)
+    # softmax(log p / T) == softmax(z / T): they differ by a per-row constant. Classes that
+    # underflowed to 0 stay 0; float64 so near probabilities don't tie.
     return softmax(logs / temperature, axis=1)
 
 
@@ -139,21 +106,11 @@ def _check_temperature(temperature) -> float:
 
 
 def fit_temperature(y_val, val_probs) -> float:
-    """The temperature that minimises the validation set's negative log-likelihood.
-
-    A bounded 1-D search (scipy's ``minimize_scalar``) over ``log T`` in
-    :data:`TEMPERATURE_RANGE`; ``T > 1`` softens an overconfident model, ``T < 1``
-    sharpens an underconfident one. Fit it on the validation set, never the test set.
-
-    Returns:
-        A float in :data:`TEMPERATURE_RANGE`.
-
-    Raises:
-        ValueError: labels or probabilities invalid.
-    """
+    """Temperature in :data:`TEMPERATURE_RANGE` minimising the validation NLL."""
     from scipy.optimize import minimize_scalar
 
     y_val, val_probs = _checked(y_val, val_probs)
+    # T > 1 softens an overconfident model, T < 1 sharpens one. Fit on validation, never test.
     low, high = np.log(TEMPERATURE_RANGE)
     found = minimize_scalar(
         lambda log_t: negative_log_likelihood(y_val, apply_temperature(val_probs, np.exp(log_t))),
@@ -165,15 +122,11 @@ def fit_temperature(y_val, val_probs) -> float:
 
 
 def calibration_summary(y_val, val_probs, y_test, test_probs, prefix: str = "test") -> dict:
-    """Temperature fitted on the validation set, and the test ECE and NLL before and after.
+    """Temperature fitted on validation, and test ECE and NLL before and after it.
 
     Returns:
-        A JSON-able dict: ``"temperature"``, ``"val_nll"``, ``"val_nll_calibrated"``,
-        ``f"{prefix}_ece"``, ``f"{prefix}_nll"``, ``f"{prefix}_ece_calibrated"``,
-        ``f"{prefix}_nll_calibrated"`` (floats, 6 decimals; ECE over :data:`ECE_BINS` bins).
-
-    Raises:
-        ValueError: labels or probabilities invalid.
+        dict of floats (6 decimals): ``temperature``, ``val_nll``, ``val_nll_calibrated``,
+        ``{prefix}_ece``, ``{prefix}_nll`` and both ``{prefix}_..._calibrated``.
     """
     temperature = fit_temperature(y_val, val_probs)
     calibrated = apply_temperature(test_probs, temperature)
@@ -192,20 +145,10 @@ def calibration_summary(y_val, val_probs, y_test, test_probs, prefix: str = "tes
 
 
 def with_temperature(model, temperature: float):
-    """A copy of ``model`` whose probabilities are ``softmax(z / temperature)``.
-
-    The temperature is folded into the last Dense layer (kernel and bias divided by it),
-    so the copy has the same Keras built-in layers as ``model`` and plain
-    ``keras.saving.load_model`` loads its export (:func:`export_model`) without this
-    package; record the temperature in the export's metadata. Its top-k equal ``model``'s.
-    ``model`` itself is left as it was.
-
-    Args:
-        model: a built classifier whose last layer is a Dense with softmax activation.
-        temperature: a finite number > 0 (from :func:`fit_temperature`).
+    """A copy of ``model`` (left unchanged) giving ``softmax(z / temperature)``; same top-k.
 
     Raises:
-        ValueError: the last layer is not a softmax Dense, or ``temperature`` is invalid.
+        ValueError: the last layer is not a softmax Dense, or ``temperature`` is not > 0.
     """
     temperature = _check_temperature(temperature)
     head = model.layers[-1]
@@ -216,6 +159,8 @@ def with_temperature(model, temperature: float):
             f"model '{model.name}' must end in a Dense layer with softmax activation to take "
             f"a temperature, not its '{head.name}' ({type(head).__name__})"
         )
+    # T folded into the Dense kernel and bias: built-in layers only, so plain load_model reads
+    # the export without this package.
     twin = keras.models.clone_model(model, recursive=True)
     twin.set_weights(model.get_weights())
     folded = twin.layers[-1]
@@ -226,18 +171,7 @@ def with_temperature(model, temperature: float):
 
 
 def flip_tta_proba(model, x, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities averaged over each image and its left-right mirror.
-
-    Args:
-        model, x, batch_size: as :func:`predict_proba` (x: (N, H, W, 3), uint8 in
-            [0, 255] or float in [0, 1]).
-
-    Returns:
-        float32 (N, C), rows summing to 1.
-
-    Raises:
-        As :func:`predict_proba`.
-    """
+    """float32 (N, C) probabilities averaged over each image and its left-right mirror."""
     x = np.asarray(x)
     plain = predict_proba(model, x, batch_size)
     mirrored = predict_proba(model, x[:, :, ::-1] if x.ndim == 4 else x, batch_size)
@@ -245,19 +179,11 @@ def flip_tta_proba(model, x, batch_size: int = 256) -> np.ndarray:
 
 
 def tta_summary(y_true, probs, tta_probs, prefix: str = "test") -> dict:
-    """What flip test-time augmentation changed, for the results record.
-
-    Args:
-        y_true: int labels (N,); probs: the plain probabilities (N, C) (the headline
-            figures); tta_probs: :func:`flip_tta_proba` of the same images.
-
-    Returns:
-        ``{f"{prefix}_tta_top1", f"{prefix}_tta_top5"`` (floats in [0, 1]),
-        ``f"{prefix}_tta_right_to_wrong"``, ``f"{prefix}_tta_wrong_to_right"`` (how many
-        top-1 predictions it turned; ints)``}``.
+    """What flip TTA changed: ``{prefix}_tta_top1``/``_top5`` in [0, 1], and int counts
+    ``{prefix}_tta_right_to_wrong``/``_wrong_to_right``.
 
     Raises:
-        ValueError: labels or probabilities invalid or of different shapes.
+        ValueError: ``probs`` and ``tta_probs`` shapes differ.
     """
     y_true, probs = _checked(y_true, probs)
     _, tta_probs = _checked(y_true, tta_probs)

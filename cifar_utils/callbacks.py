@@ -1,8 +1,7 @@
-"""Small Keras callbacks, one job each, that :func:`cifar_utils.training.train` wires together.
+"""Small Keras callbacks, one job each, that :func:`train` wires together.
 
-Each works on its own in ``model.fit(callbacks=[...])``. Keras calls callbacks in list order,
-so within an epoch's end: :class:`LogLearningRate`, then :class:`DivergenceGuard`, then
-:class:`EpochCommit`, then :class:`CommittedCSVLogger`.
+Keras calls them in list order: at an epoch's end :class:`LogLearningRate`,
+:class:`DivergenceGuard`, :class:`EpochCommit`, then :class:`CommittedCSVLogger`.
 """
 
 from __future__ import annotations
@@ -21,17 +20,16 @@ from .divergence import training_state_problem
 
 
 class LogLearningRate(keras.callbacks.Callback):
-    """Adds the optimizer's ``learning_rate`` (float) at each epoch's end to the logs."""
+    """Adds the optimizer's ``learning_rate`` (float) to each epoch's logs."""
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs.setdefault("learning_rate", float(to_numpy(self.model.optimizer.learning_rate)))
 
 
+# So validation scores the weights the checkpoint saves, and a resume continues from them.
 class AlignReplicas(keras.callbacks.Callback):
-    """Gives every replica the first one's BatchNorm statistics at each epoch's start and
-    before validation (:func:`cifar_utils.checkpoints.align_replicas`), so validation scores
-    the weights the checkpoint saves, and a resumed run continues from what it restored."""
+    """Gives every replica the first one's BatchNorm statistics (epoch start, before validation)."""
 
     def on_epoch_begin(self, epoch, logs=None):
         align_replicas(self.model)
@@ -41,9 +39,11 @@ class AlignReplicas(keras.callbacks.Callback):
 
 
 class DivergenceGuard(keras.callbacks.Callback):
-    """Stops training at a non-finite loss (every batch), or a non-finite variable or a
-    ``probe`` batch's outputs that are no probabilities (every ``check_every`` batches, 0:
-    never, and at each epoch's end). ``diverged``: ``(epoch, where, what)`` once stopped."""
+    """Stops training at a non-finite loss, or NaN/inf variables or probe outputs not probabilities.
+
+    The state is checked every ``check_every`` batches (0: never) and at each epoch's end;
+    ``diverged`` is ``(epoch, where, what)`` once stopped.
+    """
 
     def __init__(self, probe=None, check_every: int = 50):
         super().__init__()
@@ -76,9 +76,7 @@ class DivergenceGuard(keras.callbacks.Callback):
 
 
 class EpochCommit(keras.callbacks.Callback):
-    """Commits each epoch ``guard`` let through: records it in ``state``, stages the
-    checkpoints, writes ``state.json`` (the commit point), then moves them into place
-    (:func:`cifar_utils.checkpoints.settle_checkpoints` finishes a crash in between)."""
+    """Commits each epoch ``guard`` let through: stage checkpoints, write ``state.json``, settle."""
 
     def __init__(self, state: RunState, guard: DivergenceGuard | None = None):
         super().__init__()
@@ -100,18 +98,19 @@ class EpochCommit(keras.callbacks.Callback):
             with contextlib.suppress(FileNotFoundError):
                 (run_dir / "best.weights.h5").unlink()
         save_checkpoint(self.model, staged_path(run_dir, epoch + 1, "last.weights.h5"))
+        # state.json is the commit point; settle_checkpoints finishes a crash after it.
         checkpoints.write_state(state)
         checkpoints.settle_checkpoints(run_dir, epoch + 1)
 
 
 class CommittedCSVLogger(keras.callbacks.CSVLogger):
-    """Keras' CSVLogger, writing only epochs ``state`` committed; a fresh log replaces an old
-    one only at its first committed epoch, so a run that diverges at once leaves it as it was."""
+    """Keras' CSVLogger, writing only the epochs ``state`` committed."""
 
     def __init__(self, state: RunState, filename: str, append: bool):
         super().__init__(filename, append=append)
         self.state, self._opened = state, False
 
+    # A fresh log replaces the old one only at its first committed epoch.
     def on_train_begin(self, logs=None):
         pass  # opened at the first committed epoch
 

@@ -1,8 +1,4 @@
-"""A run folder's files: the run state, checkpoints (weights-only ``.weights.h5``), their
-commit and restore, and the per-epoch ``log.csv``.
-
-Used by :func:`cifar_utils.training.train` and the ``curves`` command.
-"""
+"""A run folder's files: run state, ``.weights.h5`` checkpoints (commit, restore), ``log.csv``."""
 
 from __future__ import annotations
 
@@ -23,14 +19,11 @@ from .models import load_weights_strictly
 
 @dataclasses.dataclass
 class RunState:
-    """A training run as ``state.json`` holds it: what :func:`cifar_utils.training.train`
-    returns, and (through :func:`cifar_utils.training.join_runs`) what the results record.
+    """A training run as ``state.json`` holds it: what :func:`train` returns.
 
-    ``history`` maps a metric (``loss``, ``val_accuracy``, ``learning_rate``, ...) to one
-    float per committed epoch; ``epoch`` counts those epochs, ``step`` the optimizer steps;
-    ``seconds`` is training wall time over all sessions; ``best``/``best_epoch`` (1-based)
-    follow ``monitor`` under ``mode`` (``"min"``/``"max"``); ``params`` are the parameter
-    counts while training; ``phases`` is set by ``join_runs`` only.
+    ``history``: metric -> one float per committed epoch; ``epoch``, ``step``: epochs and
+    optimizer steps done; ``seconds``: training wall time; ``best``/``best_epoch`` (1-based)
+    follow ``monitor`` under ``mode``; ``phases`` only from :func:`join_runs`.
     """
 
     run_dir: str
@@ -69,7 +62,7 @@ class RunState:
 
 
 def read_state(run_dir: Path) -> RunState:
-    """The :class:`RunState` in ``run_dir/state.json`` (also as written before it existed).
+    """The :class:`RunState` in ``run_dir/state.json`` (also as older versions wrote it).
 
     Raises:
         ResumeError: the file is not JSON, or lacks ``epoch`` or ``history``.
@@ -96,12 +89,7 @@ def write_state(state: RunState) -> Path:
 
 
 def check_checkpoint_path(path) -> Path:
-    """``path`` as a Path if it ends in ``.weights.h5`` (Keras 3's only weights-only
-    format; whole models go to ``.keras``, :func:`cifar_utils.export.export_model`).
-
-    Raises:
-        ValueError: another suffix (``.hdf5``, ``.h5``, ``.ckpt``, ...).
-    """
+    """``path`` as a Path; ValueError unless it ends in ``.weights.h5`` (Keras 3)."""
     path = Path(path)
     if not path.name.endswith(".weights.h5"):
         raise ValueError(
@@ -112,12 +100,7 @@ def check_checkpoint_path(path) -> Path:
 
 
 def save_checkpoint(model, path) -> Path:
-    """Save ``model``'s weights and optimizer state to ``path`` atomically (the old file
-    stays intact until the new one is whole); returns ``path`` as a Path.
-
-    Raises:
-        ValueError: ``path`` does not end in ``.weights.h5`` (see :func:`check_checkpoint_path`).
-    """
+    """Save weights and optimizer state to ``path`` (``.weights.h5``) atomically."""
     path = check_checkpoint_path(path)
     with atomic_path(path) as tmp:
         model.save_weights(tmp)
@@ -125,7 +108,7 @@ def save_checkpoint(model, path) -> Path:
 
 
 def restore(model, run_dir: Path) -> None:
-    """Load the last checkpoint's weights and optimizer state into a compiled ``model``."""
+    """Load the last checkpoint into a compiled ``model``; ResumeError if unfit or NaN."""
     if not model.optimizer.built:  # else Keras skips the saved optimizer variables
         with model.distribute_strategy.scope():  # the strategy the model was built under
             model.optimizer.build(model.trainable_variables)
@@ -144,12 +127,9 @@ def restore(model, run_dir: Path) -> None:
 
 
 def align_replicas(model) -> None:
-    """Give every replica's copy of the model's non-trainable variables the first replica's.
-
-    Keras 3 does not all-reduce BatchNorm's moving statistics: each replica updates its own,
-    while a checkpoint holds the first replica's (the chief's). One all-reduce (the other
-    replicas give zeros) spreads them, so every worker must call this at the same point.
-    """
+    """Give every replica's non-trainable variables the first replica's (a collective)."""
+    # Keras 3 keeps BatchNorm's moving statistics per replica; a checkpoint holds the first's.
+    # One all-reduce (other replicas give zeros) spreads them.
     strategy = model.distribute_strategy
     variables = [getattr(v, "value", v) for v in model.non_trainable_variables]
     if strategy.num_replicas_in_sync == 1 or not variables:
@@ -179,8 +159,7 @@ def staged_path(run_dir: Path, epoch: int, name: str) -> Path:
 
 
 def settle_checkpoints(run_dir: Path, committed_epoch: int) -> None:
-    """Move the staged ``.epoch-NNNNN.<name>`` files of ``committed_epoch`` into place and
-    remove those of epochs that never committed (a crash between staging and settling)."""
+    """Move ``committed_epoch``'s staged files into place; remove those never committed."""
     for staged in run_dir.glob(".epoch-*.*.weights.h5"):
         epoch, name = staged.name[len(".epoch-") :].split(".", 1)
         if epoch.isdigit() and int(epoch) == committed_epoch:
@@ -190,8 +169,8 @@ def settle_checkpoints(run_dir: Path, committed_epoch: int) -> None:
 
 
 def write_log(run_dir: Path, history: dict) -> None:
-    """Rewrite ``log.csv`` from the committed ``history`` (metric -> floats), as Keras'
-    CSVLogger writes it: a crash between commit and log row left it a row short or long."""
+    """Rewrite ``log.csv`` from the committed ``history`` as Keras' CSVLogger writes it."""
+    # A crash between commit and log row left log.csv a row short or long.
     keys = sorted(history)
     rows = max((len(v) for v in history.values()), default=0)
     with atomic_path(run_dir / "log.csv") as tmp, open(tmp, "w", newline="") as f:
@@ -209,19 +188,13 @@ _RUN_FOLDERS = (
 
 
 def read_log(run_dir) -> dict:
-    """The per-epoch history in ``run_dir/log.csv`` (Keras' CSVLogger in :func:`train`).
-
-    Safe while the run is still writing the file: a last line without its line end (a
-    row being written) is skipped. Values Keras logs as ``NA`` become NaN.
+    """The per-epoch history in ``run_dir/log.csv``, safe while the run still writes it.
 
     Returns:
-        Column name -> list of floats, one per complete row (``accuracy``, ``loss``,
-        ``learning_rate``, ``val_accuracy``, ...), and ``epoch``: ints from 1 (the file
-        counts from 0), as :func:`plot_history` takes.
+        Column -> list of floats (``NA``: NaN), and ``epoch``: ints from 1.
 
     Raises:
-        FileNotFoundError: no folder ``run_dir``, or it has no ``log.csv`` (no training run);
-            the message names the notebooks' run folders.
+        FileNotFoundError: no folder ``run_dir``, or no ``log.csv`` in it.
         ValueError: no complete row yet, or a line is not a CSVLogger row.
     """
     path = Path(run_dir) / "log.csv"

@@ -1,8 +1,4 @@
-"""Checks of arguments that several modules share: pixels, labels, counts.
-
-Each returns the checked value (as numpy where it is an array) or raises a ValueError that
-says what was wrong. Bottom layer: imports nothing of the package.
-"""
+"""Argument checks several modules share: pixels, labels, counts, paths."""
 
 from __future__ import annotations
 
@@ -24,11 +20,10 @@ def check_positive_int(value, what: str) -> int:
 
 
 def check_pixels(x, what: str = "images") -> np.ndarray:
-    """``x`` as a numpy array if its values are pixels: uint8 in [0, 255] or float in [0, 1].
+    """``x`` as numpy if its values are pixels: uint8 in [0, 255] or float in [0, 1].
 
-    Shapes are the caller's to check. Raises ValueError for any other dtype, for NaN or
-    infinite values (naming the first one's index) and for floats outside [0, 1] (the usual
-    mistake: 0-255 data as floats).
+    Raises:
+        ValueError: another dtype, NaN/inf (naming the first index), floats outside [0, 1].
     """
     x = np.asarray(x)
     if x.dtype == np.uint8:
@@ -75,10 +70,12 @@ def check_label_pair(y_true, y_pred, num_classes: int) -> tuple[np.ndarray, np.n
 
 
 def check_model_file(path) -> Path:
-    """``path`` as a Path if a ``.keras`` (or legacy ``.h5``) file is there.
+    """``path`` as a Path if a ``.keras`` (or legacy ``.h5``) file is there; no TensorFlow.
 
-    Raises FileNotFoundError naming the ``.keras`` files beside it and where the notebooks
-    write theirs, or ValueError for another suffix. Cheap: no TensorFlow."""
+    Raises:
+        FileNotFoundError: nothing there (names the ``.keras`` files beside it).
+        ValueError: another suffix.
+    """
     path = Path(path)
     if not path.is_file():
         beside = sorted(p.name for p in path.parent.glob("*.keras")) if path.parent.is_dir() else []
@@ -97,9 +94,11 @@ def check_model_file(path) -> Path:
 
 
 def check_new_folder(path) -> Path:
-    """``path`` as a Path if a new folder may be written there: nothing there yet, or an empty
-    folder. Raises FileExistsError for a symbolic link, a file or a folder holding anything
-    (nothing of the user's is ever replaced). Cheap: no TensorFlow."""
+    """``path`` as a Path if nothing or an empty folder is there; no TensorFlow.
+
+    Raises:
+        FileExistsError: a symbolic link, a file or a folder holding anything.
+    """
     path = Path(path)
     if path.is_symlink():
         raise FileExistsError(f"'{path}' is a symbolic link; name a new folder")

@@ -1,9 +1,4 @@
-"""CIFAR-100 itself: finding, downloading and reading the archive; label names; the split.
-
-Used by each notebook's "Load the data" step. The archive's pickles are read with a
-restricted unpickler that rebuilds numpy arrays only. Images come out uint8
-``(N, 32, 32, 3)`` in [0, 255], labels int64 ``(N,)``.
-"""
+"""CIFAR-100 itself: finding, downloading and reading the archive; label names; the split."""
 
 from __future__ import annotations
 
@@ -136,11 +131,9 @@ def _names(meta: dict, key: str, expected: tuple, where: str) -> None:
 
 
 def _labels(values, count: int, mode: str, where: str) -> np.ndarray:
-    """``values`` (``mode``: fine or coarse labels) as int64 ``(count,)``, checked element by
-    element before numpy sees them: a list of Python ints in ``[0, 100)`` or ``[0, 20)`` (as
-    the official files hold), or a 1-D integer array. A nested list of shared references (a
-    few hundred bytes of pickle) would make numpy build gigabytes; floats would be truncated
-    silently."""
+    """``values`` as int64 (count,), each checked to be an int in range before numpy sees it."""
+    # A few hundred bytes of nested shared references would make numpy build gigabytes, and
+    # floats would be truncated silently: hence the element-by-element check.
     n_classes = 100 if mode == "fine" else 20
     if isinstance(values, np.ndarray) and values.dtype.kind in "iu" and values.ndim == 1:
         values = values.tolist()
@@ -215,9 +208,9 @@ MAX_ARCHIVE_ENTRIES = 64
 MAX_TAR_HEADER_BYTES = 64 * 1024
 
 
+# tarfile reads an extended header whole, unbounded.
 class _BoundedTarInfo(tarfile.TarInfo):
-    """A tar entry whose extended header (GNU long name/link, PAX) is refused past
-    :data:`MAX_TAR_HEADER_BYTES` before it is read (tarfile has no such bound)."""
+    """A tar entry refusing an extended header past :data:`MAX_TAR_HEADER_BYTES`."""
 
     def _proc_member(self, tarfile_):
         extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
@@ -249,12 +242,7 @@ def _too_large(where: str, member: str, size: int) -> CifarDataError | None:
 
 
 def _read_members(source: Path) -> dict[str, bytes]:
-    """Bytes of train/test/meta from an extracted folder or a ``.tar.gz`` archive.
-
-    In an archive only the official layout counts (``cifar-100-python/train``, ...), and each
-    member's declared size is checked against its bound (``train`` :data:`MAX_MEMBER_BYTES`,
-    ``test`` 35 MB, ``meta`` 64 KB) before it is read.
-    """
+    """Bytes of train/test/meta from an extracted folder or a ``.tar.gz``, sizes bounded."""
     if source.is_dir():
         missing = _missing({p.name for p in source.iterdir() if p.is_file()})
         if missing:
@@ -273,6 +261,7 @@ def _read_members(source: Path) -> dict[str, bytes]:
     try:
         if not _is_tar(source) and _gzip_is_whole(source):
             raise CifarDataError(_wrong_file(source, "a gzip file that holds no tar archive"))
+        # Each member's declared size is checked against its bound before it is read.
         with tarfile.open(source, "r:gz", tarinfo=_BoundedTarInfo) as tar:
             found, wanted = {}, {f"{FOLDER_NAME}/{m}" for m in _MEMBERS}
             for count, info in enumerate(tar, start=1):  # official layout: cifar-100-python/*
@@ -305,8 +294,7 @@ def _read_members(source: Path) -> dict[str, bytes]:
 
 
 def _is_tar(archive: Path) -> bool:
-    """``tarfile.is_tarfile`` for a ``.tar.gz``, reading its first entry as
-    :class:`_BoundedTarInfo` (``is_tarfile`` would read a huge header whole)."""
+    """``tarfile.is_tarfile`` for a ``.tar.gz``, headers bounded by :class:`_BoundedTarInfo`."""
     try:
         with tarfile.open(archive, "r:gz", tarinfo=_BoundedTarInfo):
             return True
@@ -315,11 +303,8 @@ def _is_tar(archive: Path) -> bool:
 
 
 def _gzip_is_whole(archive: Path) -> bool:
-    """Whether the gzip stream's first 512 bytes decompress (else it is damaged, not a non-tar).
-
-    ``tarfile.is_tarfile`` says False both for a gzip file holding no tar and for a damaged
-    stream; the second is reported as truncated or corrupt instead.
-    """
+    """Whether the gzip stream's first 512 bytes decompress (else it is damaged)."""
+    # is_tarfile says False both for a non-tar gzip and a damaged stream; tell them apart.
     try:
         with gzip.open(archive) as g:
             g.read(512)
@@ -365,11 +350,8 @@ def _cached_folder(cache: Path) -> Path | None:
 
 
 def _download(url: str, dest: Path, md5: str | None, timeout: float) -> None:
-    """Download ``url`` to ``dest`` and check its md5; ``dest`` appears only if complete.
-
-    ``keras.utils.get_file`` does the same without a timeout, writes into place (a crash
-    leaves a partial file) and keeps a file that fails its hash check.
-    """
+    """Download ``url`` to ``dest`` (timeout, md5 checked); ``dest`` appears only if whole."""
+    # keras.utils.get_file has no timeout, writes in place and keeps a file failing its hash.
     try:
         with atomic_path(dest) as tmp, open(tmp, "wb") as out:
             with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -417,19 +399,14 @@ def locate_cifar100(
     cache_dir=None,
     timeout: float = 60.0,
 ) -> Path:
-    """Find (or download) CIFAR-100 and return the folder or ``.tar.gz`` to read it from.
+    """Find or download CIFAR-100; returns the folder or ``.tar.gz`` to read it from.
 
-    Order: ``data_dir``; else the ``CIFAR100_DIR`` environment variable; else the Keras
-    cache (``cache_dir``, default :func:`default_cache_dir`, extracted as
-    ``cifar-100-python-target/cifar-100-python/``); else download ``url`` into the cache,
-    check its md5 and extract it there. A named location must hold the data: it is
-    never silently replaced by a download. A cache folder missing files is rebuilt from
-    the cached archive or a new download, with a warning.
+    Order: ``data_dir``, ``$CIFAR100_DIR``, the Keras cache (``cache_dir``), then a download of
+    ``url`` into the cache. A named location is never replaced by a download.
 
     Raises:
-        CifarDataError: nothing found and the download failed (no network), checksum
-            mismatch, or a truncated/corrupt archive. Failed downloads and extractions
-            leave no partial file or folder behind.
+        CifarDataError: nothing found and the download failed, md5 mismatch, or a corrupt
+            archive; nothing partial is left behind.
     """
     named = data_dir if data_dir is not None else os.environ.get("CIFAR100_DIR") or None
     if named is not None:
@@ -440,6 +417,7 @@ def locate_cifar100(
         missing = _missing({p.name for p in folder.iterdir() if p.is_file()})
         if not missing:
             return folder
+        # Probably an interrupted extraction: rebuild it from the archive.
         warnings.warn(
             f"The CIFAR-100 cache {folder} is incomplete (missing {missing}), probably from an "
             "interrupted extraction; rebuilding it from the archive.",
@@ -456,28 +434,22 @@ def locate_cifar100(
 
 
 def load_cifar100(data_dir=None, label_mode: str = "fine", *, provenance=False, **locate_kwargs):
-    """Load CIFAR-100 as ``(x_train, y_train), (x_test, y_test)``.
+    """Load CIFAR-100 as ``(x_train, y_train), (x_test, y_test)`` (+ provenance dict if asked).
 
     Args:
-        data_dir: a ``cifar-100-python.tar.gz`` file, or a folder holding it, its
-            extracted ``cifar-100-python/`` folder, or ``train``/``test``/``meta``
-            themselves. ``None``: ``$CIFAR100_DIR``, then the Keras cache, then download
-            (see :func:`locate_cifar100`, which takes ``url``, ``md5``, ``cache_dir`` and
-            ``timeout`` as keywords).
+        data_dir: the ``.tar.gz``, or a folder holding it, ``cifar-100-python/`` or its files;
+            ``None``: as :func:`locate_cifar100` (which takes the ``locate_kwargs``).
         label_mode: ``"fine"`` (100 classes) or ``"coarse"`` (20 superclasses).
-        provenance: also return where the data came from (see :func:`data_provenance`),
-            as a third element.
+        provenance: also return :func:`data_provenance` as a third element.
 
     Returns:
-        x: uint8 ``(N, 32, 32, 3)`` in [0, 255] (N = 50,000 train, 10,000 test for the
-        official archive); y: int64 ``(N,)`` in [0, 99] (fine) or [0, 19] (coarse).
-        Pickles are read with a restricted unpickler (numpy arrays only).
+        x: uint8 (N, 32, 32, 3) in [0, 255] (N 50,000 train, 10,000 test);
+        y: int64 (N,) in [0, 99] (fine) or [0, 19] (coarse).
 
     Raises:
-        ValueError: ``label_mode`` is neither ``"fine"`` nor ``"coarse"``.
-        CifarDataError: see :func:`locate_cifar100`; also a file that is no gzip/tar archive,
-            a missing ``train``/``test``/``meta``, an unsafe pickle, wrong array shapes or
-            labels out of range.
+        ValueError: ``label_mode`` neither ``"fine"`` nor ``"coarse"``.
+        CifarDataError: as :func:`locate_cifar100`; or not a gzip/tar, a member missing, an
+            unsafe pickle, wrong shapes or labels out of range.
     """
     if label_mode not in ("fine", "coarse"):
         raise ValueError(f'label_mode must be "fine" or "coarse", not {label_mode!r}')
@@ -513,17 +485,12 @@ def data_provenance(source, members=None) -> dict:
     """Where CIFAR-100 was read from, and whether it is the official archive's content.
 
     Args:
-        source: the ``.tar.gz`` or extracted folder :func:`locate_cifar100` returned.
-        members: the ``train``/``test``/``meta`` bytes already read from it (read if None).
+        source: what :func:`locate_cifar100` returned; members: its bytes, if already read.
 
     Returns:
-        ``{"source", "archive", "md5", "official", "check"}``: the archive checked (the
-        source itself, or for an extracted folder the archive beside it in the usual
-        layouts: a user's folder holding both, this module's or Keras 3's cache), its md5
-        hex digest, ``official`` True only if that md5 is :data:`CIFAR100_MD5` and the data
-        read are that archive's (an extracted folder is compared member by member), and
-        ``check``: what was checked, in words. A folder with no archive beside it is not
-        official: it cannot be checked.
+        ``{"source", "archive", "md5", "official", "check"}``: ``official`` is True only if the
+        archive (``source`` or the one beside a folder) has :data:`CIFAR100_MD5` and the data
+        read are its content; ``check`` says what was checked.
     """
     source = Path(source)
     members = _read_members(source) if members is None else members
@@ -545,14 +512,7 @@ def data_provenance(source, members=None) -> dict:
 def split_problem(
     n_images: int, n_classes: int, val_size, train_limit, data: str = "this data"
 ) -> str | None:
-    """What is wrong with a split's sizes, in the notebooks' words, or None if they fit.
-
-    ``val_size`` (the notebooks' ``VAL_SIZE``) must be an int in ``[n_classes, n_images -
-    n_classes]``: one image per class in each part; ``train_limit`` (``TRAIN_LIMIT``) None
-    or an int in ``[n_classes, n_images - val_size]``. ``data`` names the images in the
-    message, e.g. "CIFAR-100" before it is loaded. ``TRAIN_LIMIT`` is judged only once
-    ``VAL_SIZE`` fits.
-    """
+    """What is wrong with ``VAL_SIZE``/``TRAIN_LIMIT`` for these data, in words, or None."""
     low, high = n_classes, n_images - n_classes
     if not (is_int(val_size) and low <= val_size <= high):
         return (
@@ -571,25 +531,16 @@ def split_problem(
 
 
 def train_val_split(x, y, val_size: int = 5000, seed: int = 0, train_limit: int | None = None):
-    """Seeded, stratified split of the training set into train and validation parts.
+    """Seeded, stratified split of the training set into ``(x_train, y_train), (x_val, y_val)``.
 
     Args:
-        x: images (N, ...) of any dtype; y: int labels (N,).
-        val_size: images held out for validation (model selection); CIFAR-100's test
-            set is kept for the final number only. The notebooks' ``VAL_SIZE``.
+        x: images (N, ...), any dtype; y: int labels (N,).
+        val_size: images held out for validation (``VAL_SIZE``).
         seed: the split's random seed.
-        train_limit: keep only this many training images (stratified), for quick runs;
-            ``None``: all ``N - val_size``. The notebooks' ``TRAIN_LIMIT``.
-
-    Returns:
-        ``(x_train, y_train), (x_val, y_val)``; each class keeps its share in both (when
-        ``train_limit`` leaves out fewer images than there are classes, those few are
-        drawn at random).
+        train_limit: training images kept (stratified), ``None``: all (``TRAIN_LIMIT``).
 
     Raises:
-        ParameterError: a ValueError whose message names ``VAL_SIZE`` or ``TRAIN_LIMIT``
-            and their bounds for these data (:func:`split_problem`): each part needs one
-            image per class, and ``train_limit`` at most the ``N - val_size`` images left.
+        ParameterError: ``val_size`` or ``train_limit`` out of bounds (:func:`split_problem`).
     """
     from sklearn.model_selection import train_test_split
 
@@ -601,6 +552,7 @@ def train_val_split(x, y, val_size: int = 5000, seed: int = 0, train_limit: int 
         x, y, test_size=val_size, random_state=seed, stratify=y
     )
     if train_limit is not None and train_limit < len(y_tr):
+        # Fewer left out than classes: those few are drawn at random.
         stratify = y_tr if len(y_tr) - train_limit >= n_classes else None  # as sklearn needs
         x_tr, _, y_tr, _ = train_test_split(
             x_tr, y_tr, train_size=train_limit, random_state=seed, stratify=stratify
@@ -609,11 +561,7 @@ def train_val_split(x, y, val_size: int = 5000, seed: int = 0, train_limit: int 
 
 
 def data_fingerprint(x, y) -> str:
-    """Short md5 hex digest (12 characters) of images ``x`` and labels ``y``, in order.
-
-    Identifies the exact training set of a run (data, split, ``TRAIN_LIMIT``), e.g. for
-    :func:`train`'s ``plan``; about 0.3 s for CIFAR-100's 45,000 training images.
-    """
+    """md5 hex digest (12 characters) of images ``x`` and labels ``y``, in order."""
     digest = hashlib.md5(np.ascontiguousarray(x).data)
     digest.update(np.ascontiguousarray(y, dtype=np.int64).data)
     return digest.hexdigest()[:12]

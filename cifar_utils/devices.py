@@ -1,8 +1,4 @@
-"""Where training runs: the CPU, strategies over devices and workers, which process is chief.
-
-Used by each notebook's "Setup" step (call :func:`choose_strategy` before any other
-TensorFlow work) and by training, results and export.
-"""
+"""Where training runs: the CPU, strategies over devices and workers, which process is chief."""
 
 from __future__ import annotations
 
@@ -18,12 +14,7 @@ from .checks import check_positive_int
 
 
 def cpu_info() -> dict:
-    """This machine's CPU: ``{"model": str, "flags": frozenset of str, "cores": int}``.
-
-    ``model`` and ``flags`` (e.g. ``"avx2"``, ``"avx512_bf16"``, ``"amx_bf16"``) come from
-    ``/proc/cpuinfo`` on Linux; elsewhere ``model`` is ``platform.processor()`` (or the
-    machine type) and ``flags`` is empty. ``cores``: logical CPUs (``os.cpu_count()``).
-    """
+    """This CPU: ``{"model": str, "flags": frozenset of str (Linux only), "cores": int}``."""
     import platform
 
     model, flags = "", frozenset()
@@ -39,11 +30,9 @@ def cpu_info() -> dict:
 
 
 def _tf_config() -> tuple[int, str, int] | None:
-    """``(workers incl. chief, task type, task index)`` from ``$TF_CONFIG``; ``None`` if unset.
-
-    (TensorFlow's ``TFConfigClusterResolver`` raises a bare ``JSONDecodeError`` on a typo
-    and accepts an index outside the cluster; this says what to fix.)
-    """
+    """``(workers incl. chief, task type, task index)`` from ``$TF_CONFIG``, ``None`` if unset."""
+    # TFConfigClusterResolver raises a bare JSONDecodeError on a typo and accepts an index
+    # outside the cluster; this says what to fix.
     raw = os.environ.get("TF_CONFIG", "").strip()
     if not raw:
         return None
@@ -70,23 +59,19 @@ def _tf_config() -> tuple[int, str, int] | None:
 
 
 def is_chief() -> bool:
-    """Whether this process writes a run's results, figures and exported model: True on one
-    machine, else for the ``"chief"`` task of ``$TF_CONFIG`` (worker 0 if none is named)."""
+    """Whether this process writes results, figures and exports (one machine, or the chief task)."""
     config = _tf_config()
     return config is None or config[1] == "chief"
 
 
 def worker_run_dir(run_dir) -> Path:
-    """The checkpoint folder of this worker: ``run_dir`` itself, or for a non-chief worker of a
-    multi-worker run ``run_dir/worker-<index>``, so workers sharing a folder never write the
-    same file and each resumes from its own checkpoints."""
+    """This worker's checkpoint folder: ``run_dir``, or ``run_dir/worker-<index>`` if not chief."""
     run_dir = Path(run_dir)
     return run_dir if is_chief() else run_dir / f"worker-{_tf_config()[2]}"
 
 
 def to_numpy(value) -> np.ndarray:
-    """A variable or tensor as a numpy array, also a ``MirroredVariable`` (where ``int()``
-    fails) or a per-replica result (its first local replica's value)."""
+    """A variable or tensor as numpy; of a ``MirroredVariable`` or per-replica value, the first."""
     if isinstance(value, tf.distribute.DistributedValues):
         value = value.values[0]
     return np.asarray(tf.convert_to_tensor(getattr(value, "value", value)))
@@ -101,15 +86,10 @@ def any_worker(strategy, flag: bool) -> bool:
 
 
 class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
-    """``MultiWorkerMirroredStrategy`` with a ``reduce`` that Keras 3.15's ``fit`` can use.
+    """``MultiWorkerMirroredStrategy`` with a ``reduce`` that Keras 3.15's ``fit`` can use."""
 
-    ``fit`` calls ``strategy.reduce`` on a whole ``(images, labels)`` tuple, and with
-    ``axis=0`` on scalar losses and metrics; the multi-worker strategy refuses both
-    ("Attempt to convert a value (PerReplica...)", "Invalid reduction dimension 0 for
-    input with 0 dimensions"). This reduces each part of a structure separately, and a
-    scalar across replicas (``axis=None``), which is what ``fit`` means there.
-    """
-
+    # fit reduces whole (images, labels) tuples, and scalars with axis=0; the multi-worker
+    # strategy refuses both. Reduce each part, scalars with axis=None.
     def reduce(self, reduce_op, value, axis):
         parent = super()
 
@@ -139,24 +119,16 @@ def _split_cpu(n: int) -> list[str]:
 
 
 def choose_strategy(cpu_devices: int | None = None):
-    """The ``tf.distribute`` strategy for the devices and machines at hand.
+    """The ``tf.distribute`` strategy for the devices at hand; call it before other TF work.
 
-    ``MultiWorkerMirroredStrategy`` when ``$TF_CONFIG`` names two or more workers (worker 0
-    is the chief; the README's Performance section shows the launch); ``MirroredStrategy``
-    over all GPUs when there are two or more, or over ``cpu_devices`` logical CPUs when
-    that is 2 or more and there is no GPU; else ``OneDeviceStrategy`` on the GPU or CPU.
-    Call it before any other TensorFlow work; build and compile inside ``strategy.scope()``
-    and batch at :func:`global_batch_size`.
+    Multi-worker if ``$TF_CONFIG`` names 2+ workers, mirrored over 2+ GPUs (or ``cpu_devices``
+    logical CPUs without a GPU), else one device.
 
     Args:
-        cpu_devices: logical CPU devices (default: ``$CIFAR_CPU_DEVICES``, else 1).
-
-    Returns:
-        A ``tf.distribute.Strategy``.
+        cpu_devices: logical CPU devices (default ``$CIFAR_CPU_DEVICES``, else 1).
 
     Raises:
-        ValueError: ``$TF_CONFIG`` is not valid multi-worker JSON, or this machine's task
-            is not in its cluster; ``cpu_devices`` is not an int >= 1.
+        ValueError: invalid ``$TF_CONFIG``, or ``cpu_devices`` not an int >= 1.
         RuntimeError: logical CPU devices asked for after TensorFlow started.
     """
     if cpu_devices is None:
@@ -176,10 +148,5 @@ def choose_strategy(cpu_devices: int | None = None):
 
 
 def global_batch_size(per_replica: int, strategy) -> int:
-    """The batch size to give ``tf.data``: ``per_replica`` times the strategy's replica count
-    over all machines (4 GPUs at ``BATCH_SIZE = 128``: 512, each GPU gets 128).
-
-    Raises:
-        ValueError: ``per_replica`` is not a positive int.
-    """
+    """``per_replica`` times the replicas over all machines; ValueError if not an int >= 1."""
     return check_positive_int(per_replica, "per_replica batch size") * strategy.num_replicas_in_sync

@@ -1,7 +1,4 @@
-"""Checks that a model's state and outputs are sound: no NaN/inf, rows that are probabilities.
-
-The divergence guard of :func:`cifar_utils.training.train` and every prediction use them.
-"""
+"""Checks that a model's state and outputs are sound: no NaN/inf, rows that are probabilities."""
 
 from __future__ import annotations
 
@@ -13,8 +10,7 @@ from .errors import NotProbabilities
 
 
 def check_probabilities(probs, what: str = "the model's output", atol: float = 1e-3):
-    """``probs`` (float (N, C)) as a numpy array if every row is finite, no value is below
-    ``-atol`` and it sums to 1 within ``atol``.
+    """``probs`` float (N, C) as numpy if rows are finite, >= ``-atol`` and sum to 1 ± ``atol``.
 
     Raises:
         NotProbabilities: names the first bad row and what is wrong with it.
@@ -40,10 +36,8 @@ def check_probabilities(probs, what: str = "the model's output", atol: float = 1
 
 
 def nonfinite_variables(model) -> list[str]:
-    """Paths of the model's and its optimizer's variables holding NaN or inf; ``[]`` if none.
-
-    Read from the values, not the loss (with oneDNN a NaN weight can leave the loss finite).
-    """
+    """Paths of the model's and optimizer's variables holding NaN or inf; ``[]`` if none."""
+    # Read from the values, not the loss: with oneDNN a NaN weight can leave the loss finite.
     optimizer = getattr(model, "optimizer", None)
     variables = list(model.variables) + (list(optimizer.variables) if optimizer else [])
     variables = [v for v in variables if "float" in str(v.dtype)]
@@ -56,8 +50,7 @@ def nonfinite_variables(model) -> list[str]:
 
 
 def training_state_problem(model, probe=None) -> str | None:
-    """Why a model's state is unfit to checkpoint (a variable holding NaN/inf, or outputs on
-    ``probe``, float32 (B, H, W, 3) in [0, 1], that are no probabilities), or ``None``."""
+    """Why the state is unfit to checkpoint (NaN/inf variable, ``probe`` outputs), or ``None``."""
     bad = nonfinite_variables(model)
     if bad:
         return f"variable '{bad[0]}' holds NaN or inf"

@@ -1,8 +1,7 @@
 """Metrics: top-k accuracy, per class and per superclass, reports, most confused pairs.
 
-Used by each notebook's "Test accuracy" and "Evaluation" steps. Labels are fine labels,
-int ``(N,)`` in [0, 99]; probabilities float ``(N, 100)``. One rule breaks ties everywhere:
-the lower class index wins.
+Labels are fine labels, int (N,) in [0, 99] (ValueError if invalid); probabilities float
+(N, 100). Ties: the lower class index wins, everywhere.
 """
 
 from __future__ import annotations
@@ -24,16 +23,14 @@ _FORWARD = weakref.WeakKeyDictionary()  # model -> its traced inference function
 
 
 def predict_proba(model, x, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities for images ``x`` (N, H, W, 3): uint8 in [0, 255] or float in [0, 1].
-
-    Normalised as :func:`cifar_utils.pipelines.make_dataset` does, without augmentation.
+    """Class probabilities for images ``x`` (N, H, W, 3), uint8 in [0, 255] or float in [0, 1].
 
     Returns:
-        float32 ``(N, num_classes)``, each row a probability distribution.
+        float32 (N, num_classes), rows summing to 1.
 
     Raises:
         NotProbabilities: a row holds NaN/inf or does not sum to 1 (e.g. NaN weights).
-        ValueError: no images, or bad ones (see :func:`cifar_utils.pipelines.model_input`).
+        ValueError: no images, or bad ones (:func:`cifar_utils.pipelines.model_input`).
     """
     x, scale = model_input(x)
     if not len(x):
@@ -55,19 +52,10 @@ def predict_proba(model, x, batch_size: int = 256) -> np.ndarray:
 
 
 def top_k_accuracy(y_true, probs, k: int = 1) -> float:
-    """Fraction of rows whose true label is among the ``k`` most probable classes.
-
-    Args:
-        y_true: int labels (N,) in [0, C); probs: float (N, C) scores, e.g. probabilities.
-        k: how many classes count, in [1, C].
-
-    Returns:
-        A float in [0, 1]; ties rank by class index as ``argmax`` does
-        (:func:`cifar_utils.metrics.top_k_hits`).
+    """Fraction in [0, 1] of rows whose true label is among the ``k`` highest of ``probs`` (N, C).
 
     Raises:
-        ValueError: labels invalid or not one per row, ``probs`` not (N, C) or ``k`` outside
-            [1, C].
+        ValueError: not one label per row, ``probs`` not (N, C), or ``k`` outside [1, C].
     """
     probs = np.asarray(probs)
     if probs.ndim != 2:
@@ -82,14 +70,7 @@ def top_k_accuracy(y_true, probs, k: int = 1) -> float:
 
 
 def per_class_accuracy(y_true, y_pred, num_classes: int = 100) -> np.ndarray:
-    """Accuracy within each true class (= its recall): float64 ``(num_classes,)`` in [0, 1].
-
-    ``y_true``, ``y_pred``: int labels (N,) in [0, num_classes). A class absent from
-    ``y_true`` gets NaN. Computed with scikit-learn's ``recall_score(average=None)``.
-
-    Raises:
-        ValueError: labels not integer (N,), out of range, or of different lengths.
-    """
+    """Recall of each true class: float64 (num_classes,) in [0, 1], NaN if absent."""
     from sklearn.metrics import recall_score
 
     y_true, y_pred = check_label_pair(y_true, y_pred, num_classes)
@@ -104,18 +85,11 @@ def to_superclass(fine_labels) -> np.ndarray:
 
 
 def superclass_accuracy(y_true, y_pred) -> tuple[float, np.ndarray]:
-    """Superclass accuracy of fine predictions.
-
-    A prediction counts as right when its fine label's superclass (one of the 20 coarse
-    labels, :data:`FINE_TO_COARSE`) equals the true label's superclass, e.g. true
-    ``beaver``, predicted ``dolphin``: both ``aquatic_mammals``, right.
-
-    Args:
-        y_true, y_pred: fine labels, int (N,) in [0, 99].
+    """Accuracy of fine predictions judged by superclass (e.g. beaver for dolphin: right).
 
     Returns:
-        ``(overall, per_superclass)``: a float in [0, 1] and float64 ``(20,)`` in [0, 1]
-        in :data:`COARSE_LABEL_NAMES` order (NaN for a superclass absent from ``y_true``).
+        ``(overall, per_superclass)``: float in [0, 1] and float64 (20,) in
+        :data:`COARSE_LABEL_NAMES` order, NaN for an absent superclass.
     """
     y_true, y_pred = check_label_pair(y_true, y_pred, 100)
     coarse_true, coarse_pred = to_superclass(y_true), to_superclass(y_pred)
@@ -124,15 +98,8 @@ def superclass_accuracy(y_true, y_pred) -> tuple[float, np.ndarray]:
 
 
 def classification_report(y_true, y_pred, output_dict: bool = False, digits: int = 3):
-    """scikit-learn's ``classification_report`` over the 100 fine classes, with their names.
-
-    Precision, recall (= per-class accuracy), F1 and support per class, plus accuracy and
-    macro/weighted averages. ``y_true``, ``y_pred``: fine labels, int (N,) in [0, 99].
-    Classes never predicted (or absent) score 0 instead of raising warnings.
-
-    Returns:
-        A text table (``output_dict=False``) or scikit-learn's dict of dicts.
-    """
+    """scikit-learn's ``classification_report`` (text or dict) over the 100 named classes."""
+    # zero_division=0: classes never predicted score 0 instead of warning.
     from sklearn.metrics import classification_report as sk_report
 
     y_true, y_pred = check_label_pair(y_true, y_pred, 100)
@@ -148,26 +115,19 @@ def classification_report(y_true, y_pred, output_dict: bool = False, digits: int
 
 
 def _json_float(value: float):
-    """A float for JSON: rounded to 6 decimals, NaN -> None (JSON has no NaN)."""
+    """A float for JSON: rounded to 6 decimals, NaN -> None."""
     return None if np.isnan(value) else round(float(value), 6)
 
 
 def evaluation_summary(y_true, probs, prefix: str = "test") -> dict:
-    """The metrics a results file keeps for one split, as a JSON-able dict.
-
-    Args:
-        y_true: fine labels, int (N,) in [0, 99].
-        probs: class probabilities, float (N, 100) (e.g. from :func:`predict_proba`).
-        prefix: the split's name, prepended to every key (``"val"``, ``"test"``).
+    """One split's metrics for a results file, keys prefixed by ``prefix`` (``"val"``, ``"test"``).
 
     Returns:
-        ``{f"{prefix}_top1", f"{prefix}_top5", f"{prefix}_superclass_top1"}`` (floats in
-        [0, 1]), ``f"{prefix}_per_superclass"`` and ``f"{prefix}_per_class"`` (label name ->
-        accuracy, ``None`` for a class absent from ``y_true``) and ``f"{prefix}_images"`` (N).
-        Merge it into :func:`write_results`, e.g. ``write_results(dir, name, **summary)``.
+        dict: ``{prefix}_images`` (N); ``_top1``, ``_top5``, ``_superclass_top1`` floats in
+        [0, 1]; ``_per_superclass`` and ``_per_class`` (name -> accuracy or None if absent).
 
     Raises:
-        ValueError: ``probs`` is not (N, 100) or the labels are invalid.
+        ValueError: ``probs`` not (N, 100).
     """
     probs = np.asarray(probs)
     y_true = check_labels(y_true, 100, "y_true")
@@ -193,19 +153,11 @@ def evaluation_summary(y_true, probs, prefix: str = "test") -> dict:
 
 
 def most_confused(y_true, y_pred, n: int = 10, label_names=FINE_LABEL_NAMES) -> list[dict]:
-    """The ``n`` most frequent mistakes as (true class -> predicted class) pairs.
-
-    Pairs are directed (``maple_tree`` taken for ``oak_tree`` and the reverse are two rows);
-    ties go by class index; pairs that never occur are left out.
-
-    Args:
-        y_true, y_pred: int labels (N,) in [0, len(label_names)).
-        n: how many pairs to return (at most).
+    """The ``n`` most frequent directed (true -> predicted) mistakes, most frequent first.
 
     Returns:
-        A list of dicts, most frequent first: ``{"true", "predicted"`` (names), ``"count"``
-        (int), ``"share"`` (count / images of the true class, float in [0, 1])``}``.
-        :func:`markdown_table` prints it.
+        list of ``{"true", "predicted"`` (names), ``"count"`` (int), ``"share"`` (of the true
+        class's images, in [0, 1])``}``; pairs that never occur are left out.
     """
     from sklearn.metrics import confusion_matrix
 

@@ -1,11 +1,7 @@
 """Grad-CAM heatmaps (Selvaraju et al. 2017): where in an image a model found its class.
 
-Used by the notebooks' evaluation, the ``predict --explain`` command and the web demo.
-The gradient of a class score before the softmax, taken with respect to the last
-convolutional feature map, weights that map's channels; each map cell is then placed at
-the centre of its receptive field in the image, derived from the layers in between (an
-unpadded network's map covers only the image's centre: stretching it over the whole image,
-as many implementations do, shifts every heatmap toward the corners).
+Each map cell is placed at the centre of its receptive field, derived from the layers: an
+unpadded network's map covers only the image's centre, so stretching it would shift heatmaps.
 """
 
 from __future__ import annotations
@@ -50,13 +46,9 @@ def _container(model, layer):
 
 
 def feature_map_layer(model):
-    """The layer whose output Grad-CAM explains: the last convolutional feature map.
+    """The last convolutional feature map, followed through shape-keeping layers (BN, activation).
 
-    The last convolution in the model (nested models included, e.g. EfficientNetB0's
-    ``top_conv`` inside :func:`build_efficientnet_b0`'s wrapper), followed forward through
-    the layers that keep its shape (BatchNorm, activation, Dropout), so the map is the one
-    the head pools: ``bn4`` of the simple network, ``relu12`` of the complex one,
-    ``top_activation`` of EfficientNetB0.
+    E.g. ``bn4`` (simple), ``relu12`` (complex), ``top_activation`` (EfficientNetB0).
 
     Raises:
         ValueError: the model has no 2-D convolution.
@@ -80,8 +72,7 @@ def feature_map_layer(model):
 
 
 def _main_input(tensor):
-    """The input of ``tensor``'s node that carries the image: the first of its spatial size
-    (a squeeze-and-excitation multiply also takes a 1x1 map)."""
+    """The input of ``tensor``'s node carrying the image: the first of its spatial size."""
     inputs = _node(tensor).input_tensors
     same = [t for t in inputs if len(t.shape) == 4 and t.shape[1:3] == tensor.shape[1:3]]
     return (same or inputs)[0]
@@ -99,9 +90,7 @@ def _path(model, layer) -> list:
 
 
 def _axis_step(layer, size: int, axis: int) -> tuple[float, float, float, int]:
-    """How one layer maps output index ``i`` to input coordinate ``stride * i + offset``
-    along one axis (pixel centres at integer coordinates); returns ``(stride, offset,
-    kernel extent in input pixels, output size)``."""
+    """``(stride, offset, extent, out size)`` on one axis: input at stride * i + offset."""
     if isinstance(layer, _CONVOLUTIONS + _POOLINGS):
         is_pool = isinstance(layer, _POOLINGS)
         kernel = (layer.pool_size if is_pool else layer.kernel_size)[axis]
@@ -128,18 +117,14 @@ def _axis_step(layer, size: int, axis: int) -> tuple[float, float, float, int]:
 
 
 def feature_map_grid(model) -> dict:
-    """Where the cells of the Grad-CAM map lie in the input image, derived from the layers.
+    """Where the Grad-CAM map's cells lie in the input image.
 
     Returns:
-        ``{"layer": name, "cells": (rows, cols), "first_centre": (y, x), "spacing": (dy,
-        dx), "receptive_field": (h, w)}``: cell ``(i, j)``'s receptive field is centred at
-        input pixel ``first_centre + (i, j) * spacing`` (pixel centres at 0, 1, ..., H - 1)
-        and spans ``receptive_field`` pixels (convolutions and poolings counted; padding
-        included). The simple network on 32x32: a 4x4 map, centres 9.5, 13.5, 17.5, 21.5.
+        ``{"layer", "cells": (rows, cols), "first_centre": (y, x), "spacing": (dy, dx),
+        "receptive_field": (h, w)}`` in input pixels (pixel centres at 0, 1, ..., H - 1).
 
     Raises:
-        ValueError: no convolution (see :func:`feature_map_layer`), or a layer on the way
-            changes the image size in a way this does not model.
+        ValueError: no convolution, or a layer changes the size in a way not modelled.
     """
     layer = feature_map_layer(model)
     size = model_image_size(model)
@@ -168,11 +153,11 @@ def feature_map_grid(model) -> dict:
 
 
 def _placement(size: int, start: float, spacing: float, cells: int) -> np.ndarray:
-    """float32 ``(size, cells)``: linear interpolation from cell centres to image pixels;
-    pixels beyond the outermost centres take the outermost cell's value."""
+    """float32 (size, cells): linear interpolation from cell centres to pixels, held beyond."""
     at = np.clip((np.arange(size) - start) / spacing, 0, cells - 1)
     low = np.minimum(np.floor(at).astype(int), cells - 1)
     high = np.minimum(low + 1, cells - 1)
+    # Pixels beyond the outermost centres take the outermost cell's value.
     weights = np.zeros((size, cells), np.float32)
     np.add.at(weights, (np.arange(size), low), 1 - (at - low))
     np.add.at(weights, (np.arange(size), high), at - low)
@@ -180,8 +165,7 @@ def _placement(size: int, start: float, spacing: float, cells: int) -> np.ndarra
 
 
 def _tapped(model, layer, head_input: bool = True):
-    """A model on the same layers (and weights) as ``model``: image -> (``layer``'s output,
-    the input of the last layer, or with ``head_input=False`` the model's output)."""
+    """A model on ``model``'s layers: image -> (``layer``'s output, head input or output)."""
     inner = _container(model, layer)
     if inner is model:
         feature = _output(layer)
@@ -224,6 +208,7 @@ def _explainer(model):
                 classes < 0, tf.argmax(logits, axis=1, output_type=tf.int32), classes
             )
             score = tf.reduce_sum(tf.gather(logits, classes, batch_dims=1))
+        # Channels weighted by the mean gradient of the class score; ReLU keeps what counts for it.
         grads = tf.cast(tape.gradient(score, feature), tf.float32)
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
         return tf.nn.relu(tf.reduce_sum(weights * tf.cast(feature, tf.float32), axis=-1)), classes
@@ -239,29 +224,20 @@ def _explainer(model):
 
 
 def grad_cam(model, images, class_index=None, batch_size: int = 64) -> np.ndarray:
-    """Grad-CAM heatmaps of ``images`` for their top-1 class (or the classes given).
+    """Grad-CAM heatmaps of ``images`` for their top-1 class, or the classes given.
 
     Args:
-        model: a built image classifier of this project (any of the three networks, also
-            loaded from a ``.keras`` file, under any dtype policy or ``tf.distribute``
-            strategy): input float32 (B, H, W, 3) in [0, 1], a 2-D convolution somewhere,
-            a last Dense layer giving the C class scores (softmax or not).
-        images: (N, H, W, 3), uint8 in [0, 255] or float in [0, 1] (as
-            :func:`predict_proba` takes), H x W the model's input size.
-        class_index: ``None`` (each image's most probable class), one int for all images,
-            or int (N,), in [0, C).
-        batch_size: images per gradient computation (memory, not results).
+        model: a built classifier, input float32 (B, H, W, 3) in [0, 1], ending in a Dense layer.
+        images: (N, H, W, 3), uint8 in [0, 255] or float in [0, 1], the model's input size.
+        class_index: ``None`` (top-1), one int, or int (N,), in [0, C).
+        batch_size: images per gradient computation (memory only).
 
     Returns:
-        float32 ``(N, H, W)`` in [0, 1]: the ReLU of the feature-map channels weighted by
-        the mean gradient of the class score (before the softmax), placed at the
-        receptive-field centres (:func:`feature_map_grid`), interpolated linearly between
-        them and held at the outermost cell's value beyond, divided by each image's maximum
-        (an image where no cell counts for the class is all 0).
+        float32 (N, H, W) in [0, 1], each image divided by its maximum (all 0 if none).
 
     Raises:
-        ValueError: the model has no convolution or no Dense head; images not (N, H, W, 3)
-            of the model's size, not pixels, or none; a class index outside [0, C).
+        ValueError: no convolution or Dense head; images not (N, H, W, 3) of the model's size,
+            not pixels, or none; a class index outside [0, C).
     """
     x, scale = model_input(images)
     height, width = model_image_size(model)
@@ -285,13 +261,14 @@ def grad_cam(model, images, class_index=None, batch_size: int = 64) -> np.ndarra
             scaled(x[i : i + batch_size], scale), tf.constant(classes[i : i + batch_size])
         )
         maps.append(to_numpy(cams).astype(np.float32))
+    # Placed at the receptive-field centres (feature_map_grid), linear between them.
     heat = np.einsum("yi,nij,xj->nyx", rows, np.concatenate(maps), cols)
     peak = heat.max(axis=(1, 2), keepdims=True)
     return np.divide(heat, peak, out=np.zeros_like(heat), where=peak > 0).astype(np.float32)
 
 
 def _check_classes(class_index, n: int, num_classes: int) -> np.ndarray:
-    """int32 (n,) class indices, -1 meaning "the top-1 class"."""
+    """int32 (n,) class indices, -1 meaning the top-1 class."""
     if class_index is None:
         return np.full(n, -1, np.int32)
     classes = np.asarray(class_index)
@@ -310,11 +287,7 @@ def _check_classes(class_index, n: int, num_classes: int) -> np.ndarray:
 
 
 def explain_photo(model, path_or_array) -> tuple[np.ndarray, np.ndarray]:
-    """A photo of any size and its Grad-CAM heatmap for the model's top-1 class, at its size.
-
-    The photo is read with :func:`load_image` and squashed to the model's input size, as
-    :func:`predict_image` classifies it; the heatmap is computed there and stretched back
-    over the photo (bilinear, pixel centres aligned).
+    """A photo of any size and its top-1 Grad-CAM heatmap stretched back to its size.
 
     Returns:
         ``(photo uint8 (H, W, 3), heatmap float32 (H, W) in [0, 1])``.
@@ -332,15 +305,10 @@ def explain_photo(model, path_or_array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def overlay_heatmap(image, heatmap, alpha: float = 0.45) -> np.ndarray:
-    """``heatmap`` (H, W) in [0, 1] drawn over ``image`` (uint8 (H, W, 3)) in the jet colours.
-
-    Returns:
-        uint8 ``(H, W, 3)``: ``(1 - alpha) * image + alpha * colour``; for figures and the
-        web demo.
+    """``heatmap`` (H, W) in [0, 1] blended in jet colours over ``image``: uint8 (H, W, 3).
 
     Raises:
-        ValueError: ``image`` not uint8 (H, W, 3), the two differ in size, or ``heatmap``
-            is outside [0, 1].
+        ValueError: ``image`` not uint8 (H, W, 3), sizes differ, or ``heatmap`` outside [0, 1].
     """
     from matplotlib import colormaps
 

@@ -1,9 +1,4 @@
-"""Writing files safely: atomic writes (a file or folder is whole or absent), digests, JSON.
-
-Every writer of the package (checkpoints, results, the README table, downloads, the
-extracted dataset, exported models) goes through :func:`atomic_path`. Bottom layer: imports
-nothing of the package.
-"""
+"""Writing files safely: atomic writes (a file or folder is whole or absent), digests, JSON."""
 
 from __future__ import annotations
 
@@ -28,23 +23,18 @@ def _umask() -> int:
     return mask
 
 
+# The standard library has the pieces (tempfile, os.replace) but no such context manager.
 @contextlib.contextmanager
 def atomic_path(path, *, folder: bool = False):
-    """Yield a temporary path beside ``path``; on success it replaces ``path``.
+    """Yield a temporary path beside ``path`` (its suffixes kept); on success it replaces ``path``.
 
-    The temporary file keeps ``path``'s suffixes (``.weights.h5``, ``.keras``, ...) so
-    libraries that look at them write the right format. ``folder=True`` yields an empty
-    temporary folder instead, which replaces an empty ``path`` folder (a folder holding
-    anything raises ``OSError``, and nothing is lost). If the block raises, the temporary
-    path is removed and ``path`` is left as it was (or absent). A ``path`` that is a symbolic
-    link is written through: its target is replaced, the link stays; a target that is no
-    regular file (``/dev/null``, a pipe) raises ``FileExistsError``. The result keeps the
-    permissions of the file it replaces, or gets those of anything new of the user (0666,
-    or 0777 for a folder, less the umask), not the 0600/0700 of a temporary file. ``path``'s
-    parent folder is created.
+    ``folder=True`` yields an empty folder, replacing only an empty ``path`` folder. On error
+    ``path`` is left as it was. A symbolic link is written through. The result keeps the
+    replaced file's permissions, else 0666/0777 less the umask. The parent is created.
 
-    Python's standard library has the pieces (``tempfile``, ``os.replace``) but no such
-    context manager.
+    Raises:
+        FileExistsError: ``path`` is no regular file (folder): a device, a pipe, ...
+        OSError: ``folder=True`` and ``path`` is a folder holding anything.
     """
     path = Path(path)
     if path.is_symlink():  # write where the link points, and keep the link

@@ -1,9 +1,4 @@
-"""Top-k hits with one tie rule, and the metrics the notebooks compile with.
-
-Every top-k figure here comes from :func:`top_k_hits`: Keras' ``in_top_k`` counts every class
-tied at the k-th place and scikit-learn ranks ties the other way, so a saturated softmax
-would score differently in the history, the results file and the per-class figures.
-"""
+"""Top-k hits with one tie rule, and the metrics the notebooks compile with."""
 
 from __future__ import annotations
 
@@ -11,19 +6,12 @@ import keras
 
 
 def top_k_hits(labels, scores, k: int):
-    """1.0 where the label is among the ``k`` highest scores of its row, else 0.0.
+    """float32 (N,): 1.0 where the int label (N,) is among the ``k`` highest ``scores`` (N, C).
 
-    Equal scores rank by class index, lower first, as ``argmax`` (Keras' ``accuracy``) does;
-    a row holding NaN or inf is never a hit.
-
-    Args:
-        labels: int class indices ``(N,)`` (tensor or numpy).
-        scores: float ``(N, C)``.
-        k: how many of the top classes count.
-
-    Returns:
-        float32 ``(N,)`` Keras tensor of 0.0/1.0.
+    Ties rank by class index, lower first, as ``argmax``; a row holding NaN or inf never hits.
     """
+    # Keras' in_top_k counts every class tied at the k-th place and sklearn ranks ties the
+    # other way: one rule here, so history, results and per-class figures agree.
     label = keras.ops.cast(labels, "int32")[:, None]
     p_true = keras.ops.take_along_axis(scores, label, axis=-1)
     index = keras.ops.arange(keras.ops.shape(scores)[-1], dtype="int32")[None, :]
@@ -35,15 +23,10 @@ def top_k_hits(labels, scores, k: int):
 
 @keras.saving.register_keras_serializable(package="cifar_utils")
 def top5_hits(y_true, y_pred):
-    """:func:`top_k_hits` with ``k=5`` for ``model.compile``: one-hot ``y_true`` ``(N, C)``."""
+    """:func:`top_k_hits` with ``k=5`` for ``model.compile``: one-hot ``y_true`` (N, C)."""
     return top_k_hits(keras.ops.argmax(y_true, axis=-1), y_pred, 5)
 
 
 def compile_metrics() -> list:
-    """Fresh metrics for ``model.compile``: top-1 ``"accuracy"`` and ``top5_accuracy``.
-
-    Returns:
-        ``["accuracy", MeanMetricWrapper(top5_hits)]``: the history's validation figures
-        are those the results file finds for the same weights.
-    """
+    """Fresh metrics for ``model.compile``: ``"accuracy"`` and ``top5_accuracy``."""
     return ["accuracy", keras.metrics.MeanMetricWrapper(top5_hits, name="top5_accuracy")]

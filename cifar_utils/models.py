@@ -1,15 +1,7 @@
-"""The three networks, EfficientNetB0's ImageNet weights, and what a model is made of.
+"""The three networks (each defined once, in its notebook's cell tagged ``network``), the
+EfficientNetB0 base and its ImageNet weights, parameter counts, layer walks, float32 copies.
 
-Each network is written once, in its notebook: the code cell tagged ``network`` defines
-``build_model``, the layers a reader sees and edits, and what that notebook trains. The
-tests, the benchmark and the scripts get that very network with one call
-(:func:`build_simple_cnn`, :func:`build_complex_cnn`, :func:`build_efficientnet_b0`), which
-runs the cell from the notebook file (:func:`build_from_notebook`): never a second copy.
-This module keeps what the three share and what is not the lesson: the EfficientNetB0 base
-and its weights file, parameter counts, layer walks, float32 copies.
-
-Every model takes float32 ``(B, 32, 32, 3)`` in [0, 1] and returns float32 ``(B, 100)``
-probabilities (the softmax stays float32 under mixed precision).
+Every model maps float32 (B, 32, 32, 3) in [0, 1] to float32 (B, 100) probabilities.
 """
 
 from __future__ import annotations
@@ -38,24 +30,13 @@ NETWORK_NOTEBOOKS = {
 
 
 def build_from_notebook(notebook, **kwargs):
-    """The network that ``notebook``'s code cell tagged ``network`` defines: its
-    ``build_model(**kwargs)``, built under the current dtype policy and strategy scope.
-
-    The cell runs on its own, with the names the notebook's setup cell gives it (``keras``,
-    and ``cu``: this package), so an edit in the notebook is what this builds.
-
-    Args:
-        notebook: a notebook's path, or its file name in the repository root (beside
-            this package), e.g. ``NETWORK_NOTEBOOKS["simple_cnn"]``.
-        **kwargs: ``build_model``'s arguments, as its cell documents them.
-
-    Returns:
-        keras.Model: what ``build_model`` returns.
+    """``build_model(**kwargs)`` of the cell tagged ``network`` in ``notebook`` (path or name).
 
     Raises:
-        FileNotFoundError: no such notebook; LookupError: no single cell tagged ``network``,
-            or it defines no ``build_model`` (the messages name the file and the tag).
+        FileNotFoundError: no such notebook.
+        LookupError: no single cell tagged ``network``, or it defines no ``build_model``.
     """
+    # The cell sees only what the notebook's setup cell gives it: keras and cu (this package).
     scope = run_tagged_cell(notebook, NETWORK_TAG, {"keras": keras, "cu": sys.modules[__package__]})
     if not callable(scope.get("build_model")):
         raise LookupError(
@@ -66,40 +47,19 @@ def build_from_notebook(notebook, **kwargs):
 
 
 def build_simple_cnn(**kwargs):
-    """The seed's simple network, from ``simple_image_clasifier.ipynb`` (its cell tagged
-    ``network``; :func:`build_from_notebook`): the 18 rows of the seed's table
-    (:data:`cifar_utils.published.SIMPLE_CNN_LAYERS`).
+    """The seed's simple network (``simple_image_clasifier.ipynb``; kwargs: ``num_classes=100``).
 
-    For 100 classes: 1,777,636 parameters, 1,775,716 trainable and 1,920 non-trainable
-    (BatchNorm moving statistics), the seed's figures (:data:`cifar_utils.published.PARAMS`).
-    About 0.24 GFLOPs per image forward.
-
-    Args:
-        **kwargs: ``build_model``'s: ``num_classes`` (default 100).
-
-    Returns:
-        keras.Model ``simple_cnn``: float32 (B, 32, 32, 3) in [0, 1] -> float32
-        (B, num_classes) probabilities.
+    For 100 classes 1,777,636 parameters, 1,920 non-trainable: the seed's figures
+    (:data:`cifar_utils.published.PARAMS`). About 0.24 GFLOPs per image.
     """
     return build_from_notebook(NETWORK_NOTEBOOKS["simple_cnn"], **kwargs)
 
 
 def build_complex_cnn(**kwargs):
-    """The seed's complex network, from ``complex_image_clasifier.ipynb`` (its cell tagged
-    ``network``; :func:`build_from_notebook`): 12 conv layers + Dense 512 + Dense 100.
+    """The seed's complex network (``complex_image_clasifier.ipynb``): 12 conv + 2 Dense layers.
 
-    For 100 classes: 15,047,588 parameters, 15,038,116 trainable and 9,472 non-trainable
-    (the moving mean and variance of the 13 BatchNorm layers), the figures of the seed
-    notebook, which printed no layer table (the widths are our choice; the notebook says why).
-
-    Args:
-        **kwargs: ``build_model``'s: ``num_classes`` (default 100), ``stages`` (the conv
-            widths of each stage and the Dropout after its pooling), ``dense_units`` (512),
-            ``l2`` (5e-4). The counts above hold for the defaults only.
-
-    Returns:
-        keras.Model ``complex_cnn``: float32 (B, 32, 32, 3) in [0, 1] -> float32
-        (B, num_classes) probabilities.
+    Kwargs ``num_classes`` (100), ``stages``, ``dense_units`` (512), ``l2`` (5e-4). With the
+    defaults 15,047,588 parameters, 9,472 non-trainable: the seed notebook's figures.
     """
     return build_from_notebook(NETWORK_NOTEBOOKS["complex_cnn"], **kwargs)
 
@@ -143,19 +103,15 @@ def _weights_howto(dest: Path) -> str:
 
 
 def efficientnet_b0_weights_file(*, origin: str = EFFICIENTNET_B0_URL, cache_dir=None) -> Path:
-    """Path of EfficientNetB0's no-top ImageNet weights in the Keras cache; download if absent.
-
-    The file is ``cache_dir/`` :data:`EFFICIENTNET_B0_WEIGHTS` (default ``cache_dir``:
-    ``$KERAS_HOME/models`` or ``~/.keras/models``, where the ``efficientnet`` package looks).
-    A file already there must have the sha256 :data:`EFFICIENTNET_B0_SHA256`: the package
-    itself would silently download a mismatching file again, which fails offline.
+    """Path of EfficientNetB0's no-top ImageNet weights in the Keras cache; downloaded if absent.
 
     Raises:
-        WeightsError: the cached file has another sha256 (says what to do), or the download
-            from ``origin`` failed (no network, wrong hash), with how to install it by hand.
+        WeightsError: the cached file's sha256 is not :data:`EFFICIENTNET_B0_SHA256`, or the
+            download failed; the message says how to install the file by hand.
     """
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir().parent / "models"
     dest = folder / EFFICIENTNET_B0_WEIGHTS
+    # The efficientnet package would silently re-download a mismatching file, failing offline.
     if dest.is_file():
         got = file_digest(dest, "sha256")
         if got != EFFICIENTNET_B0_SHA256:
@@ -215,20 +171,14 @@ def _load_base_weights(base, path) -> None:
 
 
 def efficientnet_b0_base(weights="imagenet", image_size: int = 224):
-    """EfficientNetB0 without its top (``efficientnet`` 1.1.1), for ``image_size`` inputs,
-    with its weights loaded and checked: the base of the transfer notebook's network.
+    """EfficientNetB0 without top (``efficientnet`` 1.1.1), weights loaded and checked.
 
-    The model (named :data:`EFFICIENTNET_BASE`) takes (B, image_size, image_size, 3) normalised
-    as the package's ``preprocess_input`` does (mode "torch": :data:`IMAGENET_MEAN`,
-    :data:`IMAGENET_STD`) and returns (B, image_size / 32, image_size / 32, 1280) features;
-    4,049,564 parameters, 42,016 of them BatchNorm moving statistics.
+    Input (B, image_size, image_size, 3) normalised by :data:`IMAGENET_MEAN`/:data:`IMAGENET_STD`;
+    output (B, image_size / 32, image_size / 32, 1280). 4,049,564 parameters (seed's figure).
 
     Args:
-        weights: ``"imagenet"`` (the Keras cache, else downloaded; see
-            :func:`efficientnet_b0_weights_file`), a path to an ``.h5`` file holding the base's
-            weights (the package's no-top file, or a ``.weights.h5`` saved from this base), or
-            ``None`` (random initialisation, for quick checks).
-        image_size: height and width in pixels of its input (224: ImageNet's).
+        weights: ``"imagenet"``, a path to an ``.h5`` of the base's weights, or ``None`` (random).
+        image_size: input height and width in pixels (224).
 
     Raises:
         WeightsError: weights missing, offline, wrong hash, unreadable or not fitting the base.
@@ -246,22 +196,10 @@ def efficientnet_b0_base(weights="imagenet", image_size: int = 224):
 
 
 def build_efficientnet_b0(**kwargs):
-    """EfficientNetB0 with a new head for CIFAR-100, from
-    ``image_classifier_with_transfer_learning.ipynb`` (its cell tagged ``network``;
-    :func:`build_from_notebook`).
+    """EfficientNetB0 with a new CIFAR-100 head (``image_classifier_with_transfer_learning.ipynb``).
 
-    Resizing and Normalization inside the model (no parameters), the base
-    (:func:`efficientnet_b0_base`, layer :data:`EFFICIENTNET_BASE`), GlobalAveragePooling,
-    Dropout 0.2, Dense softmax. For 100 classes: 4,177,664 parameters, 4,135,648 trainable,
-    42,016 non-trainable (BatchNorm moving statistics), the base 4,049,564, as in the seed.
-
-    Args:
-        **kwargs: ``build_model``'s: ``weights`` (as :func:`efficientnet_b0_base`; default
-            ``"imagenet"``), ``image_size`` (224), ``num_classes`` (100).
-
-    Returns:
-        keras.Model ``efficientnet_b0_transfer``: float32 (B, 32, 32, 3) in [0, 1] -> float32
-        (B, num_classes) probabilities.
+    Kwargs ``weights`` (as :func:`efficientnet_b0_base`), ``image_size`` (224), ``num_classes``
+    (100). For 100 classes 4,177,664 parameters, 42,016 non-trainable, as in the seed.
 
     Raises:
         WeightsError: as :func:`efficientnet_b0_base`.
@@ -270,8 +208,7 @@ def build_efficientnet_b0(**kwargs):
 
 
 def describe_weights(weights) -> str | None:
-    """What a ``WEIGHTS`` value means, for a run's plan: ``"imagenet"``, ``None``, or for a
-    file ``"sha256:<first 16 hex digits>"`` of its content (so a copied file is the same)."""
+    """``WEIGHTS`` for a plan: ``"imagenet"``, ``None``, or a file's ``"sha256:<16 hex>"``."""
     if weights is None or (isinstance(weights, str) and weights == "imagenet"):
         return weights
     path = Path(weights).expanduser()
@@ -279,15 +216,13 @@ def describe_weights(weights) -> str | None:
 
 
 def set_base_trainable(model, trainable: bool):
-    """Freeze (head phase) or unfreeze (fine-tuning) the EfficientNetB0 base of ``model``.
+    """Freeze or unfreeze ``model``'s EfficientNetB0 base, BatchNorm always frozen; returns it.
 
-    BatchNormalization layers stay frozen either way, which in Keras 3 also runs them in
-    inference mode (ImageNet statistics), as keras.io's "Image classification via fine-tuning
-    with EfficientNet" recommends. For :func:`build_efficientnet_b0` with 100 classes the
-    trainable count becomes 128,100 (head) or 4,093,632 (fine-tuning). Compile ``model``
-    again afterwards. Returns ``model``.
+    For 100 classes the trainable count becomes 128,100 (frozen) or 4,093,632. Compile again after.
     """
     base = model.get_layer(EFFICIENTNET_BASE)
+    # Frozen BatchNorm runs in inference mode in Keras 3 (ImageNet statistics), as keras.io's
+    # "Image classification via fine-tuning with EfficientNet" recommends.
     base.trainable = trainable
     for layer in base.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -296,12 +231,8 @@ def set_base_trainable(model, trainable: bool):
 
 
 def load_weights_strictly(model, path) -> str | None:
-    """``model.load_weights(path)``; returns why the file does not fit, else ``None``.
-
-    Keras only warns ("Skipping variable loading ...") when a saved layer or optimizer does
-    not match and leaves those variables as they were: a silent wrong result. Here that
-    warning, like a ValueError/KeyError from a mismatched file, becomes the returned reason.
-    """
+    """``model.load_weights(path)``; returns why the file does not fit, else ``None``."""
+    # Keras only warns "Skipping variable loading" on a mismatch and keeps the old values.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -312,14 +243,13 @@ def load_weights_strictly(model, path) -> str | None:
 
 
 def layer_config(layer, *also_drop) -> dict:
-    """What ``layer`` computes: its config without name, dtype policy, trainable flag (and
-    ``also_drop``), so the same layer built again has the same one."""
+    """``layer``'s config without name, dtype policy, trainable (and ``also_drop``)."""
     drop = ("name", "dtype", "trainable", *also_drop)
     return {k: v for k, v in layer.get_config().items() if k not in drop}
 
 
 def leaf_layers(model) -> list:
-    """All layers of ``model`` that are not models themselves, nested models flattened, in order."""
+    """All non-model layers of ``model``, nested models flattened, in order."""
     leaves, stack = [], list(model.layers)
     while stack:
         layer = stack.pop(0)
@@ -339,9 +269,7 @@ def float32_config(layer) -> dict:
 
 
 def float32_copy(model):
-    """``model`` if it computes in float32, else a copy of it (same layer classes and
-    weights) computing in float32: what its export (:func:`cifar_utils.export.export_model`)
-    computes, on every machine."""
+    """``model`` if it computes in float32, else a float32 copy with its weights (as exported)."""
     if not any(layer.dtype_policy.name.startswith("mixed_") for layer in leaf_layers(model)):
         return model
     twin = keras.models.clone_model(

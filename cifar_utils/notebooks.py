@@ -1,10 +1,6 @@
 """The notebooks beside this package: finding them, and running one tagged cell of theirs.
 
-A notebook is the one place where its network is written (its cell tagged ``network``), so
-the tests, the benchmark and the scripts build that very network from the notebook file
-rather than from a second copy of it (:func:`cifar_utils.models.build_from_notebook`).
-nbformat reads notebooks; what it lacks, and this module adds, is running one cell found by
-its tag on its own, with a clear error when the file or the cell is missing.
+nbformat reads notebooks; it lacks running one cell found by its tag, with clear errors.
 """
 
 from __future__ import annotations
@@ -16,8 +12,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1]
 
 
 def notebook_path(notebook) -> Path:
-    """``notebook`` as a path; a relative name that does not exist here is looked up in
-    :data:`NOTEBOOK_DIR` (where the notebooks live, beside this package)."""
+    """``notebook`` as a path; a relative name not found here is taken in :data:`NOTEBOOK_DIR`."""
     path = Path(notebook)
     if not path.is_absolute() and not path.exists():
         path = NOTEBOOK_DIR / path
@@ -25,21 +20,12 @@ def notebook_path(notebook) -> Path:
 
 
 def run_tagged_cell(notebook, tag: str, namespace: dict) -> dict:
-    """Run the one code cell of ``notebook`` tagged ``tag`` in a copy of ``namespace``.
-
-    Args:
-        notebook: a notebook's path, or its file name in :data:`NOTEBOOK_DIR`.
-        tag: the cell tag (Jupyter's cell metadata ``tags``).
-        namespace: the names the cell uses from the notebook's earlier cells (e.g. ``keras``);
-            not changed.
-
-    Returns:
-        dict: the namespace after the cell ran (what it imported and defined, added).
+    """Run ``notebook``'s one code cell tagged ``tag`` in a copy of ``namespace``; return that copy.
 
     Raises:
-        FileNotFoundError: no such notebook (the message names the file and the tag).
-        LookupError: no code cell, or more than one, carries ``tag``.
-        Exception: whatever the cell raises, its traceback naming the notebook and the tag.
+        FileNotFoundError: no such notebook.
+        LookupError: not exactly one code cell carries ``tag``.
+        Exception: whatever the cell raises (traceback names notebook and tag).
     """
     import nbformat
 

@@ -1,7 +1,4 @@
-"""How training computes: seeds and op determinism, precision (dtype policy), XLA.
-
-Used by each notebook's "Setup" step, after :func:`cifar_utils.devices.choose_strategy`.
-"""
+"""How training computes: seeds and op determinism, precision (dtype policy), XLA."""
 
 from __future__ import annotations
 
@@ -14,15 +11,10 @@ from .devices import cpu_info
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed Python, numpy and TensorFlow (``keras.utils.set_random_seed``), before building.
-
-    Args:
-        seed: the run's seed (int).
-        deterministic: also enable op determinism: the same seed on the same machine gives
-            the same run (without it GPU sums vary by round-off); it rules XLA out.
-    """
+    """Seed Python, numpy and TensorFlow, before building; ``deterministic``: op determinism too."""
     keras.utils.set_random_seed(int(seed))
     if deterministic:
+        # A seed then repeats on one machine (GPU sums vary otherwise); it rules XLA out.
         tf.config.experimental.enable_op_determinism()
 
 
@@ -57,7 +49,7 @@ def _native(policy: str, cpu_flags, gpus: list) -> bool:
 
 
 def _gpu_capabilities() -> list:
-    """Compute capability ``(major, minor)`` of each visible GPU (``None`` where unknown)."""
+    """Compute capability ``(major, minor)`` of each visible GPU, ``None`` where unknown."""
     return [
         tf.config.experimental.get_device_details(gpu).get("compute_capability")
         for gpu in tf.config.list_physical_devices("GPU")
@@ -88,21 +80,12 @@ def _auto_precision(cpu_flags, gpus: list) -> tuple[str, str]:
 
 
 def choose_precision(setting="auto", *, cpu_flags=None, gpus=None) -> tuple[str, str]:
-    """The Keras dtype policy for the ``MIXED_PRECISION`` parameter, and why, in words.
-
-    ``"auto"``: on GPUs (the lowest compute capability of all) ``"mixed_bfloat16"`` from 8.0
-    on, ``"mixed_float16"`` on 7.x, else ``"float32"``; without a GPU ``"mixed_bfloat16"``
-    when the CPU has a flag of :data:`BF16_CPU_FLAGS`, else ``"float32"``.
+    """The Keras dtype policy for ``MIXED_PRECISION``, and why: ``(policy, reason)``.
 
     Args:
         setting: ``"auto"``, ``True``/``"float16"``, ``"bfloat16"`` or ``False``/``"float32"``.
-        cpu_flags: the CPU's flags (default: :func:`cpu_info`'s).
-        gpus: compute capability ``(major, minor)`` per visible GPU, ``None`` where unknown
-            (default: TensorFlow's device details; ``[]``: no GPU).
-
-    Returns:
-        ``(policy, reason)``: ``"float32"``, ``"mixed_bfloat16"`` or ``"mixed_float16"``, and
-        one phrase saying why (for a forced choice: what ``"auto"`` would pick here).
+        cpu_flags: the CPU's flags (default :func:`cpu_info`'s).
+        gpus: ``(major, minor)`` compute capability per GPU, ``None`` if unknown; ``[]``: none.
 
     Raises:
         ValueError: ``setting`` is none of the six values.
@@ -123,19 +106,9 @@ def choose_precision(setting="auto", *, cpu_flags=None, gpus=None) -> tuple[str,
 
 
 def configure_precision(setting="auto", *, cpu_flags=None, gpus=None) -> str:
-    """Set Keras' global dtype policy from ``MIXED_PRECISION`` and print it with its reason.
+    """Set and print Keras' global dtype policy for ``MIXED_PRECISION``, before building models.
 
-    Call it before building models (models built earlier keep their policy). A forced policy
-    the hardware does not compute natively warns: it runs slower than float32 there.
-
-    Args:
-        setting, cpu_flags, gpus: as for :func:`choose_precision`.
-
-    Returns:
-        The policy now in force: ``"float32"``, ``"mixed_bfloat16"`` or ``"mixed_float16"``.
-
-    Raises:
-        ValueError: ``setting`` is none of the values :func:`choose_precision` takes.
+    Args and Raises as :func:`choose_precision`; returns the policy. Warns if not native here.
     """
     gpus = _gpu_capabilities() if gpus is None else list(gpus)
     cpu_flags = cpu_info()["flags"] if cpu_flags is None else frozenset(cpu_flags)
@@ -159,14 +132,7 @@ def _op_determinism() -> bool:
 
 
 def xla_decision(xla) -> tuple[bool, str]:
-    """Whether ``model.compile`` will really use XLA for the ``XLA`` parameter, and why.
-
-    Args:
-        xla: ``True``, ``False`` or ``"auto"`` (on only when a GPU is visible: XLA slowed
-            this project's CPU benchmark).
-
-    Returns:
-        ``(jit_compile, reason)``: the bool to pass to ``model.compile`` and one phrase.
+    """``(jit_compile, reason)``: whether ``model.compile`` will really use XLA for ``xla``.
 
     Raises:
         ValueError: ``xla`` is none of ``True``, ``False``, ``"auto"``.
@@ -175,6 +141,7 @@ def xla_decision(xla) -> tuple[bool, str]:
         raise ValueError(f'XLA must be True, False or "auto", not {xla!r}')
     if xla is False:
         return False, "XLA = False"
+    # "auto": on only with a GPU; XLA slowed this project's CPU benchmark.
     if xla == "auto" and not tf.config.list_physical_devices("GPU"):
         return False, 'XLA = "auto" on a CPU, where XLA made training slower'
     if _op_determinism():  # Keras resets jit_compile here, blaming the model (keras#22621)
@@ -186,15 +153,7 @@ def xla_decision(xla) -> tuple[bool, str]:
 
 
 def resolve_jit_compile(xla) -> bool:
-    """Print whether XLA is on and why; return ``jit_compile`` for ``model.compile``.
-
-    Call it after :func:`seed_everything` (the results record ``model.jit_compile``).
-
-    Args:
-        xla: as for :func:`xla_decision`.
-
-    Returns:
-        ``True`` or ``False``.
+    """Print whether XLA is on and why; return ``jit_compile``. Call after :func:`seed_everything`.
 
     Raises:
         ValueError: ``xla`` is none of ``True``, ``False``, ``"auto"``.

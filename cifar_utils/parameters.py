@@ -1,7 +1,4 @@
-"""The notebooks' parameter contract: ``check_parameters`` runs first in every notebook.
-
-The parameters and their defaults are read from each notebook's cell tagged "parameters".
-"""
+"""The notebooks' parameter contract: ``check_parameters`` runs first in every notebook."""
 
 from __future__ import annotations
 
@@ -21,7 +18,7 @@ from .runlock import own_output_dir
 
 
 class NotebookParameters(dict):
-    """The checked parameters of a notebook run (name -> value), with the notebook's defaults."""
+    """A run's checked parameters (name -> value), with the notebook's ``defaults``."""
 
     def __init__(self, values: dict, defaults: dict):
         super().__init__(values)
@@ -32,15 +29,10 @@ class NotebookParameters(dict):
         return {k: _jsonable(v) for k, v in self.items() if v != self.defaults.get(k)}
 
     def check_batch_size(self, train_images: int, replicas: int = 1) -> None:
-        """Refuse a ``BATCH_SIZE`` larger than the training images the data left.
-
-        ``BATCH_SIZE`` is per replica: the global batch is ``BATCH_SIZE x replicas``. A
-        global batch above ``train_images`` would make every epoch one short step; the
-        notebooks call this after :func:`train_val_split`, with ``len(y_train)``.
+        """Refuse a global batch (``BATCH_SIZE`` x ``replicas``) above ``train_images``.
 
         Raises:
-            ParameterError: the message names ``BATCH_SIZE``, the training images and the
-                largest ``BATCH_SIZE`` that fits.
+            ParameterError: naming ``BATCH_SIZE``, the images and the largest that fits.
         """
         if self["BATCH_SIZE"] * replicas > train_images:
             raise ParameterError(_batch_too_large(self["BATCH_SIZE"], replicas, train_images))
@@ -51,14 +43,10 @@ def _jsonable(value):
 
 
 def notebook_defaults(notebook) -> dict:
-    """The parameters of ``notebook`` (name -> default), read from its cell tagged "parameters".
-
-    Each ``NAME = literal`` line of that cell is a parameter (papermill's
-    ``inspect_notebook`` finds them); papermill's ``-p NAME VALUE`` overrides it in the cell
-    it injects after.
+    """``notebook``'s parameters (name -> default) from its cell tagged "parameters".
 
     Raises:
-        ValueError: the notebook has no cell tagged "parameters", or a default is no literal.
+        ValueError: no cell tagged "parameters", or a default is no literal.
     """
     import ast
 
@@ -133,7 +121,7 @@ _PARAMETER_RULES = (
 
 
 def _expected(name: str, default) -> tuple:
-    """(value test, description) of parameter ``name`` from its name, else its default's type."""
+    """(value test, description) of parameter ``name``, from its name, else its default's type."""
     for applies, test, what in _PARAMETER_RULES:
         if applies(name):
             return test, what
@@ -165,24 +153,14 @@ _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
 
 
 def check_parameters(namespace: dict, notebook) -> NotebookParameters:
-    """Check a notebook run's parameters before anything is read or written.
+    """Check a notebook run's parameters (from ``globals()``) before anything is read or written.
 
-    Names and defaults come from the notebook's cell tagged "parameters"
-    (:func:`notebook_defaults`). Unknown names (papermill only warns on ``-p EPOCH 2``) are
-    refused with the closest known one. Values by name: ``*EPOCHS`` ints >= 1; ``*_LR``
-    numbers > 0; ``VAL_SIZE``, ``TRAIN_LIMIT``, ``BATCH_SIZE`` ints that fit CIFAR-100's
-    training images (:func:`split_problem`); ``SEED``, ``IMAGE_SIZE`` ints in range; ``XLA``
-    True/False/"auto"; ``MIXED_PRECISION`` as :func:`choose_precision` takes; ``WEIGHTS``
-    "imagenet", None or a file; ``PHOTO`` None or a readable image; ``*_DIR`` paths; any
-    other parameter its default's type. Given a notebook kernel's own globals, it then locks
-    ``OUTPUT_DIR`` (:func:`own_output_dir`): a second run of the notebook into it stops here.
-
-    Args:
-        namespace: the notebook's globals (``globals()``).
-        notebook: the notebook's file name (relative to this module's folder) or path.
+    Unknown names are refused with the closest known one; values by the rules of
+    :data:`_PARAMETER_RULES`, ``VAL_SIZE``/``TRAIN_LIMIT``/``BATCH_SIZE`` against CIFAR-100's
+    training images. In a notebook's kernel it then locks ``OUTPUT_DIR`` (:func:`own_output_dir`).
 
     Returns:
-        :class:`NotebookParameters`: name -> value, with ``.defaults`` and ``.changed()``.
+        :class:`NotebookParameters`.
 
     Raises:
         ParameterError: every problem found, one per line, each naming the parameter.
@@ -191,6 +169,7 @@ def check_parameters(namespace: dict, notebook) -> NotebookParameters:
     defaults = notebook_defaults(notebook)
     known = _assigned_names(notebook)
     problems = []
+    # papermill only warns on an unknown -p name (a typo such as EPOCH).
     for name in namespace:
         if name.startswith("_") or name in known or name in _IPYTHON_NAMES:
             continue

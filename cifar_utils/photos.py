@@ -1,8 +1,4 @@
-"""Photos: reading any image file safely, ``predict_image``, the sample photos.
-
-Used by the notebooks' "Your own photo" step, the ``predict`` command and the web demo.
-Images come out uint8 RGB ``(H, W, 3)`` in [0, 255].
-"""
+"""Photos: reading any image file safely as uint8 RGB (H, W, 3), ``predict_image``, samples."""
 
 from __future__ import annotations
 
@@ -28,34 +24,19 @@ JPEG_DRAFT_SIDE = 2048
 
 
 def load_image(source, size=None, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Read a photo as uint8 RGB ``(H, W, 3)`` in [0, 255], whatever its format and mode.
-
-    Every path that reads a photo uses it: the notebooks, the ``predict`` command and the
-    web demo.
+    """Read a photo as uint8 RGB (H, W, 3) in [0, 255], whatever its format and mode.
 
     Args:
-        source: path of any image Pillow reads (PNG, JPEG, ...; RGB, RGBA, greyscale,
-            16-bit greyscale, palette, CMYK), or an array ``(H, W)``, ``(H, W, 1)``,
-            ``(H, W, 3)`` or ``(H, W, 4)``: uint8 in [0, 255] or float in [0, 1].
-            Transparent pixels are composited onto white; greyscale is repeated over the
-            three channels; JPEG EXIF orientation is applied. A single-scan JPEG whose long
-            side exceeds 2 x :data:`JPEG_DRAFT_SIDE` is decoded at a reduced scale (its long
-            side stays at least :data:`JPEG_DRAFT_SIDE` pixels); one of several scans
-            (progressive, or a scan per channel) is not (its decoder holds the full size
-            anyway), so the budget counts its full size.
-        size: ``(height, width)`` in pixels to resize to (squashed, not cropped, with
-            Pillow's antialiasing Lanczos filter, like Keras' image_dataset_from_directory);
-            ``None`` keeps the decoded size.
-        max_pixels: most pixels a file may have to decode (after a JPEG's draft), checked
-            before decoding; decoding takes up to about 17 bytes a pixel at its peak (an RGB
-            WebP: the decoder's buffer, Pillow's image, the resized copy), so the web demo
-            passes a lower cap than :data:`MAX_IMAGE_PIXELS`.
+        source: path of any image Pillow reads, or an array (H, W), (H, W, 1), (H, W, 3) or
+            (H, W, 4), uint8 in [0, 255] or float in [0, 1]. Transparency goes onto white,
+            greyscale to 3 channels, EXIF orientation is applied.
+        size: ``(height, width)`` to squash to (Lanczos, as Keras); ``None`` keeps it.
+        max_pixels: most pixels a file may decode to (after a JPEG's draft), checked first.
 
     Raises:
         FileNotFoundError: no file at ``source``.
-        ValueError: the file is not a readable image (corrupt, truncated, not an image), or
-            has more than ``max_pixels`` pixels to decode (checked before decoding), or the
-            array has another shape, dtype or value range.
+        ValueError: not a readable image, more than ``max_pixels`` pixels, or an array of
+            another shape, dtype or range.
     """
     from PIL import Image
 
@@ -88,12 +69,8 @@ def _unreadable(path: Path, exc: Exception) -> ValueError:
 
 
 def _jpeg_scans(path: Path) -> int:
-    """How many scans (SOS markers, ``FF DA``) a JPEG file holds, read in chunks.
-
-    A JPEG of several scans (progressive, or baseline with one scan per channel) is decoded
-    through full-size coefficient buffers even when Pillow drafts it smaller, so only a
-    single-scan one is drafted. ``FF DA`` cannot occur inside the entropy-coded data (a data
-    byte ``FF`` is followed by ``00`` there)."""
+    """How many scans (SOS markers, ``FF DA``) a JPEG file holds, read in chunks."""
+    # FF DA cannot occur in entropy-coded data (a data byte FF is followed by 00 there).
     scans, tail = 0, b""
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -103,9 +80,8 @@ def _jpeg_scans(path: Path) -> int:
 
 
 def _draft_scale(width: int, height: int, max_pixels: int) -> int:
-    """1, 2, 4 or 8: how much a single-scan JPEG is shrunk as it is decoded. The most that
-    keeps its long side at least :data:`JPEG_DRAFT_SIDE`, or more if it would not fit in
-    ``max_pixels`` else (1/8 at most: past that it is refused)."""
+    """1, 2, 4 or 8: how much a single-scan JPEG is shrunk as it is decoded."""
+    # The most keeping the long side >= JPEG_DRAFT_SIDE, or more to fit max_pixels (1/8 at most).
     keep_side = max(s for s in (1, 2, 4, 8) if max(width, height) >= JPEG_DRAFT_SIDE * s or s == 1)
     fit = next((s for s in (1, 2, 4, 8) if width * height <= max_pixels * s * s), 8)
     return max(keep_side, fit)
@@ -126,9 +102,12 @@ def _decode_file(path: Path, max_pixels: int):
         raise _unreadable(path, exc) from None
     with im:
         width, height = im.size
+        # Multi-scan JPEGs (progressive, a scan per channel) decode through full-size buffers even
+        # when drafted, so only single-scan ones are drafted and the others count at full size.
         scale = _draft_scale(width, height, max_pixels)
         if im.format == "JPEG" and scale > 1 and _jpeg_scans(path) == 1:
             im.draft("RGB", (-(-width // scale), -(-height // scale)))  # sizes rounded up
+        # Decoding peaks near 17 bytes a pixel (RGB WebP: decoder buffer, image, resized copy).
         if im.size[0] * im.size[1] > max_pixels:
             pixels = f"{width}x{height} pixels ({width * height / 1e6:.0f} million)"
             raise _too_large(path, f"it has {pixels} to decode", max_pixels)
@@ -170,7 +149,7 @@ def _rgb_from_array(source) -> np.ndarray:
 
 
 def model_image_size(model) -> tuple[int, int]:
-    """(height, width) a single-input image model takes; 32x32 where the model leaves it open."""
+    """(height, width) an image model takes (32 where open); ValueError if not (B, H, W, 3)."""
     shape = model.input_shape
     if isinstance(shape, list | dict) or len(shape) != 4 or shape[-1] != 3:
         raise ValueError(
@@ -188,23 +167,19 @@ def predict_image(
     *,
     max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> list[tuple[str, float]]:
-    """Classify one photo of any size into the 100 CIFAR-100 fine classes.
+    """The ``top_k`` of the 100 fine classes for one photo of any size, most probable first.
 
-    The image is read with :func:`load_image` (PNG/JPEG/..., RGB/RGBA/greyscale, or an
-    array), resized (squashed, like Keras' ``image_dataset_from_directory``, with Pillow's
-    antialiasing Lanczos filter) to the model's input ``(H, W)`` from ``model.input_shape``
-    (32x32 where it is ``None``), and normalised as in training (float32 [0, 1], see
-    :func:`predict_proba`). ``class_names``: the 100 names of the model's outputs, in order
-    (:data:`FINE_LABEL_NAMES`, or those :func:`load_exported_model` read from a file).
-    ``max_pixels``: the most pixels a file may have to decode (see :func:`load_image`).
+    Args:
+        path_or_array: as :func:`load_image`; squashed to the model's input size.
+        class_names: the 100 names of the model's outputs, in order.
+        max_pixels: as :func:`load_image`.
 
     Returns:
-        ``[(class_name, probability), ...]``: the ``top_k`` classes, most probable
-        first (probabilities are floats in [0, 1] summing to at most 1).
+        ``[(class_name, probability in [0, 1]), ...]``.
 
     Raises:
-        FileNotFoundError, ValueError: see :func:`load_image`; also ``top_k`` outside
-            [1, 100] or a model that does not output 100 classes.
+        FileNotFoundError, ValueError: as :func:`load_image`; ``top_k`` outside [1, 100]; a
+            model not giving 100 classes.
     """
     if not 1 <= top_k <= 100:
         raise ValueError(f"top_k must be between 1 and 100, not {top_k}")
@@ -230,11 +205,7 @@ SAMPLE_PHOTOS = {
 
 
 def sample_photo(name: str = "rocket") -> Path:
-    """Path of a real photo shipped with scikit-image (:data:`SAMPLE_PHOTOS`), for demos.
-
-    The default, ``rocket.jpg`` (640x427 RGB JPEG, SpaceX's DSCOVR launch), shows a
-    CIFAR-100 class (``rocket``). Other names: ``coffee`` (a cup), ``chelsea`` (a cat,
-    not a CIFAR-100 class), ``astronaut`` (a woman).
+    """Path of a photo shipped with scikit-image (:data:`SAMPLE_PHOTOS`); ``rocket`` shows a rocket.
 
     Raises:
         ValueError: unknown ``name``. FileNotFoundError: scikit-image lacks the file.

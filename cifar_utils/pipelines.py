@@ -1,8 +1,4 @@
-"""``make_dataset``: the ``tf.data`` pipelines of the notebooks' "Input pipelines" step.
-
-uint8 images in, float32 batches in [0, 1] and one-hot float32 labels out; training
-pipelines shuffle and augment with draws fixed by the seed, the epoch and the batch.
-"""
+"""``make_dataset``: the notebooks' ``tf.data`` pipelines; uint8 images to float32 in [0, 1]."""
 
 from __future__ import annotations
 
@@ -15,12 +11,7 @@ from .data import data_fingerprint
 
 
 def model_input(x) -> tuple[np.ndarray, float]:
-    """Checked images and the divisor that maps them to the models' input range.
-
-    ``x``: images (N, H, W, 3), uint8 in [0, 255] or float in [0, 1]. Returns ``(images,
-    scale)``: uint8 images with 255.0, float ones as float32 with 1.0; the models take
-    :func:`scaled` of them, float32 in [0, 1] (:func:`make_dataset` and
-    :func:`cifar_utils.evaluation.predict_proba` alike).
+    """``(images, scale)``: uint8 (N, H, W, 3) with 255.0, or float ones as float32 with 1.0.
 
     Raises:
         ValueError: not (N, H, W, 3); another dtype; NaN/inf or floats outside [0, 1].
@@ -34,14 +25,13 @@ def model_input(x) -> tuple[np.ndarray, float]:
 
 
 def scaled(images, scale: float):
-    """``images`` (a batch from :func:`model_input`) as the models take them: float32 in [0, 1]."""
+    """A batch from :func:`model_input` as the models take it: float32 in [0, 1]."""
     return tf.cast(images, tf.float32) / scale
 
 
+# A transformation returns a plain dataset, which train takes with a warning.
 class TrainingData(tf.data.Dataset):
-    """A training ``tf.data.Dataset`` (a new epoch at every iteration) that knows its epochs
-    (:meth:`from_epoch`), ``steps_per_epoch`` and ``plan``: exact resume's contract, in its type.
-    A transformation returns a plain dataset, which ``train`` takes with a warning."""
+    """A training dataset that knows its epochs, ``steps_per_epoch`` and ``plan`` (exact resume)."""
 
     def __init__(self, stream, steps_per_epoch: int, plan: dict, epoch_seed: int):
         self._stream, self.steps_per_epoch, self.plan = stream, steps_per_epoch, plan
@@ -59,11 +49,7 @@ class TrainingData(tf.data.Dataset):
         return self._base.element_spec
 
     def from_epoch(self, first: int, last: int) -> tf.data.Dataset:
-        """Epochs ``first`` to ``last - 1`` (0-based) as one dataset, the same whoever asks.
-
-        Returns:
-            ``tf.data.Dataset`` of ``(last - first) * steps_per_epoch`` batches.
-        """
+        """Epochs ``first`` to ``last - 1`` (0-based) as one dataset, the same whoever asks."""
         return self._stream(tf.data.Dataset.range(first, last), last - first)
 
 
@@ -81,24 +67,21 @@ def make_dataset(
     """A ``tf.data`` pipeline: (shuffle), batch, (augment), normalise, one-hot, prefetch.
 
     Args:
-        x: images ``(N, H, W, 3)``: uint8 in [0, 255] (as loaded), or float in [0, 1].
-        y: int labels ``(N,)`` in [0, num_classes).
-        batch_size: images per batch (the last batch of an epoch may be smaller).
-        training: shuffle every epoch and apply ``augment`` / ``batch_transform``.
+        x: images (N, H, W, 3), uint8 in [0, 255] or float in [0, 1].
+        y: int labels (N,) in [0, num_classes).
+        batch_size: images per batch (an epoch's last may be smaller).
+        training: shuffle every epoch and apply ``augment`` and ``batch_transform``.
         augment: Keras preprocessing layers on float32 batches in [0, 1].
-        num_classes: width of the one-hot labels.
-        seed: fixes order and augmentation with the epoch and batch index (each source its
-            own stream, :func:`derive_seed`), however the parallel map runs.
-        batch_transform: ``(uint8 images (B, H, W, 3), int64 seed) -> images``, e.g.
-            :func:`albumentations_batch_transform`, before normalisation.
+        seed: fixes order and augmentation with the epoch and batch index.
+        batch_transform: ``(uint8 (B, H, W, 3), int64 seed) -> images``, before normalising.
 
     Returns:
-        ``(float32 (B, H, W, 3) in [0, 1], float32 one-hot (B, num_classes))`` batches: a
+        Batches ``(float32 (B, H, W, 3) in [0, 1], float32 one-hot (B, num_classes))``: a
         :class:`TrainingData` when ``training``, else a ``tf.data.Dataset``.
 
     Raises:
-        ValueError: bad images or labels (:func:`model_input`), not one label per image, or
-            ``batch_transform`` with float images.
+        ValueError: bad images or labels, not one label per image, or ``batch_transform`` with
+            float images.
     """
     x, scale = model_input(x)
     y = check_labels(y, num_classes, "labels")
@@ -129,7 +112,7 @@ def make_dataset(
 
 
 def _epoch_stream(x, y, batch_size, steps, prepare, augment, seed, batch_transform):
-    """``stream(epoch_numbers, count)``: those epochs' batches, each fixed by seed, epoch, batch."""
+    """``stream(epoch_numbers, count)``: those epochs' batches, fixed by seed, epoch, batch."""
     images, labels = tf.constant(x), tf.constant(y)
     order_seed = derive_seed(seed, "shuffle")
     transform_seed = derive_seed(seed, "batch_transform")
@@ -160,13 +143,10 @@ def _epoch_stream(x, y, batch_size, steps, prepare, augment, seed, batch_transfo
 
 
 def steps_per_epoch(train_size: int, batch_size: int) -> int:
-    """Optimizer steps in one epoch: ``ceil(train_size / batch_size)``.
-
-    :func:`make_dataset` keeps the last, smaller batch, and every batch is one optimizer
-    step: 391 steps for 50,000 images at batch 128, 352 for a 45,000/5,000 split.
+    """Optimizer steps in one epoch, ``ceil(train_size / batch_size)`` (352 for 45,000 at 128).
 
     Raises:
-        ValueError: ``train_size`` or ``batch_size`` is not a positive integer.
+        ValueError: ``train_size`` or ``batch_size`` not a positive int.
     """
     train_size = check_positive_int(train_size, "train_size")
     return -(-train_size // check_positive_int(batch_size, "batch_size"))

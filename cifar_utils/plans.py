@@ -1,7 +1,5 @@
-"""Run plans: what a checkpoint means (model, starting weights, optimizer, data, training
-settings), and in words how two plans differ, for refusing a resume that would mix them.
-
-Used by :func:`cifar_utils.training.train`.
+"""Run plans: what a checkpoint means (model, starting weights, optimizer, data, settings), and
+in words how two plans differ, for refusing a resume that would mix them.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ REPLANNED_WITH_EPOCHS = ("optimizer.learning_rate.config.decay_rate",)
 
 
 def _flatten(obj, prefix: str = "") -> dict:
-    """``{"a.b": value}`` for nested dicts (JSON-normalised), for comparing run plans."""
+    """``{"a.b": value}`` for nested dicts, for comparing run plans."""
     if isinstance(obj, dict):
         out = {}
         for key, value in obj.items():
@@ -38,8 +36,7 @@ def _optimizer_plan(optimizer) -> dict:
 
 
 def _layers_plan(model) -> dict:
-    """``{"NNN Class": digest}`` of each layer's configuration, without its name, dtype
-    policy or trainable flag, so the same network built again matches."""
+    """``{"NNN Class": digest}`` of each layer's config, without name, dtype policy, trainable."""
     out = {}
     for layer in leaf_layers(model):
         blob = json.dumps(layer_config(layer), sort_keys=True, default=str).encode()
@@ -58,15 +55,14 @@ def run_plan(model, train_ds, plan: dict | None = None, **training) -> dict:
     """What a checkpoint of ``model`` trained on ``train_ds`` means, as a JSON-able dict.
 
     Args:
-        model: a compiled model: its parameter counts, layers, loss, starting weights
-            (a digest) and dtype policy are recorded, and its optimizer's config.
-        train_ds: a :class:`TrainingData` (its ``plan``: data fingerprint, image count,
-            batch size, seed, augmentation) or a plain dataset (``data`` is then None).
+        model: compiled; its counts, layers, loss, starting-weights digest, dtype policy and
+            optimizer config are recorded.
+        train_ds: a :class:`TrainingData` (its ``plan``) or a plain dataset (``data``: None).
         plan: what the code cannot see (e.g. ``{"weights": "imagenet"}``); its keys win.
         training: how :func:`train` runs (monitor, mode, epoch offset).
 
     Returns:
-        ``{"model": {...}, "optimizer": {...}, "data": ..., "training": {...}, **plan}``.
+        ``{"model", "optimizer", "data", "training", **plan}``.
     """
     loss = model.loss
     if not isinstance(loss, str | type(None)):
@@ -88,10 +84,7 @@ def run_plan(model, train_ds, plan: dict | None = None, **training) -> dict:
 
 
 def plan_differences(old: dict | None, new: dict, replanned: bool) -> str | None:
-    """How plan ``old`` differs from ``new``, in words; ``None`` when they agree.
-
-    ``replanned``: the epoch count changed, so :data:`REPLANNED_WITH_EPOCHS` may differ.
-    """
+    """How plan ``old`` differs from ``new``, in words, or ``None``; ``replanned``: new epochs."""
     old, new = _flatten(old), _flatten(new)
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     differ = [k for k in differ if not (replanned and k in REPLANNED_WITH_EPOCHS)]

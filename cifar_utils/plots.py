@@ -1,7 +1,4 @@
-"""Every figure of the notebooks and the ``curves`` command (matplotlib).
-
-Each ``plot_*`` returns the figure and, given ``path``, also saves it (atomically).
-"""
+"""Every figure of the notebooks and ``curves`` (matplotlib); saved atomically if given ``path``."""
 
 from __future__ import annotations
 
@@ -20,10 +17,7 @@ from .photos import load_image, model_image_size, predict_image
 
 
 def _finish(fig, path):
-    """Save ``fig`` to ``path`` (atomically, creating its folder) if given; return ``fig``.
-
-    Under a multi-worker run only the chief saves (:func:`is_chief`).
-    """
+    """Save ``fig`` to ``path`` atomically if given (chief only); return ``fig``."""
     if path is not None and is_chief():
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,11 +44,7 @@ def plot_samples(x, y, label_names=FINE_LABEL_NAMES, n: int = 25, seed: int = 0,
 
 
 def plot_augmentation(image, augment, n: int = 7, path=None):
-    """The original uint8 image (H, W, 3) beside ``n`` augmented versions of it.
-
-    ``augment`` maps a float32 batch in [0, 1] to an augmented batch (e.g.
-    :func:`augmentation_layers`, called with ``training=True``).
-    """
+    """A uint8 image (H, W, 3) beside ``n`` outputs of ``augment`` (float32 in [0, 1])."""
     import matplotlib.pyplot as plt
 
     batch = np.repeat(image[None].astype(np.float32) / 255.0, n, axis=0)
@@ -72,16 +62,12 @@ def plot_augmentation(image, augment, n: int = 7, path=None):
 
 
 def plot_history(history: dict, title: str = "", path=None, phases=()):
-    """Training curves: accuracy and loss (train vs validation), and the learning rate.
+    """Training curves: accuracy and loss (train vs validation), and the learning rate if present.
 
-    ``history`` maps metric names (``accuracy``, ``val_accuracy``, ``loss``, ``val_loss``,
-    ``learning_rate``) to per-epoch lists, as :func:`train` returns in ``state["history"]``
-    or :func:`read_log` reads from a run's ``log.csv``; its ``epoch`` list (1-based), when
-    present, places the points, else they are epochs 1, 2, ... A third panel shows
-    ``learning_rate`` on a log scale when the history has it. Epoch ticks are integers.
-    ``phases``: ``[{"name", "first_epoch"}, ...]`` (1-based epochs, e.g. from
-    :func:`join_runs`), each marked by a dashed line and its name inside the axes. Values
-    are printed without an offset.
+    Args:
+        history: metric name -> per-epoch list (``state["history"]`` or :func:`read_log`);
+            an ``epoch`` list (1-based) places the points.
+        phases: ``[{"name", "first_epoch"}, ...]``, each marked by a dashed line.
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
@@ -128,18 +114,14 @@ def plot_history(history: dict, title: str = "", path=None, phases=()):
 
 
 def plot_series_history(histories: list[dict], labels=(), title: str = "", path=None):
-    """The curves of a series of runs (one per ``SEED``) overlaid: each run thin, their
-    mean bold, and a band of ± one sample standard deviation around it.
+    """A series of runs' curves overlaid: each thin, their mean bold, a band of ± 1 sample std.
 
     Args:
-        histories: per run, a history as :func:`plot_history` takes it (metric name ->
-            per-epoch list, ``epoch`` optional). Runs may have different lengths (one
-            still training): the mean and band cover the epochs every run has.
+        histories: per run, as :func:`plot_history`; the mean covers the epochs all runs have.
         labels: a legend label per run (e.g. ``"SEED 42"``).
-        title, path: as in :func:`plot_history`.
 
     Raises:
-        ValueError: fewer than one history.
+        ValueError: no history.
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
@@ -175,11 +157,9 @@ def plot_series_history(histories: list[dict], labels=(), title: str = "", path=
 
 
 def plot_superclass_confusion(y_true, y_pred, normalize: str | None = "true", path=None):
-    """Confusion matrix over the 20 superclasses of fine predictions (scikit-learn display).
+    """Confusion matrix over the 20 superclasses of fine labels, int (N,) in [0, 99].
 
-    ``y_true``, ``y_pred``: fine labels, int (N,) in [0, 99], mapped to superclasses with
-    :data:`FINE_TO_COARSE`. ``normalize="true"`` shows each row as shares of that
-    superclass's images (rows sum to 1); ``None`` shows counts.
+    ``normalize="true"``: rows as shares of each true superclass; ``None``: counts.
     """
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
@@ -202,11 +182,10 @@ def plot_superclass_confusion(y_true, y_pred, normalize: str | None = "true", pa
 
 
 def plot_misclassified(x, y_true, probs, n: int = 16, label_names=FINE_LABEL_NAMES, path=None):
-    """Grid of the ``n`` most confidently misclassified images, titled true / predicted (p).
+    """Grid of the ``n`` most confident mistakes, titled true / predicted (p).
 
     Args:
-        x: uint8 images (N, H, W, 3) in [0, 255]; y_true: int labels (N,);
-        probs: class probabilities (N, C), e.g. from :func:`predict_proba`.
+        x: uint8 (N, H, W, 3); y_true: int (N,); probs: float (N, C).
 
     Raises:
         ValueError: mismatched lengths, or no image is misclassified.
@@ -240,7 +219,7 @@ def plot_misclassified(x, y_true, probs, n: int = 16, label_names=FINE_LABEL_NAM
 
 
 def plot_prediction(model, path_or_array, top_k: int = 5, path=None):
-    """The photo beside a bar chart of the model's ``top_k`` classes (see :func:`predict_image`)."""
+    """The photo beside a bar chart of the model's ``top_k`` classes (:func:`predict_image`)."""
     import matplotlib.pyplot as plt
 
     image = load_image(path_or_array)
@@ -258,7 +237,7 @@ def plot_prediction(model, path_or_array, top_k: int = 5, path=None):
 
 
 def _draw_top_k(ax, top) -> None:
-    """Horizontal bars of ``top``, ``[(class name, probability), ...]`` most probable first."""
+    """Horizontal bars of ``top``, ``[(class name, probability), ...]``."""
     names, values = zip(*top, strict=True)
     ax.barh(np.arange(len(top)), values)
     ax.set_yticks(np.arange(len(top)), names)
@@ -274,18 +253,10 @@ def plot_grad_cam(
     model, x, y_true, probs, n_right: int = 4, n_wrong: int = 4, label_names=FINE_LABEL_NAMES,
     seed: int = 0, path=None,
 ):  # fmt: skip
-    """Test images over their Grad-CAM heatmaps: some right, then the most confident mistakes.
-
-    Each column shows an image and, below it, its heatmap for the predicted class
-    (:func:`grad_cam`) over it, titled with the predicted class (probability) and the true
-    one. The right ones are drawn at random (``seed``); the mistakes are those with the
-    highest top-1 probability. The suptitle says how coarse the map is
-    (:func:`feature_map_grid`).
+    """Images over their Grad-CAM heatmaps: ``n_right`` random, then the surest mistakes.
 
     Args:
-        model: the classifier; x: uint8 images (N, H, W, 3) at its input size; y_true: int
-            labels (N,); probs: its class probabilities of ``x`` (N, C), e.g. from
-            :func:`predict_proba`.
+        x: uint8 (N, H, W, 3) at the model's input size; y_true: int (N,); probs: float (N, C).
 
     Raises:
         ValueError: mismatched lengths, or nothing to show.
@@ -327,11 +298,7 @@ def plot_grad_cam(
 
 
 def plot_photo_grad_cam(model, path_or_array, top_k: int = 5, path=None):
-    """A photo, its Grad-CAM heatmap for the top-1 class over it, and the ``top_k`` classes.
-
-    What ``predict --explain`` writes and the demo shows (see :func:`explain_photo` and
-    :func:`predict_image`).
-    """
+    """A photo, its top-1 Grad-CAM heatmap and its ``top_k`` classes (``predict --explain``)."""
     import matplotlib.pyplot as plt
 
     photo, heat = explain_photo(model, path_or_array)
@@ -352,16 +319,7 @@ def plot_photo_grad_cam(model, path_or_array, top_k: int = 5, path=None):
 
 
 def plot_reliability(y_true, probs, calibrated_probs=None, bins: int = ECE_BINS, path=None):
-    """Reliability diagram: accuracy against top-1 confidence in equal-width bins.
-
-    Bars show each bin's accuracy, the diagonal perfect calibration, and the title the
-    expected calibration error (:func:`expected_calibration_error`). With
-    ``calibrated_probs`` (e.g. :func:`apply_temperature` of ``probs``) a second panel shows
-    those beside.
-
-    Args:
-        y_true: int labels (N,); probs, calibrated_probs: class probabilities (N, C).
-    """
+    """Reliability diagram and ECE: ``y_true`` int (N,), ``probs`` (and calibrated) float (N, C)."""
     import matplotlib.pyplot as plt
 
     panels = [("before temperature scaling" if calibrated_probs is not None else "", probs)]

@@ -1,12 +1,7 @@
-"""Every figure the seed project published, in one place: the specification this project
-rebuilds.
+"""Every figure the seed project published (its Spanish README, ``shared/SEED.md``), in one place.
 
-The seed is the Spanish README of the original notebooks (kept in the steering repository as
-``shared/SEED.md``). Nothing here is measured by this project: the builders, the notebooks
-and the tests read these figures or are checked against them, so none is typed twice. Where
-the seed is silent (the complex network's layer table, dropout rates, epochs), the choices
-are this project's and live beside the code that makes them (the notebooks' cells).
-Bottom layer: imports nothing of the package.
+Nothing here is measured by this project; where the seed is silent, the choices live in the
+notebooks' cells.
 """
 
 #: The simple network's layer table as the seed printed it, row by row: (Keras layer class,

@@ -1,10 +1,7 @@
 """A run owns its output folder: one run of a notebook at a time per ``OUTPUT_DIR``.
 
-Two runs of one notebook into one folder would interleave their checkpoints, ``log.csv``
-and results silently. The lock is ``fcntl.flock`` on a file the run keeps open for its
-whole life: the operating system releases it when the process ends, however it ends (a
-crash, ``kill -9``), so a dead run never blocks the next one. A lock file (``O_EXCL``, a
-pid file) would outlive a killed run. The file also records who holds it, for the message.
+``fcntl.flock`` on a file kept open for the run's life: the OS releases it however the
+process ends, so a killed run never blocks the next (a pid file would).
 """
 
 from __future__ import annotations
@@ -24,31 +21,18 @@ _HELD: dict[Path, int] = {}
 
 
 def lock_path(output_dir, notebook) -> Path:
-    """The lock file of ``notebook``'s runs into ``output_dir``, for this worker.
-
-    ``OUTPUT_DIR/.locks/<notebook name>/run.lock``; a non-chief worker of a multi-worker run
-    (``$TF_CONFIG``) has its own, in ``worker-<index>/`` below (:func:`worker_run_dir`), as
-    all workers share ``OUTPUT_DIR``.
-    """
+    """``OUTPUT_DIR/.locks/<notebook stem>/run.lock`` (in ``worker-<index>/`` if not chief)."""
     return worker_run_dir(Path(output_dir) / ".locks" / Path(notebook).stem) / "run.lock"
 
 
 def own_output_dir(output_dir, notebook) -> Path:
-    """Lock ``output_dir`` for this process's run of ``notebook``, until the process ends.
-
-    Other notebooks may write into the same folder meanwhile (their files have other
-    names). Taking the lock again in the process that holds it does nothing.
-
-    Args:
-        output_dir: the run's ``OUTPUT_DIR`` (created if missing).
-        notebook: the notebook's file name or path (its stem names the lock).
+    """Lock ``output_dir`` (created if missing) for this process's run of ``notebook``; idempotent.
 
     Returns:
-        The lock file's absolute path, symbolic links resolved.
+        The lock file's resolved absolute path.
 
     Raises:
-        OutputDirInUse: another live process holds the lock; the message names its process
-            id, host, start time and notebook.
+        OutputDirInUse: another live process holds it; names its pid, host, start and notebook.
         ParameterError: the folder cannot be created or written.
     """
     path = lock_path(output_dir, notebook).resolve()  # one key for every spelling of it
@@ -85,8 +69,7 @@ def own_output_dir(output_dir, notebook) -> Path:
 
 
 def _holder(fd: int) -> str:
-    """Who holds the lock on ``fd``, as its record says; the holder may be between taking
-    the lock and writing its record, so an empty record is read again for a moment."""
+    """Who holds the lock on ``fd``, per its record (re-read briefly while still empty)."""
     for _ in range(20):
         try:
             r = json.loads(os.pread(fd, 4096, 0))

@@ -1,9 +1,6 @@
 """Series of runs: one notebook run headless once per ``SEED`` (papermill), resumable.
 
-``python -m cifar_utils repeat NOTEBOOK --seeds 3`` runs :func:`run_series`. A series folder
-holds :data:`SERIES_FILE` (the notebook, its parameters, the seeds, the runs finished) and
-one ``seed-<n>/`` folder per run, which is that run's ``OUTPUT_DIR``. The report pools the
-runs (:func:`group_series`), and each run's model card gets the series' spread.
+See docs/series.md.
 """
 
 from __future__ import annotations
@@ -29,18 +26,10 @@ def _is_path(value) -> bool:
 
 
 def seed_list(seeds: int | list[int], first: int) -> list[int]:
-    """The seeds of a series: a count (``3``: ``first``, ``first + 1``, ``first + 2``) or
-    the seeds themselves (``[1, 7, 9]``).
-
-    Args:
-        seeds: an int >= 1, or a list of distinct ints in [0, 2**32).
-        first: the first seed of a count (the notebook's ``SEED``).
-
-    Returns:
-        The seeds, in the order given.
+    """The seeds of a series: a count (3: ``first`` to ``first + 2``) or the seeds themselves.
 
     Raises:
-        ValueError: no seed (``0``, ``[]``), a seed out of range or given twice.
+        ValueError: no seed, a seed outside [0, 2**32), or one given twice.
     """
     if isinstance(seeds, int):
         if seeds < 1:
@@ -56,11 +45,7 @@ def seed_list(seeds: int | list[int], first: int) -> list[int]:
 
 
 def notebook_model_name(notebook) -> str:
-    """The ``NAME = "..."`` a notebook assigns: its results file is ``OUTPUT_DIR/<NAME>.json``.
-
-    Raises:
-        ValueError: no code cell assigns ``NAME`` a string.
-    """
+    """The ``NAME = "..."`` a notebook assigns; ValueError if none."""
     import nbformat
 
     cells = nbformat.read(notebook_path(notebook), as_version=4).cells
@@ -77,9 +62,7 @@ def notebook_model_name(notebook) -> str:
 
 
 def _check_folder(folder: Path, manifest: dict) -> dict:
-    """The series folder's manifest merged with this request, after checking the folder
-    holds nothing else: another series, other runs, or files that are no run of this one.
-    Nothing is written here."""
+    """The folder's manifest merged with this request; ValueError if it holds anything else."""
     path = folder / SERIES_FILE
     if path.is_file():
         try:
@@ -105,11 +88,7 @@ def _check_folder(folder: Path, manifest: dict) -> dict:
 
 
 def _check_run_folder(run_dir: Path, model: str) -> dict | None:
-    """The results record of a finished run in ``run_dir``, ``None`` if there is none yet.
-
-    Raises:
-        ValueError: a results file there is truncated, or from another notebook.
-    """
+    """The results record of a finished run in ``run_dir`` or ``None``; ValueError if foreign."""
     record = None
     for path in sorted(run_dir.glob("*.json")):
         try:
@@ -132,29 +111,21 @@ def _check_run_folder(run_dir: Path, model: str) -> dict | None:
 def run_series(
     notebook, seeds: int | list[int], parameters: dict, log_output: bool = False, log=print
 ):
-    """Run ``notebook`` headless once per seed, each run in ``OUTPUT_DIR/seed-<n>/``.
-
-    Started again, it continues: finished runs are kept, a stopped one resumes from its
-    checkpoints. One progress line per run, with the time left from the runs done. At the
-    end, the series' spread goes into each run's model card.
+    """Run ``notebook`` headless once per seed, each in ``OUTPUT_DIR/seed-<n>/``; resumable.
 
     Args:
-        notebook: the notebook file, e.g. ``"simple_image_clasifier.ipynb"``.
-        seeds: how many runs, or their seeds (:func:`seed_list`; a count starts at the
-            ``SEED`` of ``parameters`` or the notebook's default).
-        parameters: notebook parameters (name -> value); ``OUTPUT_DIR`` is the series
-            folder (default e.g. ``results/simple_cnn-series``); ``SEED`` a count's first.
-        log_output: show each run's notebook output (papermill's ``log_output``).
-        log: where the progress lines go.
+        notebook: e.g. ``"simple_image_clasifier.ipynb"``.
+        seeds: a count or the seeds (:func:`seed_list`); a count starts at ``SEED``.
+        parameters: notebook parameters; ``OUTPUT_DIR`` is the series folder.
+        log_output: show each run's notebook output. log: where progress lines go.
 
     Returns:
-        :func:`series_summary` of the series (``n``, ``seeds``, mean, sample standard
-        deviation and n of each test figure).
+        :func:`series_summary` of the series.
 
     Raises:
-        ValueError: bad seeds or parameters; a folder holding another series, other runs,
-            or truncated or foreign results files (nothing is overwritten); a run that
-            stopped on an error (start the command again to resume it).
+        FileNotFoundError: no such notebook.
+        ValueError: bad seeds or parameters; a folder holding anything else; a run that
+            stopped on an error (run again to resume).
     """
     path = notebook_path(notebook)
     if path.suffix != ".ipynb" or not path.is_file():
@@ -191,8 +162,7 @@ def run_series(
 
 
 def _plan_series(path: Path, model: str, seeds, parameters: dict) -> tuple[Path, dict, dict]:
-    """The series folder, the runs' shared parameters and the manifest; every run's
-    parameters checked and the folder holding this series or nothing (else ValueError)."""
+    """The series folder, shared parameters and manifest, all checked before any run."""
     defaults = notebook_defaults(path)
     # The notebook runs in its own folder: a path given relative to here must stay valid.
     parameters = {

@@ -1,10 +1,6 @@
 """``fast_small_conv_gradients``: a faster input gradient for CPU convolutions with tiny outputs.
 
-TensorFlow's CPU kernel for a convolution's input gradient (``Conv2DBackpropInput``; oneDNN,
-Eigen and XLA alike) is pathologically slow when the output is a few pixels and the channels
-are many: for the simple network's last conv (4x4x256 -> 2x2x512, batch 128) it took 1.0 s
-against 0.04 s for the same product done as one matmul, and dominated the training step.
-Used by the simple and complex notebooks' "The model" step.
+TensorFlow's CPU ``Conv2DBackpropInput`` is very slow there (figures: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -16,12 +12,10 @@ from .models import leaf_layers
 
 
 def _col2im_input_grad(dy, kernel, input_shape, padding: str):
-    """Input gradient of a stride-1 NHWC convolution: one matmul, then shifted adds.
-
-    ``dy`` (B, OH, OW, Cout), ``kernel`` (KH, KW, Cin, Cout) -> (B, H, W, Cin).
-    """
+    """Stride-1 NHWC conv input gradient: dy (B, OH, OW, Cout), kernel -> (B, H, W, Cin)."""
     kh, kw, cin, cout = kernel.shape
     oh, ow = dy.shape[1], dy.shape[2]
+    # dy (B*OH*OW, Cout) times the kernel (Cout, KH*KW*Cin), then KH*KW shifted adds (col2im).
     cols = tf.matmul(
         tf.reshape(dy, (-1, cout)),
         tf.reshape(tf.transpose(kernel, (3, 0, 1, 2)), (cout, kh * kw * cin)),
@@ -41,7 +35,7 @@ def _col2im_input_grad(dy, kernel, input_shape, padding: str):
 
 
 def _conv2d_col2im_backprop(x, kernel, padding: str):
-    """``tf.nn.conv2d`` (stride 1, NHWC, ``"VALID"``/``"SAME"``) with the col2im input gradient."""
+    """``tf.nn.conv2d`` (stride 1, NHWC, VALID/SAME) with the col2im input gradient."""
 
     @tf.custom_gradient
     def conv(x, kernel):
@@ -60,20 +54,13 @@ def _conv2d_col2im_backprop(x, kernel, padding: str):
 def fast_small_conv_gradients(model, max_output_pixels: int = 16) -> list[str]:
     """Route the input gradient of ``model``'s small-output convolutions through one matmul.
 
-    Applies to every stride-1, undilated, ungrouped, non-1x1 ``Conv2D`` (nested models
-    included) whose output has at most ``max_output_pixels`` pixels: ``dy`` (B*OH*OW, Cout)
-    times the kernel (Cout, KH*KW*Cin), then KH*KW shifted adds (col2im). Forward pass,
-    kernel gradient, weights and saved model are unchanged; the input gradient differs by
-    float round-off only. Call it on a built model before ``compile``; a clone or a reloaded
-    ``.keras`` file has plain layers again.
-
-    Args:
-        model: a built Keras model (changed in place).
-        max_output_pixels: largest OH*OW switched; larger outputs keep TensorFlow's kernel.
+    Stride-1, undilated, ungrouped, non-1x1 ``Conv2D`` layers with output at most
+    ``max_output_pixels`` (OH*OW) pixels; forward pass, weights and saved model are unchanged,
+    the input gradient differs by round-off. Call on a built model (changed in place) before
+    ``compile``; a clone or reloaded model has plain layers.
 
     Returns:
-        Names of the layers switched; ``[]`` when a GPU is visible (cuDNN has its own kernels,
-        and this path was measured on CPUs only).
+        Names of the layers switched; ``[]`` when a GPU is visible (measured on CPUs only).
     """
     if tf.config.list_physical_devices("GPU"):
         return []

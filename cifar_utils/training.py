@@ -1,8 +1,4 @@
-"""``train``: ``model.fit`` with checkpoints, exact resume, run plans and a divergence
-guard; the learning-rate schedule; joining training phases.
-
-Used by each notebook's "Train" step.
-"""
+"""``train`` (``model.fit``, checkpoints, exact resume, divergence guard), schedule, phases."""
 
 from __future__ import annotations
 
@@ -32,8 +28,7 @@ from .plans import plan_differences, run_plan, schedule_change
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) during :func:`train`: a ``KeyboardInterrupt`` that IPython and
-    papermill show as its one line (``_render_traceback_``), not a traceback through fit."""
+    """Ctrl-C during :func:`train`, shown by IPython and papermill as one line."""
 
     def __init__(self, epoch: int, run_dir: Path):
         done = f"after epoch {epoch}" if epoch else "before its first epoch ended"
@@ -56,13 +51,11 @@ def train(model, train_ds, val_ds, *, epochs: int, run_dir, resume: bool = True,
 
     Args:
         model: compiled, with float32 outputs. val_ds: validation batches or ``None``.
-        train_ds: a :class:`TrainingData` (resumed epochs get the batches an uninterrupted
-            run would have) or a plain ``tf.data.Dataset`` (its epochs restart).
+        train_ds: a :class:`TrainingData` (exact resume) or a plain ``tf.data.Dataset``.
         epochs: the epoch to end after (int >= 1). run_dir: the folder of the run's files.
         monitor, mode: the metric picking ``best.weights.h5``; ``"auto"``/``"min"``/``"max"``.
         plan: what the code cannot see (:func:`run_plan`). check_every: batches between full
             divergence checks (0: epoch ends). epoch_offset: epochs earlier phases took.
-        resume, callbacks, tensorboard, verbose: as named.
 
     Returns:
         The :class:`RunState` after the last committed epoch.
@@ -128,7 +121,7 @@ def _mode(monitor: str, mode: str) -> str:
 
 
 def _probe(val_ds):
-    """The first 8 validation images: the batch whose outputs the divergence guard checks."""
+    """The first 8 validation images, whose outputs the divergence guard checks."""
     return None if val_ds is None else next(iter(val_ds.map(lambda x, _: x[:8]).take(1)), None)
 
 
@@ -177,7 +170,7 @@ def _fresh(state: RunState) -> RunState:
 
 
 def _resume(model, new: RunState) -> RunState:
-    """The run saved in ``new.run_dir``, restored into ``model``, or why it cannot be."""
+    """The run saved in ``new.run_dir``, restored into ``model``; ResumeError if it cannot be."""
     run_dir = Path(new.run_dir)
     saved = read_state(run_dir)
     checkpoints.settle_checkpoints(run_dir, saved.epoch)
@@ -222,20 +215,12 @@ def _restore_seed_states(model, saved: list) -> None:
 
 
 def load_best(model, run: RunState) -> RunState:
-    """Load a finished phase's best checkpoint into ``model``, to start the next phase from
-    (keras.io's fine-tuning recipe takes the last epoch; validation picks weights here).
-
-    Args:
-        model: the model ``run`` trained (its weights are replaced).
-        run: the :class:`RunState` :func:`train` returned.
-
-    Returns:
-        A copy of ``run`` whose ``next_phase_from`` is ``{"epoch": best_epoch, "weights":
-        "best.weights.h5"}``, which :func:`join_runs` records as the next phase's start.
+    """Load ``run``'s best checkpoint into ``model``; return ``run`` with ``next_phase_from`` set.
 
     Raises:
         FileNotFoundError: ``run.run_dir`` has no ``best.weights.h5``.
     """
+    # keras.io's fine-tuning recipe takes the last epoch; here validation picks the weights.
     path = Path(run.run_dir) / "best.weights.h5"
     if not path.is_file():
         raise FileNotFoundError(f"No best checkpoint {path}: train that phase first (cu.train)")
@@ -245,19 +230,10 @@ def load_best(model, run: RunState) -> RunState:
 
 
 def join_runs(**runs: RunState) -> RunState:
-    """One run state from consecutive training phases, e.g. ``head=..., finetune=...``.
+    """One :class:`RunState` from phases in training order, e.g. ``head=..., finetune=...``.
 
-    Args:
-        runs: phase name -> the :class:`RunState` :func:`train` returned, in training order.
-
-    Returns:
-        A :class:`RunState`: ``epoch`` and ``seconds`` summed; ``history`` over all phases
-        (NaN where a phase lacks a metric); ``best_epoch`` counted from the first phase;
-        ``best``, ``params``, ``run_dir`` (whose ``best.weights.h5`` is the final model) of
-        the last; ``phases``: ``[{"name", "first_epoch" (1-based), "epochs",
-        "trainable_params", "starts_from" (after the first: ``{"phase", "epoch",
-        "weights"}``, the previous phase's best epoch after :func:`load_best`, else its
-        last)}]``.
+    Epochs, seconds and history joined (NaN where a phase lacks a metric); ``best``, ``params``
+    and ``run_dir`` of the last phase; ``phases`` lists each phase's first epoch and start.
 
     Raises:
         ValueError: no phase given.
@@ -293,26 +269,18 @@ def exponential_decay(
     initial_lr: float = 0.1,
     final_lr: float = 1e-3,
 ):
-    """The seed's ``ExponentialDecay`` schedule, planned so training ends at ``final_lr``.
-
-    Keras schedules count optimizer steps: ``decay_steps`` is one epoch
-    (:func:`steps_per_epoch`) and ``decay_rate = (final_lr / initial_lr) ** (1 / epochs)``,
-    without staircase, so epoch ``e`` (1-based) starts at ``initial_lr * decay_rate **
-    (e - 1)`` and the last step is at ``final_lr``. E.g. 100 epochs of 45,000 images at batch
-    128: 352 steps per epoch, decay_rate 0.955. A resumed run continues it (the step is in
-    the checkpoint); another ``epochs`` is another schedule from the restored step on.
+    """The seed's ``ExponentialDecay`` schedule, per step, reaching ``final_lr`` at the last epoch.
 
     Args:
-        train_size, batch_size: training images and batch size (ints >= 1).
-        epochs: epochs planned (int >= 1).
-        initial_lr, final_lr: first and last rate (the defaults span SGD's classic range
-            for VGG-style nets on CIFAR, from the seed's 0.1).
+        train_size, batch_size, epochs: ints >= 1.
+        initial_lr, final_lr: first and last rate (0.1: the seed's; SGD's classic CIFAR range).
 
     Returns:
-        ``keras.optimizers.schedules.ExponentialDecay`` (float32 learning rates).
+        ``keras.optimizers.schedules.ExponentialDecay``; e.g. 100 epochs of 45,000 images at
+        batch 128: 352 steps per epoch, decay_rate 0.955.
 
     Raises:
-        ValueError: ``epochs`` < 1, or rates not with ``0 < final_lr <= initial_lr``.
+        ValueError: ``epochs`` < 1, or not ``0 < final_lr <= initial_lr``.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, not {epochs}")
@@ -324,6 +292,8 @@ def exponential_decay(
     return keras.optimizers.schedules.ExponentialDecay(
         initial_learning_rate=initial_lr,
         decay_steps=steps_per_epoch(train_size, batch_size),
+        # Not staircase: epoch e starts at initial_lr * rate ** (e - 1). A resumed run continues
+        # from the step in its checkpoint; another EPOCHS is another schedule from there on.
         decay_rate=(final_lr / initial_lr) ** (1.0 / epochs),
         staircase=False,
     )
