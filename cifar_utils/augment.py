@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import threading
 import zlib
@@ -108,8 +110,24 @@ def describe_augmentation(augment, batch_transform) -> list:
     for layer in layers:  # without "seed": the pipeline draws from its own seeds
         described.append({"layer": type(layer).__name__, **layer_config(layer, "seed")})
     if batch_transform is not None:
-        described.append({"batch_transform": getattr(batch_transform, "__name__", "?")})
+        described.append(_describe_callable(batch_transform))
     return json.loads(json.dumps(described, default=str))
+
+
+def _describe_callable(fn) -> dict:
+    """A batch transform as a plan sees it: its name, and what it is bound to where that can
+    change without the name changing (a ``functools.partial``'s arguments, a lambda's or a
+    closure's code and captured values), so a resume with other arguments is refused."""
+    if isinstance(fn, functools.partial):
+        return {**_describe_callable(fn.func), "args": repr(fn.args),
+                "keywords": repr(sorted(fn.keywords.items()))}  # fmt: skip
+    described = {"batch_transform": getattr(fn, "__qualname__", type(fn).__name__)}
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    if code is not None and (code.co_name == "<lambda>" or cells):
+        source = code.co_code + repr(code.co_consts).encode()
+        described["code"] = hashlib.sha256(source).hexdigest()[:12]
+        described["captured"] = repr([cell.cell_contents for cell in cells])
+    return described
 
 
 def albumentations_transform(seed: int | None = None):

@@ -88,7 +88,9 @@ def _series_runs(folder: Path) -> list[tuple[str, Path]]:
     """The run folders of a series folder: ``(label, seed-<n>/<model>/)``, by seed."""
     found = []
     for seed_dir in folder.glob("seed-*"):
-        runs = [p for p in seed_dir.iterdir() if p.is_dir() and p.name != "figures"]
+        runs = [  # not figures/, nor the run lock's .locks/
+            p for p in seed_dir.iterdir() if p.is_dir() and p.name != "figures" and p.name[0] != "."
+        ]
         if seed_dir.name[5:].isdigit() and runs:
             found += [(f"SEED {seed_dir.name[5:]}", run) for run in sorted(runs)]
     return sorted(found, key=lambda pair: int(pair[0].split()[1]))

@@ -76,11 +76,24 @@ def run_plan(model, train_ds, plan: dict | None = None, **training) -> dict:
             "dtype_policy": model.dtype_policy.name,
         },
         "optimizer": _optimizer_plan(model.optimizer),
-        "data": train_ds.plan if isinstance(train_ds, TrainingData) else None,
+        "data": _data_plan(train_ds),
         "training": training,
         **(plan or {}),
     }
     return json.loads(json.dumps(described, default=str))
+
+
+def _data_plan(train_ds) -> dict | None:
+    """The plan of the :class:`TrainingData` ``train_ds`` is, or was transformed from
+    (``"transformed": True``), or None: a resume can then still check the data under it."""
+    pending = [train_ds]
+    while pending:
+        ds = pending.pop()
+        if isinstance(ds, TrainingData):
+            return ds.plan if ds is train_ds else {**ds.plan, "transformed": True}
+        inputs = getattr(ds, "_inputs", None)  # tf.data has no public way to walk a pipeline
+        pending += list(inputs()) if callable(inputs) else []
+    return None
 
 
 def plan_differences(old: dict | None, new: dict, replanned: bool) -> str | None:

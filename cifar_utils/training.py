@@ -133,7 +133,8 @@ def _epochs(train_ds, first: int, last: int):
         warnings.warn(
             "train_ds is a plain tf.data.Dataset (a transformation of make_dataset's output "
             "returns one), so the resumed epochs restart its iteration instead of continuing "
-            "the batches of an uninterrupted run. Pass make_dataset's TrainingData for that.",
+            "the batches of an uninterrupted run, and what the transformation does is not "
+            "checked against the run's. Pass make_dataset's TrainingData for exact resume.",
             stacklevel=3,
         )
     return train_ds, None

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import AtBatch, ctrl_c, small_datasets
+from conftest import AtBatch, ctrl_c, labelled_images, small_datasets
 
 import cifar_utils as cu
 
@@ -344,6 +344,34 @@ def test_a_transformed_training_pipeline_still_trains_but_warns_its_epochs_resta
     with pytest.warns(UserWarning, match="plain tf.data.Dataset.*restart"):
         state = cu.train(tiny_model(), mapped, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
     assert (state.initial_epoch, state.epoch, state.step) == (1, 2, 2 * STEPS)
+
+
+def test_a_transformed_pipeline_resumes_only_on_the_data_under_it(tmp_path, data):
+    train_ds, val_ds = data
+    (x, y), _ = labelled_images(N_TRAIN, 100)
+    smooth = train_ds.map(lambda x, y: (x, y * 0.9 + 0.001))  # e.g. label smoothing
+    cu.train(tiny_model(), smooth, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
+    other = cu.make_dataset(x[::-1].copy(), y[::-1].copy(), batch_size=BATCH, training=True)
+    with pytest.raises(cu.ResumeError, match="data"):  # another training set under the map
+        cu.train(tiny_model(), other.map(lambda x, y: (x, y * 0.9 + 0.001)), val_ds, epochs=2,
+                 run_dir=tmp_path, verbose=0)  # fmt: skip
+
+
+def test_a_batch_transform_with_other_arguments_is_another_plan():
+    def darken(images, seed, factor=1.0):
+        return images
+
+    def plan(transform):
+        return cu.run_plan(tiny_model(), cu.make_dataset(
+            np.zeros((8, 32, 32, 3), np.uint8), np.arange(8), batch_size=4, training=True,
+            batch_transform=transform))["data"]["augmentation"]  # fmt: skip
+
+    assert plan(cu.albumentations_batch_transform) == [
+        {"batch_transform": "albumentations_batch_transform"}
+    ]
+    bright, dark = (functools.partial(darken, factor=f) for f in (1.0, 0.2))
+    assert plan(bright) != plan(dark)
+    assert plan(lambda images, seed: images) != plan(lambda images, seed: images // 2)
 
 
 @pytest.mark.slow
