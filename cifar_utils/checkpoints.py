@@ -41,6 +41,7 @@ class RunState:
     seed_states: list = dataclasses.field(default_factory=list)
     params: dict | None = None
     phases: list | None = None
+    replanned_from: list = dataclasses.field(default_factory=list)  # epochs planned before
     next_phase_from: dict | None = None
 
     def improves(self, score) -> bool:

@@ -44,6 +44,12 @@ def _layers_plan(model) -> dict:
     return out
 
 
+def network_digest(model) -> str:
+    """12 hex digits naming ``model``'s architecture: its layers' configs, in order."""
+    blob = json.dumps(_layers_plan(model), sort_keys=True).encode()
+    return hashlib.md5(blob).hexdigest()[:12]
+
+
 def _weights_digest(model) -> str:
     digest = hashlib.md5()
     for variable in model.weights:

@@ -18,6 +18,7 @@ from .devices import cpu_info, is_chief
 from .evaluation import evaluation_summary, predict_proba
 from .files import atomic_path, write_json
 from .models import float32_copy, parameter_counts
+from .plans import network_digest
 from .published import TEST_TOP1, TRAINING_SECONDS
 
 
@@ -84,7 +85,9 @@ def run_record(run, model, *, train_images: int, scores: dict, data=None, settin
         "params": params,
         "phases": run.phases
         or [{"name": "train", "epochs": run.epoch, "trainable_params": params["trainable"]}],
+        "network": network_digest(model),  # an edited network cell is another network
         "epochs": run.epoch,
+        "replanned_from": run.replanned_from,  # EPOCHS changed while resuming
         "best_epoch": run.best_epoch,
         "seconds": round(run.seconds, 1),
         "hardware": describe_hardware(),
@@ -342,20 +345,25 @@ def series_key(record: dict) -> dict:
     """What must be equal for runs to pool into one series: all but their ``SEED``.
 
     Returns:
-        ``{"model", "settings", "data_md5", "precision", "test_images"}``: the network's
-        name, the notebook settings without ``SEED`` and :data:`RUN_ONLY_PARAMETERS` (the
-        whole ``settings``, or in older files the ``settings_changed``), the data archive's
-        md5 (training and validation sizes are in the settings: ``TRAIN_LIMIT``,
-        ``VAL_SIZE``), the precision trained in (``MIXED_PRECISION = "auto"`` picks per
-        machine) and the number of test images.
+        ``{"model", "network", "epochs", "replanned_from", "alone", "settings", "data_md5",
+        "precision", "test_images"}``: the network's name and architecture digest, the epochs
+        trained and any earlier plans (``EPOCHS`` changed on resume), the run's identity when
+        it recorded no settings (then it never pools), the settings without ``SEED`` and
+        :data:`RUN_ONLY_PARAMETERS` (older files: ``settings_changed``), the archive's md5,
+        the precision and the number of test images.
     """
-    settings = record.get("settings") or record.get("settings_changed") or {}
+    settings = record.get("settings")
+    settings = record.get("settings_changed") if settings is None else settings
     data = record.get("data") if isinstance(record.get("data"), dict) else {}
     return {
         "model": record.get("model"),
+        "network": record.get("network"),
+        "epochs": record.get("epochs"),
+        "replanned_from": record.get("replanned_from") or [],
+        "alone": None if settings is not None else id(record),  # nothing to pool it by
         "settings": {
             k: v
-            for k, v in sorted(settings.items())
+            for k, v in sorted((settings or {}).items())
             if k != "SEED" and k not in RUN_ONLY_PARAMETERS
         },
         "data_md5": data.get("md5"),
@@ -464,8 +472,11 @@ def why_apart(a: dict, b: dict) -> str:
     for name in names:
         if a["settings"].get(name) != b["settings"].get(name):
             differ.append(f"{name}: {a['settings'].get(name)!r} vs {b['settings'].get(name)!r}")
-    for field, label in (("data_md5", "data md5"), ("precision", "precision"),
-                         ("test_images", "test images")):  # fmt: skip
+    for field, label in (("network", "network"), ("epochs", "epochs trained"),
+                         ("replanned_from", "EPOCHS changed while resuming, from"),
+                         ("data_md5", "data md5"), ("precision", "precision"),
+                         ("test_images", "test images"),
+                         ("alone", "no settings recorded")):  # fmt: skip
         if a[field] != b[field]:
             differ.append(f"{label}: {a[field]!r} vs {b[field]!r}")
     return "; ".join(differ)

@@ -205,7 +205,8 @@ def _resume(model, new: RunState) -> RunState:
             f"That run already has {saved.epoch} epoch(s), EPOCHS={new.epochs}: nothing to "
             "train. Set RESUME=False (or another OUTPUT_DIR) to train again."
         )
-    return dataclasses.replace(saved, epochs=new.epochs, plan=new.plan)
+    earlier = [*saved.replanned_from, saved.epochs] if replanned else saved.replanned_from
+    return dataclasses.replace(saved, epochs=new.epochs, plan=new.plan, replanned_from=earlier)
 
 
 def _restore_seed_states(model, saved: list) -> None:
@@ -260,6 +261,7 @@ def join_runs(**runs: RunState) -> RunState:
     return dataclasses.replace(
         last, epoch=done, epochs=done, seconds=sum(r.seconds for r in runs.values()),
         history=history, best_epoch=best_epoch, phases=phases, next_phase_from=None,
+        replanned_from=[n for run in runs.values() for n in run.replanned_from],
     )  # fmt: skip
 
 

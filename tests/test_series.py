@@ -8,6 +8,7 @@ results files, cards and models, or copies of them.
 import json
 import re
 import shutil
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -148,6 +149,30 @@ def test_runs_with_other_settings_never_pool_and_the_report_says_why(series, tmp
     groups = cu.group_series([(p, r) for p, r, _ in cu.read_results(results)])
     assert [len(g["records"]) for g in groups] == [1, 3]
     assert [p.name for p in groups[1]["repeated"]] == ["z_copy.json"]
+
+
+def test_only_runs_of_one_network_trained_alike_pool():
+    base = {"model": "simple_cnn", "network": "aaaa", "epochs": 2, "test_top1": 0.5,
+            "data": {"md5": "m"}, "precision": "float32", "test_images": 100}  # fmt: skip
+
+    def run(seed, **changes):
+        return {**base, "settings": {"SEED": seed, "EPOCHS": 2}, **changes}
+
+    loose = {**run(6), "settings": None, "settings_changed": None}  # a script's record
+    entries = [(Path(f"{i}.json"), r) for i, r in enumerate([
+        run(1), run(2),
+        run(3, network="bbbb"),  # an edited network cell: same name, another network
+        run(4, epochs=3),  # 3 epochs trained, then resumed with EPOCHS = 2: nothing trained
+        run(5, replanned_from=[4]),  # planned for 4 epochs, resumed with EPOCHS = 2
+        loose, dict(loose),  # no settings: never pooled, not even with its copy
+    ])]  # fmt: skip
+    groups = cu.group_series(entries)
+    assert [g["seeds"] for g in groups] == [[1, 2], [3], [4], [5], [None], [None]]
+    why = cu.not_pooled(groups)
+    assert "(network: 'aaaa' vs 'bbbb')" in why[0]
+    assert "(epochs trained: 2 vs 3)" in why[1]
+    assert "(EPOCHS changed while resuming, from: [] vs [4])" in why[2]
+    assert "no settings recorded" in why[3]
 
 
 @pytest.mark.slow

@@ -357,6 +357,20 @@ def test_a_transformed_pipeline_resumes_only_on_the_data_under_it(tmp_path, data
                  run_dir=tmp_path, verbose=0)  # fmt: skip
 
 
+def test_a_run_resumed_with_other_epochs_records_its_earlier_plan(tmp_path, data):
+    train_ds, val_ds = data
+    cu.train(tiny_model(), train_ds, val_ds, epochs=2, run_dir=tmp_path, verbose=0)
+    model = tiny_model()
+    with pytest.warns(UserWarning, match="planned for 2 epochs, this run asks for 1"):
+        state = cu.train(model, train_ds, val_ds, epochs=1, run_dir=tmp_path, verbose=0)
+    assert (state.epoch, state.replanned_from) == (2, [2])  # trained 2, though EPOCHS = 1
+    record = cu.run_record(state, model, train_images=N_TRAIN, scores={})
+    assert (record["epochs"], record["replanned_from"]) == (2, [2])
+    assert record["network"] == cu.run_record(state, tiny_model(), train_images=1, scores={})[
+        "network"] != cu.run_record(state, keras.Sequential([keras.Input((4,)),
+        keras.layers.Dense(100)]), train_images=1, scores={})["network"]  # fmt: skip
+
+
 def test_a_batch_transform_with_other_arguments_is_another_plan():
     def darken(images, seed, factor=1.0):
         return images
