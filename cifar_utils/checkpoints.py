@@ -11,6 +11,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from . import files
+from .checks import RUN_FOLDERS, check_run_folder
 from .divergence import nonfinite_variables
 from .errors import ResumeError
 from .files import atomic_path
@@ -181,11 +182,6 @@ def write_log(run_dir: Path, history: dict) -> None:
 
 
 #: Where the notebooks train, for the messages of :func:`read_log`.
-_RUN_FOLDERS = (
-    "The notebooks train in results/simple_cnn, results/complex_cnn and "
-    "results/efficientnet_b0 (which holds head/ and finetune/), under their OUTPUT_DIR "
-    "(results/ by default); a run folder gets its log.csv when training starts"
-)
 
 
 def read_log(run_dir) -> dict:
@@ -199,10 +195,9 @@ def read_log(run_dir) -> dict:
         ValueError: no complete row yet, or a line is not a CSVLogger row.
     """
     path = Path(run_dir) / "log.csv"
-    if not Path(run_dir).is_dir():
-        raise FileNotFoundError(f"No folder '{run_dir}'. {_RUN_FOLDERS}")
+    check_run_folder(run_dir)
     if not path.is_file():
-        raise FileNotFoundError(f"'{run_dir}' has no log.csv: it is no run folder. {_RUN_FOLDERS}")
+        raise FileNotFoundError(f"'{run_dir}' has no log.csv: it is no run folder. {RUN_FOLDERS}")
     text = path.read_text(encoding="utf-8")
     lines = text.splitlines()
     if not text.endswith("\n"):

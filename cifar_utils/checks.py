@@ -79,9 +79,10 @@ def check_model_file(path) -> Path:
     path = Path(path)
     if not path.is_file():
         beside = sorted(p.name for p in path.parent.glob("*.keras")) if path.parent.is_dir() else []
+        where = "It is a folder; its parent" if path.is_dir() else "That folder"
         raise FileNotFoundError(
             f"No model file at '{path}'. "
-            + (f"That folder holds {', '.join(beside)}. " if beside else "")
+            + (f"{where} '{path.parent}' holds {', '.join(beside)}. " if beside else "")
             + "A notebook writes OUTPUT_DIR/<model>.keras when it ends (simple_cnn.keras, "
             "complex_cnn.keras or efficientnet_b0.keras; OUTPUT_DIR is results/ by default)"
         )
@@ -90,6 +91,25 @@ def check_model_file(path) -> Path:
             f"'{path}' is not a Keras model file (.keras, or a legacy .h5): give the .keras "
             "file a notebook wrote at its end, e.g. results/simple_cnn.keras"
         )
+    return path
+
+
+RUN_FOLDERS = (
+    "The notebooks train in results/simple_cnn, results/complex_cnn and "
+    "results/efficientnet_b0 (which holds head/ and finetune/), under their OUTPUT_DIR "
+    "(results/ by default); a run folder gets its log.csv when training starts"
+)
+
+
+def check_run_folder(path) -> Path:
+    """``path`` as a Path if it is a folder; no TensorFlow.
+
+    Raises:
+        FileNotFoundError: no folder there (says where the notebooks' run folders are).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"No folder '{path}'. {RUN_FOLDERS}")
     return path
 
 

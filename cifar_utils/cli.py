@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .checks import check_model_file, check_new_folder
+from .checks import check_model_file, check_new_folder, check_run_folder
 
 #: The phase folders of a two-phase run (the transfer notebook's), in training order.
 PHASES = ("head", "finetune")
@@ -97,6 +97,7 @@ def _series_runs(folder: Path) -> list[tuple[str, Path]]:
 
 
 def _curves_command(args) -> int:
+    check_run_folder(args.run_dir)  # before TensorFlow starts
     import matplotlib.pyplot as plt
 
     from .plots import plot_history, plot_series_history

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -31,11 +32,13 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during :func:`train`, shown by IPython and papermill as one line."""
 
     def __init__(self, epoch: int, run_dir: Path):
-        done = f"after epoch {epoch}" if epoch else "before its first epoch ended"
-        super().__init__(
-            f"Training stopped {done} (the last epoch saved in {run_dir}); run the same "
-            "command again to resume it."
-        )
+        if epoch:
+            said = (f"Training stopped after epoch {epoch} (the last epoch saved in {run_dir}); "
+                    "run the same command again to resume it.")  # fmt: skip
+        else:
+            said = ("Training stopped before its first epoch ended: nothing was saved yet; run "
+                    "the same command again to start it.")  # fmt: skip
+        super().__init__(said)
 
     def _render_traceback_(self) -> list[str]:
         return [f"TrainingInterrupted: {self}"]
@@ -86,7 +89,11 @@ def train(model, train_ds, val_ds, *, epochs: int, run_dir, resume: bool = True,
                 callbacks=[*keep, *callbacks, *_tensorboard(run_dir, state.epoch, tensorboard)],
             )  # fmt: skip
         except KeyboardInterrupt:
-            raise TrainingInterrupted(state.epoch, run_dir) from None
+            stopped = TrainingInterrupted(state.epoch, run_dir)
+            # papermill stops on the same Ctrl-C before this reaches the notebook's output:
+            # the kernel's own stderr is the terminal it was started from.
+            print(stopped, file=sys.__stderr__, flush=True)
+            raise stopped from None
     if guard.diverged:
         raise _diverged(*guard.diverged, state)
     return state

@@ -170,9 +170,12 @@ def test_load_exported_model_explains_bad_files(tmp_path):
     with pytest.raises(ValueError, match=r"output shape \(None, 10\).*100 class"):
         cu.load_exported_model(ten)
     # a name copied from the README where another model was trained: say what is there
-    with pytest.raises(FileNotFoundError, match=r"That folder holds notes.keras, ten.keras\. A "
-                       r"notebook writes OUTPUT_DIR/<model>.keras"):  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"That folder '.*' holds notes.keras, ten.keras\. "
+                       r"A notebook writes OUTPUT_DIR/<model>.keras"):  # fmt: skip
         cu.load_exported_model(tmp_path / "efficientnet_b0.keras")
+    (tmp_path / "simple_cnn").mkdir()  # the run folder named instead of the model file
+    with pytest.raises(FileNotFoundError, match=r"It is a folder; its parent '.*' holds notes"):
+        cu.load_exported_model(tmp_path / "simple_cnn")
     # a whole model saved by Keras itself: the CIFAR-100 names, no metadata
     plain = _tiny()
     plain.save(tmp_path / "plain.keras")

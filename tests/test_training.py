@@ -279,6 +279,10 @@ def test_ctrl_c_says_where_the_run_stopped_and_the_same_command_resumes(tmp_path
     said = stopped.stdout + stopped.stderr
     assert "Training stopped after epoch 1 (the last epoch saved in" in said
     assert "run the same command again to resume it" in said
+    # On the process's own stderr as a line of its own: papermill, stopped by the same Ctrl-C,
+    # shows the kernel's stderr in the terminal but not the notebook's last output.
+    assert any(line.startswith("Training stopped after epoch 1") for line in
+               stopped.stderr.splitlines())  # fmt: skip
     assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 1
     resumed = run(-1)
     assert resumed.returncode == 0, resumed.stderr
@@ -288,6 +292,9 @@ def test_ctrl_c_says_where_the_run_stopped_and_the_same_command_resumes(tmp_path
     interrupted = cu.TrainingInterrupted(1, tmp_path)
     assert isinstance(interrupted, KeyboardInterrupt)
     assert interrupted._render_traceback_() == [f"TrainingInterrupted: {interrupted}"]
+    assert "nothing was saved yet; run the same command again to start it" in str(
+        cu.TrainingInterrupted(0, tmp_path)
+    )
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
