@@ -87,7 +87,8 @@ def _series_runs(folder: Path) -> list[tuple[str, Path]]:
     """The run folders of a series folder: ``(label, seed-<n>/<model>/)``, by seed."""
     found = []
     for seed_dir in folder.glob("seed-*"):
-        runs = [p for p in seed_dir.iterdir() if p.is_dir() and p.name != "figures"]
+        runs = [p for p in seed_dir.iterdir()  # not figures/ or the run lock's .locks/
+                if p.is_dir() and p.name != "figures" and not p.name.startswith(".")]  # fmt: skip
         if seed_dir.name[5:].isdigit() and runs:
             found += [(f"SEED {seed_dir.name[5:]}", run) for run in sorted(runs)]
     return sorted(found, key=lambda pair: int(pair[0].split()[1]))
@@ -207,12 +208,50 @@ def _entry_kind(path: Path) -> str:
     return path.suffix.lower() or "no suffix"
 
 
+def _explain_paths(out, images: list[Path]) -> dict[Path, Path]:
+    """Where ``predict --explain OUT.png`` writes each photo's overlay: ``OUT.png`` for one
+    photo, ``OUT-<photo stem>.png`` for each of several. Checked before TensorFlow starts.
+
+    Raises:
+        ValueError: ``out`` does not end in ``.png`` or is a folder, or two photos share a
+            stem (both would write the same file).
+    """
+    out = Path(out)
+    if out.suffix.lower() != ".png" or out.is_dir():
+        raise ValueError(f"--explain names the PNG file to write (e.g. overlay.png), not '{out}'")
+    if len(images) == 1:
+        return {images[0]: out}
+    paths = {image: out.with_name(f"{out.stem}-{image.stem}{out.suffix}") for image in images}
+    taken = {}
+    for image, path in paths.items():
+        if path in taken:
+            raise ValueError(
+                f"'{taken[path]}' and '{image}' would both write '{path}': explain photos "
+                "with the same name in separate runs"
+            )
+        taken[path] = image
+    return paths
+
+
+def _write_overlay(model, image: Path, path: Path) -> None:
+    """The photo with its Grad-CAM heatmap over it, as a PNG of the photo's size."""
+    from PIL import Image
+
+    from .explain import explain_photo, overlay_heatmap
+    from .files import atomic_path
+
+    overlay = overlay_heatmap(*explain_photo(model, image))
+    with atomic_path(path) as tmp:
+        Image.fromarray(overlay).save(tmp, format="PNG")
+
+
 def _predict_command(args) -> int:
     if args.info:
         return _info_command(args)
     if not args.photos:
         raise ValueError("Name photos (or folders of them) to classify, or give --info")
     images, errors = _image_files(args.photos)  # before TensorFlow starts
+    overlays = _explain_paths(args.explain, images) if args.explain and images else {}
     predictions = []
     if images:
         from .export import load_exported_model
@@ -222,17 +261,22 @@ def _predict_command(args) -> int:
     for image in images:
         try:
             top = predict_image(model, image, top_k=args.top_k, class_names=names)
+            if image in overlays:
+                _write_overlay(model, image, overlays[image])
         except (FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             errors.append({"image": str(image), "error": str(exc)})
             continue
         predictions.append(
             {"image": str(image), "top": [{"class": n, "probability": p} for n, p in top]}
+            | ({"explain": str(overlays[image])} if image in overlays else {})
         )
         if not args.json:
             print(str(image))
             for name, probability in top:
                 print(f"  {name:<16} {probability:.4f}")
+            if image in overlays:
+                print(f"  Grad-CAM overlay: {overlays[image]}")
     if args.json:
         document = {"model": str(args.model), "predictions": predictions, "errors": errors}
         print(json.dumps(document, indent=2))
@@ -249,10 +293,13 @@ def main(argv=None) -> int:
       ``RUN_DIR/finetune``); default ``RUN_DIR/curves.png``.
     - ``export MODEL.keras [--format saved_model] --out DIR``: a TensorFlow SavedModel
       (:func:`cifar_utils.export.export_saved_model`).
-    - ``predict --model MODEL.keras PHOTO|FOLDER ... [--top-k 5] [--json]``: the top-k
-      classes of each photo (:func:`cifar_utils.photos.predict_image`); a folder means its
-      image files. ``predict --model MODEL.keras --info`` prints the model card kept in
-      the file (:func:`cifar_utils.model_card.card_markdown`).
+    - ``predict --model MODEL.keras PHOTO|FOLDER ... [--top-k 5] [--json] [--explain
+      OUT.png]``: the top-k classes of each photo (:func:`cifar_utils.photos.predict_image`);
+      a folder means its image files. ``--explain`` also writes each photo with its
+      Grad-CAM heatmap over it (:func:`cifar_utils.explain.explain_photo`), at the photo's
+      size: ``OUT.png`` for one photo, ``OUT-<photo stem>.png`` for several.
+      ``predict --model MODEL.keras --info`` prints the model card kept in the file
+      (:func:`cifar_utils.model_card.card_markdown`).
     - ``report --all`` also prints the series of quick or non-CIFAR-100 runs, in a table
       of their own (never in the README).
     - ``repeat NOTEBOOK --seeds 3 [-p NAME VALUE ...] [--log-output]``: a series of runs,
@@ -335,6 +382,12 @@ def main(argv=None) -> int:
     )
     predict.add_argument("--json", action="store_true", help="print one JSON document")
     predict.add_argument("--info", action="store_true", help="print the model card it holds")
+    predict.add_argument(
+        "--explain",
+        metavar="OUT.png",
+        help="also write each photo with its Grad-CAM heatmap over it, at the photo's size: "
+        "OUT.png for one photo, OUT-<photo stem>.png for several (default: none written)",
+    )
     predict.set_defaults(run=_predict_command)
     repeat = commands.add_parser("repeat", help="run a notebook once per SEED: a series")
     repeat.add_argument("notebook", help="e.g. simple_image_clasifier.ipynb")
