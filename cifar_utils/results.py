@@ -80,6 +80,9 @@ def calibration_scores(model, val_probs, y_val, test, test_probs) -> dict:
         ``temperature``, ``val_nll``, ``val_nll_calibrated``, ``test_ece``, ``test_nll``,
         ``test_ece_calibrated``, ``test_nll_calibrated`` (floats; ECE in [0, 1]),
         ``exported_test_top1``/``_top5`` and :func:`tta_summary`'s ``test_tta_*``.
+
+    Raises:
+        ValueError: the model does not end in a softmax Dense layer (:func:`with_temperature`).
     """
     x_test, y_test = test
     figures = calibration_summary(y_val, val_probs, y_test, test_probs)

@@ -169,6 +169,7 @@ def visitor_photo(small_model, folder: Path, seed: int) -> tuple[tuple[str, byte
 def assert_classified(result, expected) -> None:
     event, data = result
     assert event == "complete", data
+    assert data[1].startswith('<img alt="Grad-CAM overlay"')  # inline: no file to fetch
     shown = [(row["label"], row["confidence"]) for row in data[0]["confidences"]]
     assert [name for name, _ in shown] == [name for name, _ in expected]
     assert [p for _, p in shown] == pytest.approx([p for _, p in expected], abs=1e-6)
