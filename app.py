@@ -143,7 +143,8 @@ def build_app(model_path):
         with gr.Row():
             image = gr.Image(label="Photo", type="filepath", sources=["upload", "clipboard"])
             label = gr.Label(label="Top 5 of 100 classes", num_top_classes=5)
-            cam = gr.HTML(label="Grad-CAM: where the top-1 class was found")
+            cam = gr.HTML(label="Grad-CAM: where it found the top-1 class", show_label=True,
+                          container=True)  # fmt: skip
         # preprocess=False hands classify the uploaded file itself, read by cu.load_image
         # (exactly as predict_image reads a file); gr.Image's preprocess would decode it whole
         image.change(classify, image, [label, cam], preprocess=False)

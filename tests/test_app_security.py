@@ -304,10 +304,10 @@ def test_memory_stays_flat_over_thousands_of_sessions(demo):
     own memory is not at stake here), so what the server keeps per session shows alone."""
     warm_up, calls = 500, 2000  # warm-up: past the 200 sessions the app keeps
     for _ in range(warm_up):
-        assert demo.classify(None) == ("complete", [{}])  # an empty label
+        assert demo.classify(None) == ("complete", [{}, ""])  # an empty label, no overlay
     rss = [rss_mb(demo.process.pid)]
     for i in range(1, calls + 1):
-        assert demo.classify(None) == ("complete", [{}])
+        assert demo.classify(None) == ("complete", [{}, ""])
         if i % 250 == 0:
             rss.append(rss_mb(demo.process.pid))
     assert max(rss) - rss[0] < 2.0, f"RSS (MB) every 250 calls after {warm_up}: {rss}"
