@@ -197,6 +197,8 @@ def test_simple_notebook_as_two_workers_writes_results_once_and_resumes(small_ar
         + [f"figures/simple_cnn_{n}.png" for n in ("samples", "augmentation", "curves",
            "superclass_confusion", "mistakes", "photo_prediction", "reliability", "grad_cam",
            "photo_grad_cam")]
+        + [".locks/simple_image_clasifier/run.lock",  # the run locks (cu.own_output_dir)
+           ".locks/simple_image_clasifier/worker-1/run.lock"]
         + [f"simple_cnn/{f}" for f in run_files]  # every worker's own checkpoints
         + [f"simple_cnn/worker-1/{f}" for f in run_files]
     )  # fmt: skip
