@@ -2,8 +2,9 @@
 
     python app.py --model results/efficientnet_b0.keras [--host 127.0.0.1] [--port 7860]
 
-Upload or paste a photo and see the top-5 of the 100 classes; scikit-image's sample photos
-are one click away. The model's name, size and test top-1 come from the results file beside
+Upload or paste a photo and see the top-5 of the 100 classes, and beside them the photo with
+its Grad-CAM heatmap over it (where the network found its top-1 class); scikit-image's sample
+photos are one click away. The model's name, size and test top-1 come from the results file beside
 it (``results/<model>.json``). Nothing is sent anywhere and nothing is recorded: no
 analytics, no run history, no Hugging Face calls or token, no share link, no fonts or
 scripts from other sites. What the server guards against, and with which limits
@@ -17,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 #: Sessions whose state Gradio keeps (``state_session_capacity``), whose messages its queue
 #: holds and whose events it keeps statistics of: every ``/call`` request is a new session.
 SESSIONS_KEPT = 200
@@ -28,6 +31,7 @@ BODY_SECONDS = 30  # a request body's deadline, plus 1 s per 100 KB of it
 #: most here (an RGB WebP, the costliest format per pixel), where cu.load_image allows 40
 #: million. The networks see 32x32 or 224x224.
 DEMO_MAX_PIXELS = 6_000_000
+OVERLAY_SIDE = 512  # the Grad-CAM overlay's longest side in pixels, at most
 #: Set before gradio (and huggingface_hub) are imported: they read these at import.
 QUIET_ENVIRONMENT = {
     "GRADIO_ANALYTICS_ENABLED": "False",  # no telemetry
@@ -74,6 +78,30 @@ def describe_model(model_path) -> str:
     return text + f" · from `{results.name}`"
 
 
+def overlay_html(model, photo) -> str:
+    """An ``<img>`` of ``photo`` (uint8 (H, W, 3)), shrunk to at most :data:`OVERLAY_SIDE`
+    pixels a side, with the model's Grad-CAM heatmap over it (``cu.explain_photo``), inline.
+
+    Inline (a data URL), not a gr.Image output: Gradio would write that to the upload folder,
+    where upload_guard serves only a visitor's own uploads and counts the disk budget.
+    """
+    import base64
+    import io
+
+    from PIL import Image
+
+    import cifar_utils as cu
+
+    shown = Image.fromarray(photo)
+    shown.thumbnail((OVERLAY_SIDE, OVERLAY_SIDE))  # enough for the page: the network sees 32x32
+    buffer = io.BytesIO()
+    Image.fromarray(cu.overlay_heatmap(*cu.explain_photo(model, np.asarray(shown)))).save(
+        buffer, format="PNG"
+    )
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img alt="Grad-CAM overlay" style="max-width:100%" src="data:image/png;base64,{data}">'
+
+
 def build_app(model_path):
     """The demo page for the model file ``model_path`` (see ``cu.load_exported_model``), and
     the lifespan and middleware to serve it with (``launch(app_kwargs=...)``).
@@ -90,22 +118,22 @@ def build_app(model_path):
     model, class_names, _ = cu.load_exported_model(model_path)
 
     def classify(upload, request: gr.Request):
-        """Top-5 ``{class name: probability}`` of the uploaded file; gr.Error if unreadable
-        or not this session's upload or a sample photo (:class:`upload_guard.UploadGuard`)."""
+        """Top-5 ``{class name: probability}`` of the uploaded file and its Grad-CAM overlay
+        (:func:`overlay_html`); gr.Error if unreadable or not this session's upload or a
+        sample photo (:class:`upload_guard.UploadGuard`)."""
         if upload is None:  # the image was cleared
-            return None
+            return None, ""
         path = guard.path_for(upload, request.session_hash, request.client.host)
         try:
-            top = cu.predict_image(
-                model, path, top_k=5, class_names=class_names, max_pixels=DEMO_MAX_PIXELS
-            )
+            photo = cu.load_image(path, max_pixels=DEMO_MAX_PIXELS)
+            top = cu.predict_image(model, photo, top_k=5, class_names=class_names)
         except (FileNotFoundError, ValueError) as exc:
             name = upload.get("orig_name") or Path(path).name
             message = str(exc).replace(path, name)  # not the server's temp path
             raise gr.Error(
                 message, title="Cannot classify this file", print_exception=False
             ) from None
-        return dict(top)
+        return dict(top), overlay_html(model, photo)
 
     delete = guarding.DELETE_UPLOADS
     with guarding.LocalFilesBlocks(
@@ -115,9 +143,11 @@ def build_app(model_path):
         with gr.Row():
             image = gr.Image(label="Photo", type="filepath", sources=["upload", "clipboard"])
             label = gr.Label(label="Top 5 of 100 classes", num_top_classes=5)
+            cam = gr.HTML(label="Grad-CAM: where it found the top-1 class", show_label=True,
+                          container=True)  # fmt: skip
         # preprocess=False hands classify the uploaded file itself, read by cu.load_image
         # (exactly as predict_image reads a file); gr.Image's preprocess would decode it whole
-        image.change(classify, image, label, preprocess=False)
+        image.change(classify, image, [label, cam], preprocess=False)
         gr.Examples(
             [[str(cu.sample_photo(name))] for name in cu.SAMPLE_PHOTOS],
             inputs=image,

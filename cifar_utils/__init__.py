@@ -108,7 +108,7 @@ _PUBLIC = {
         "feature_map_layer", "feature_map_grid", "grad_cam", "explain_photo", "overlay_heatmap",
     ),
     "results": (
-        "write_results", "score_model", "exported_scores", "run_record", "evaluate_and_save",
+        "write_results", "score_model", "calibration_scores", "run_record", "evaluate_and_save",
         "markdown_table", "total_params", "describe_hardware",
         "RESULTS_START", "RESULTS_END", "full_runs",
         "RUN_ONLY_PARAMETERS", "results_table", "update_readme_results", "SERIES_FILE",

@@ -211,12 +211,50 @@ def _entry_kind(path: Path) -> str:
     return path.suffix.lower() or "no suffix"
 
 
+def _explain_paths(out, images: list[Path]) -> dict[Path, Path]:
+    """Where ``predict --explain OUT.png`` writes each photo's overlay: ``OUT.png`` for one
+    photo, ``OUT-<photo stem>.png`` for each of several. Checked before TensorFlow starts.
+
+    Raises:
+        ValueError: ``out`` does not end in ``.png`` or is a folder, or two photos share a
+            stem (both would write the same file).
+    """
+    out = Path(out)
+    if out.suffix.lower() != ".png" or out.is_dir():
+        raise ValueError(f"--explain names the PNG file to write (e.g. overlay.png), not '{out}'")
+    if len(images) == 1:
+        return {images[0]: out}
+    paths = {image: out.with_name(f"{out.stem}-{image.stem}{out.suffix}") for image in images}
+    taken = {}
+    for image, path in paths.items():
+        if path in taken:
+            raise ValueError(
+                f"'{taken[path]}' and '{image}' would both write '{path}': explain photos "
+                "with the same name in separate runs"
+            )
+        taken[path] = image
+    return paths
+
+
+def _write_overlay(model, image: Path, path: Path) -> None:
+    """The photo with its Grad-CAM heatmap over it, as a PNG of the photo's size."""
+    from PIL import Image
+
+    from .explain import explain_photo, overlay_heatmap
+    from .files import atomic_path
+
+    overlay = overlay_heatmap(*explain_photo(model, image))
+    with atomic_path(path) as tmp:
+        Image.fromarray(overlay).save(tmp, format="PNG")
+
+
 def _predict_command(args) -> int:
     if args.info:
         return _info_command(args)
     if not args.photos:
         raise ValueError("Name photos (or folders of them) to classify, or give --info")
     images, errors = _image_files(args.photos)  # before TensorFlow starts
+    overlays = _explain_paths(args.explain, images) if args.explain and images else {}
     predictions = []
     if images:
         from .export import load_exported_model
@@ -226,17 +264,22 @@ def _predict_command(args) -> int:
     for image in images:
         try:
             top = predict_image(model, image, top_k=args.top_k, class_names=names)
+            if image in overlays:
+                _write_overlay(model, image, overlays[image])
         except (FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             errors.append({"image": str(image), "error": str(exc)})
             continue
         predictions.append(
             {"image": str(image), "top": [{"class": n, "probability": p} for n, p in top]}
+            | ({"explain": str(overlays[image])} if image in overlays else {})
         )
         if not args.json:
             print(str(image))
             for name, probability in top:
                 print(f"  {name:<16} {probability:.4f}")
+            if image in overlays:
+                print(f"  Grad-CAM overlay: {overlays[image]}")
     if args.json:
         document = {"model": str(args.model), "predictions": predictions, "errors": errors}
         print(json.dumps(document, indent=2))
@@ -312,6 +355,12 @@ def _add_export_and_predict(commands) -> None:
     )
     predict.add_argument("--json", action="store_true", help="print one JSON document")
     predict.add_argument("--info", action="store_true", help="print the model card it holds")
+    predict.add_argument(
+        "--explain",
+        metavar="OUT.png",
+        help="also write each photo with its Grad-CAM heatmap over it, at the photo's size: "
+        "OUT.png for one photo, OUT-<photo stem>.png for several (default: none written)",
+    )
     predict.set_defaults(run=_predict_command)
 
 

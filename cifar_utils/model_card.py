@@ -20,7 +20,9 @@ CARD_FIGURES = (
     ("test_top1", "Test top-1 of the model as trained"),
     ("test_top5", "Test top-5 of the model as trained"),
     ("test_superclass_top1", "Test superclass top-1 (20 coarse classes)"),
-    ("test_ece", "Test expected calibration error"),
+    ("test_ece", "Test expected calibration error of the model as trained (15 bins)"),
+    ("test_ece_calibrated", "Test expected calibration error of this file (temperature-scaled)"),
+    ("test_tta_top1", "Test top-1 of the model as trained with flip test-time augmentation"),
 )
 
 
@@ -46,6 +48,7 @@ def card_facts(record: dict, series: dict | None = None) -> dict:
         ``training`` (epochs, best epoch, seconds, precision, hardware, batch size, seed,
         images, settings that differ from the notebook's defaults, weights, finished),
         ``figures`` (the keys of :data:`CARD_FIGURES` the record holds, floats in [0, 1]),
+        ``temperature`` (folded into the file's softmax, or ``None``),
         ``series`` and ``published_test_top1`` (the seed's figure, or ``None``).
 
     Raises:
@@ -85,6 +88,7 @@ def card_facts(record: dict, series: dict | None = None) -> dict:
             "finished": record.get("finished"),
         },
         "figures": {k: record[k] for k, _ in CARD_FIGURES if record.get(k) is not None},
+        "temperature": record.get("temperature"),
         "series": series,
         "published_test_top1": TEST_TOP1.get(record["model"]),
     }
@@ -131,6 +135,15 @@ def _model_and_data(facts: dict) -> list[str]:
         "names travel inside the .keras file (`class_names.json`).",
         f"- Trained in {training['precision'] or 'an unrecorded precision'}; the file "
         "computes in float32.",
+        *(
+            [
+                f"- Temperature-scaled: the class scores before the softmax are divided by "
+                f"{facts['temperature']:.4f}, fitted on the validation images (Guo et al. "
+                "2017); the ranking of the classes, so every top-k, is the model's own."
+            ]
+            if facts.get("temperature")
+            else []
+        ),
         "",
         "## Data",
         "",

@@ -14,12 +14,24 @@ import numpy as np
 import tensorflow as tf
 
 from . import data as dataset  # dataset.CIFAR100_MD5 read at call time (tests change it)
+from .calibration import (
+    calibration_summary,
+    expected_calibration_error,
+    flip_tta_proba,
+    negative_log_likelihood,
+    tta_summary,
+    with_temperature,
+)
 from .devices import cpu_info, is_chief
 from .evaluation import evaluation_summary, predict_proba
 from .files import atomic_path, write_json
 from .models import float32_copy, parameter_counts
 from .plans import network_digest
 from .published import TEST_TOP1, TRAINING_SECONDS
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def write_results(output_dir, name: str, **fields) -> Path:
@@ -29,7 +41,7 @@ def write_results(output_dir, name: str, **fields) -> Path:
     Returns:
         The file's path (also on a worker that wrote nothing).
     """
-    record = {"model": name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+    record = {"model": name, "finished": _now(), **fields}  # fields may give "finished"
     path = Path(output_dir) / f"{name}.json"
     return write_json(path, record) if is_chief() else path
 
@@ -53,11 +65,37 @@ def score_model(model, x, y, split: str = "test") -> tuple[dict, np.ndarray]:
     return evaluation_summary(y, probs, split), probs
 
 
-def exported_scores(model, x, y) -> dict:
-    """``exported_test_top1``/``_top5``: the weights computing in float32, as the exported
-    ``.keras`` file does (equal to the model's own for a float32 run)."""
-    scores, _ = score_model(float32_copy(model), x, y, "exported_test")
-    return {k: scores[k] for k in ("exported_test_top1", "exported_test_top5")}
+def calibration_scores(model, val_probs, y_val, test, test_probs) -> dict:
+    """Temperature scaling and flip test-time augmentation, for the results record.
+
+    The temperature is fitted on the validation set (:func:`calibration_summary`); the
+    calibrated test figures and ``exported_test_top1``/``_top5`` are those of the file the
+    notebook exports: ``with_temperature(model, T)`` computing in float32, scored again.
+    Flip TTA is scored on ``model`` as it is (beside the plain figures, never instead).
+
+    Args:
+        model: the scored model; val_probs, test_probs: its float32 probabilities (N, 100);
+            y_val: int labels (N,); test: ``(x uint8 (N, 32, 32, 3), y int (N,))``.
+
+    Returns:
+        ``temperature``, ``val_nll``, ``val_nll_calibrated``, ``test_ece``, ``test_nll``,
+        ``test_ece_calibrated``, ``test_nll_calibrated`` (floats; ECE in [0, 1]),
+        ``exported_test_top1``/``_top5`` and :func:`tta_summary`'s ``test_tta_*``.
+
+    Raises:
+        ValueError: the model does not end in a softmax Dense layer (:func:`with_temperature`).
+    """
+    x_test, y_test = test
+    figures = calibration_summary(y_val, val_probs, y_test, test_probs)
+    calibrated = float32_copy(with_temperature(model, figures["temperature"]))
+    scores, probs = score_model(calibrated, x_test, y_test, "exported_test")
+    figures.update(
+        test_ece_calibrated=round(expected_calibration_error(y_test, probs), 6),
+        test_nll_calibrated=round(negative_log_likelihood(y_test, probs), 6),
+        exported_test_top1=scores["exported_test_top1"],
+        exported_test_top5=scores["exported_test_top5"],
+    )
+    return figures | tta_summary(y_test, test_probs, flip_tta_proba(model, x_test))
 
 
 def run_record(run, model, *, train_images: int, scores: dict, data=None, settings=None) -> dict:
@@ -68,7 +106,7 @@ def run_record(run, model, *, train_images: int, scores: dict, data=None, settin
         model: the scored model: its dtype policy and ``jit_compile`` (XLA as Keras used
             it, not as asked) are recorded.
         train_images: images trained on (int).
-        scores: the merged :func:`score_model` and :func:`exported_scores` dicts.
+        scores: the merged :func:`score_model` and :func:`calibration_scores` dicts.
         data: the provenance from ``load_cifar100(..., provenance=True)``. ``full_cifar100``
             only for the official archive, all its training images (train + validation)
             and all its test images; without ``data``: never.
@@ -118,6 +156,9 @@ def evaluate_and_save(
 ) -> tuple[dict, np.ndarray]:
     """Load ``run``'s best checkpoint, score it on ``val`` and ``test``, write the record.
 
+    The record also holds the temperature fitted on ``val``, the test calibration before
+    and after it, and flip TTA (:func:`calibration_scores`).
+
     Args:
         model: the trained model (its weights become ``best.weights.h5``).
         run, train_images, data, settings: as for :func:`run_record`.
@@ -126,19 +167,22 @@ def evaluate_and_save(
         extra: more JSON-able fields (batch size, weights source, ...).
 
     Returns:
-        ``(record, test_probs)``: the record written and float32 ``(N, 100)`` probabilities.
+        ``(record, test_probs)``: the record as written (what :func:`export_model` takes as
+        ``record=``) and float32 ``(N, 100)`` probabilities.
 
     Raises:
         NotProbabilities: the model's outputs are no probabilities (a diverged model).
     """
     model.load_weights(Path(run.run_dir) / "best.weights.h5")
-    val_scores, _ = score_model(model, *val, "val")
+    val_scores, val_probs = score_model(model, *val, "val")
     test_scores, test_probs = score_model(model, *test, "test")
-    scores = {**val_scores, **test_scores, **exported_scores(model, *test)}
+    extra_scores = calibration_scores(model, val_probs, val[1], test, test_probs)
+    scores = {**val_scores, **test_scores, **extra_scores}
     record = run_record(run, model, train_images=train_images, scores=scores, data=data,
                         settings=settings)  # fmt: skip
-    write_results(output_dir, name, **record, **extra)
-    return record | extra, test_probs
+    record = {"model": name, "finished": _now(), **record, **extra}
+    write_results(output_dir, name, **record)
+    return record, test_probs
 
 
 def markdown_table(rows: list[dict], columns=None) -> str:
@@ -316,10 +360,11 @@ SPREAD_METRICS = (
     ("test_top5", "Test top-5"),
     ("test_superclass_top1", "Test superclass top-1"),
     ("test_ece", "Test ECE"),
+    ("test_tta_top1", "Test top-1 with flip TTA"),
 )
 #: Of those, the columns a table shows only when some record holds them (older runs
-#: recorded no calibration).
-OPTIONAL_METRICS = ("test_ece",)
+#: recorded no calibration or TTA).
+OPTIONAL_METRICS = ("test_ece", "test_tta_top1")
 
 
 def _settings_cell(record: dict) -> str | None:

@@ -19,6 +19,7 @@ import pytest
 import synthetic_cifar
 
 import cifar_utils as cu
+from cifar_utils.models import float32_copy
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -141,6 +142,60 @@ def run_notebook(name, tmp_path, **parameters):
         kernel_name="python3",
         progress_bar=False,
     )
+
+
+def check_calibrated_export(folder, record, test, build) -> None:
+    """What a notebook run recorded of calibration and flip TTA is what its files give again.
+
+    ``folder``: the run's ``OUTPUT_DIR``; ``record``: its results file, parsed; ``test``:
+    ``(x, y)``, the test images it scored; ``build``: builds the network its best checkpoint
+    (``folder/<model>/best.weights.h5``) loads into. The exported file (temperature-scaled,
+    float32) scored again gives the recorded calibrated figures and top-1, the best
+    checkpoint's predictions and its Grad-CAM heatmaps; the TTA counts add up; the card says
+    what data it saw.
+    """
+    (x_test, y_test), name, n = test, record["model"], len(test[1])
+    assert record["test_images"] == n
+    assert cu.TEMPERATURE_RANGE[0] <= record["temperature"] <= cu.TEMPERATURE_RANGE[1]
+    assert record["val_nll_calibrated"] <= record["val_nll"] + 1e-6  # T minimises it
+    assert 0 <= record["test_ece"] <= 1 and 0 <= record["test_ece_calibrated"] <= 1
+    model, _, metadata = cu.load_exported_model(Path(folder) / f"{name}.keras")
+    assert metadata["temperature"] == record["temperature"]
+    probs = cu.predict_proba(model, x_test)
+    ece, nll = (
+        cu.expected_calibration_error(y_test, probs),
+        cu.negative_log_likelihood(y_test, probs),
+    )
+    assert (record["test_ece_calibrated"], record["test_nll_calibrated"]) == (
+        pytest.approx(ece, abs=1e-6),
+        pytest.approx(nll, abs=1e-6),
+    )
+    assert record["exported_test_top1"] == round(cu.top_k_accuracy(y_test, probs), 6)
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(record["precision"])  # as trained: bfloat16 on some CPUs
+    try:
+        trained = build()
+    finally:
+        keras.config.set_dtype_policy(policy)
+    trained.load_weights(Path(folder) / name / "best.weights.h5")
+    best = float32_copy(trained)  # what the file computes, before the temperature
+    assert (cu.predict_proba(best, x_test).argmax(1) == probs.argmax(1)).all()  # no top-1 moved
+    heat = cu.grad_cam(model, x_test[:8])  # Grad-CAM works on the exported file, and scores
+    assert heat.shape == (8, 32, 32)  # divided by T give the same heatmaps
+    np.testing.assert_allclose(heat, cu.grad_cam(best, x_test[:8]), atol=1e-4)
+    plain = cu.predict_proba(trained, x_test)  # the headline figures' model
+    assert record["test_top1"] == round(cu.top_k_accuracy(y_test, plain), 6)
+    assert record["test_ece"] == pytest.approx(
+        cu.expected_calibration_error(y_test, plain), abs=1e-6
+    )
+    turned = record["test_tta_wrong_to_right"] - record["test_tta_right_to_wrong"]
+    assert round(record["test_tta_top1"] * n) == round(record["test_top1"] * n) + turned
+    tta = cu.tta_summary(y_test, plain, cu.flip_tta_proba(trained, x_test))
+    assert tta == {key: record[key] for key in tta}
+    card = cu.card_path(Path(folder) / f"{name}.keras").read_text()
+    assert card.startswith(f"# {name}: NOT trained on CIFAR-100 (md5 ")
+    assert f"divided by {record['temperature']:.4f}, fitted on the validation images" in card
+    assert f"(temperature-scaled): {record['test_ece_calibrated']:.4f}" in card
 
 
 BLOCK = re.compile(r"<!-- readme-test: (\w+) -->\n```bash\n(.*?)```", re.S)

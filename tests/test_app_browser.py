@@ -149,6 +149,7 @@ def test_rocket_and_a_sample_photo_match_predict_image(page, model_file, server)
     page.set_input_files("input[type=file]", rocket)
     expected = cu.predict_image(model, rocket, top_k=5, class_names=names)
     _assert_shows(page, expected)
+    _assert_overlay(page, model, rocket)
     if os.environ.get("DEMO_SCREENSHOT"):
         _save_screenshot(page, Path(os.environ["DEMO_SCREENSHOT"]))
 
@@ -157,6 +158,29 @@ def test_rocket_and_a_sample_photo_match_predict_image(page, model_file, server)
     expected = cu.predict_image(model, cu.sample_photo("coffee"), top_k=5, class_names=names)
     _assert_shows(page, expected)
     assert server[2].requests == []  # the server called out to no one
+
+
+def _assert_overlay(page, model, photo) -> None:
+    """The page shows ``photo``'s Grad-CAM overlay beside the top-5: the PNG inline in it is
+    the one app.overlay_html makes here from the same file (within one level of rounding)."""
+    import base64
+    import io
+
+    import numpy as np
+    from playwright.sync_api import expect
+
+    import app
+
+    shown = page.locator('img[alt="Grad-CAM overlay"]')
+    expect(shown).to_be_visible(timeout=60_000)
+    sent = shown.get_attribute("src")
+    here = app.overlay_html(model, cu.load_image(photo)).split('src="')[1].rstrip('">')
+    images = [
+        np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))).astype(int)
+        for src in (sent, here)
+    ]
+    assert images[0].shape == images[1].shape and max(images[0].shape) == app.OVERLAY_SIDE
+    assert np.abs(images[0] - images[1]).max() <= 1
 
 
 def _save_screenshot(page, path: Path) -> None:

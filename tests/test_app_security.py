@@ -175,6 +175,7 @@ def visitor_photo(small_model, folder: Path, seed: int) -> tuple[tuple[str, byte
 def assert_classified(result, expected) -> None:
     event, data = result
     assert event == "complete", data
+    assert data[1].startswith('<img alt="Grad-CAM overlay"')  # inline: no file to fetch
     shown = [(row["label"], row["confidence"]) for row in data[0]["confidences"]]
     assert [name for name, _ in shown] == [name for name, _ in expected]
     assert [p for _, p in shown] == pytest.approx([p for _, p in expected], abs=1e-6)
@@ -309,10 +310,10 @@ def test_memory_stays_flat_over_thousands_of_sessions(demo):
     own memory is not at stake here), so what the server keeps per session shows alone."""
     warm_up, calls = 500, 2000  # warm-up: past the 200 sessions the app keeps
     for _ in range(warm_up):
-        assert demo.classify(None) == ("complete", [{}])  # an empty label
+        assert demo.classify(None) == ("complete", [{}, ""])  # an empty label, no overlay
     rss = [rss_mb(demo.process.pid)]
     for i in range(1, calls + 1):
-        assert demo.classify(None) == ("complete", [{}])
+        assert demo.classify(None) == ("complete", [{}, ""])
         if i % 250 == 0:
             rss.append(rss_mb(demo.process.pid))
     assert max(rss) - rss[0] < 2.0, f"RSS (MB) every 250 calls after {warm_up}: {rss}"

@@ -299,6 +299,55 @@ def test_predict_says_what_a_folder_skips_and_goes_on_past_an_empty_one(
     assert "(broken link, subfolder)" in captured.err
 
 
+def test_predict_explain_writes_each_photos_overlay_at_its_size(small_model, photos, tmp_path,
+                                                                 capsys):  # fmt: skip
+    path, model = small_model  # an exported .keras file, loaded back
+    files = [cu.sample_photo("rocket"), photos / "a.jpg"]
+    out = tmp_path / "maps" / "cam.png"
+    assert cu.main(["predict", "--model", str(path), *map(str, files), "--explain", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cam-a.png", "cam-rocket.png"]
+    for file in files:
+        written = out.with_name(f"cam-{file.stem}.png")
+        assert f"  Grad-CAM overlay: {written}" in printed
+        photo, heat = cu.explain_photo(model, file)
+        png = np.asarray(Image.open(written))
+        assert png.shape == photo.shape and png.dtype == np.uint8  # the photo's own size
+        assert (png == cu.overlay_heatmap(photo, heat)).all()
+    one = tmp_path / "one.png"  # one photo: OUT.png itself
+    argv = ["predict", "--model", str(path), str(files[1]), "--explain", str(one), "--json"]
+    assert cu.main(argv) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["predictions"][0]["explain"] == str(one)
+    assert Image.open(one).size == (50, 90)  # a.jpg is 50 wide, 90 high
+
+
+@pytest.mark.parametrize(
+    ("explain", "twins", "message"),
+    [("cam.jpg", False, "--explain names the PNG file to write (e.g. overlay.png), not "),
+     ("folder.png", False, "--explain names the PNG file to write"),
+     ("cam.png", True, "would both write"),
+    ],
+)  # fmt: skip
+def test_predict_explain_errors_in_one_line(small_model, tmp_path, capsys, explain, twins,
+                                            message):  # fmt: skip
+    (tmp_path / "folder.png").mkdir()
+    first = tmp_path / "a" / "x.png"
+    first.parent.mkdir()
+    shutil.copy(cu.sample_photo("coffee"), first)
+    files = [first]
+    if twins:  # two photos named x: both would write cam-x.png
+        files.append(tmp_path / "b" / "x.png")
+        files[1].parent.mkdir()
+        shutil.copy(cu.sample_photo("rocket"), files[1])
+    argv = ["predict", "--model", str(small_model[0]), *map(str, files), "--explain",
+            str(tmp_path / explain)]  # fmt: skip
+    assert cu.main(argv) == 2
+    captured = capsys.readouterr()
+    assert message in _one_error_line(captured.err) and captured.out == ""
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["folder.png"]  # nothing written
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -347,6 +396,14 @@ def test_predict_errors(small_model, tmp_path, capsys, case, message):
         ["predict", "--model", "model.keras", "missing.jpg", "missing/"],  # no photo at all
         ["predict", "--model", "results.json", "photo.jpg"],  # not a model file
         ["report", "--readme", "missing.md"],
+        [
+            "predict",
+            "--model",
+            "model.keras",
+            str(ROOT / "images" / "demo.png"),
+            "--explain",
+            "out.jpg",
+        ],  # not a PNG to write
     ],
 )
 def test_arguments_are_checked_before_tensorflow_starts(argv, tmp_path):
@@ -407,6 +464,23 @@ def test_the_demo_page_header_never_shows_a_wrong_figure(small_model, tmp_path):
     results.write_text(json.dumps({"params": {"total": 1777636}, "test_top1": 0.25}))
     header = app.describe_model(path)
     assert "1,777,636 parameters · test top-1 0.250 (not a full CIFAR-100 run" in header
+
+
+def test_the_demo_returns_the_grad_cam_overlay_of_the_photo(small_model):
+    import base64
+    import io
+
+    import app
+
+    model, photo = small_model[1], cu.load_image(cu.sample_photo("rocket"))  # 640x427
+    html = app.overlay_html(model, photo)
+    assert html.startswith('<img alt="Grad-CAM overlay"') and 'src="data:image/png;base64,' in html
+    png = Image.open(io.BytesIO(base64.b64decode(html.split("base64,")[1].rstrip('">'))))
+    small = Image.fromarray(photo)
+    small.thumbnail((app.OVERLAY_SIDE, app.OVERLAY_SIDE))  # shrunk to 512 pixels wide
+    assert png.size == small.size and png.size[0] == app.OVERLAY_SIDE == 512
+    expected = cu.overlay_heatmap(*cu.explain_photo(model, np.asarray(small)))
+    assert (np.asarray(png) == expected).all()
 
 
 def test_the_demo_says_when_its_port_is_taken(small_model):
@@ -474,7 +548,8 @@ def test_report_errors_are_one_line_with_status_2(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("command", "defaults"),
     [("report", ["(default: results)", "(default: README.md)"]),
-     ("predict", ["1 to 100 (default: 5)"]),
+     ("predict", ["1 to 100 (default: 5)", "OUT-<photo stem>.png for several (default: none "
+                  "written)"]),
      ("curves", ["(default: RUN_DIR/curves.png)"]),
      ("export", ["TensorFlow SavedModel (default: saved_model)"])],
 )  # fmt: skip

@@ -193,9 +193,12 @@ def test_simple_notebook_as_two_workers_writes_results_once_and_resumes(small_ar
     files = sorted(str(p.relative_to(results)) for p in results.rglob("*") if p.is_file())
     run_files = ["best.weights.h5", "last.weights.h5", "log.csv", "state.json"]
     assert files == sorted(
-        ["simple_cnn.json", "simple_cnn.keras"]  # results, model, figures: the chief, once
+        ["simple_cnn.json", "simple_cnn.keras", "simple_cnn.card.md"]  # the chief, once
         + [f"figures/simple_cnn_{n}.png" for n in ("samples", "augmentation", "curves",
-           "superclass_confusion", "mistakes", "photo_prediction")]
+           "superclass_confusion", "mistakes", "photo_prediction", "reliability", "grad_cam",
+           "photo_grad_cam")]
+        + [".locks/simple_image_clasifier/run.lock",  # the run locks (cu.own_output_dir)
+           ".locks/simple_image_clasifier/worker-1/run.lock"]
         + [f"simple_cnn/{f}" for f in run_files]  # every worker's own checkpoints
         + [f"simple_cnn/worker-1/{f}" for f in run_files]
         + [f".locks/simple_image_clasifier/{w}run.lock" for w in ("", "worker-1/")]  # each its own

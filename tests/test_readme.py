@@ -18,7 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, readme_blocks, run_readme_block, start_demo, swap_paths
+from conftest import (
+    ROOT,
+    check_calibrated_export,
+    readme_blocks,
+    run_readme_block,
+    start_demo,
+    swap_paths,
+)
 
 import cifar_utils as cu
 
@@ -103,6 +110,7 @@ def test_readme_quick_commands_work_as_written(tmp_path):
     # Far above chance (0.01 top-1, 0.05 top-5) after 3 epochs on 1,000 generated images
     # (measured: 0.218 and 0.703).
     assert record["test_top1"] > 0.12 and record["test_top5"] > 0.4
+    check_calibrated_export(results, record, cu.load_cifar100(synthetic)[1], cu.build_simple_cnn)
     assert record["full_cifar100"] is False and record["data"]["official"] is False
     assert record["settings_changed"]["TRAIN_LIMIT"] == 1000
     assert (results / "simple_cnn.keras").is_file()
@@ -119,7 +127,7 @@ def test_readme_quick_commands_work_as_written(tmp_path):
     assert {p.name for p in (results / "figures").iterdir()} == {
         f"simple_cnn_{n}.png"
         for n in ("samples", "augmentation", "curves", "superclass_confusion", "mistakes",
-                  "photo_prediction")
+                  "photo_prediction", "reliability", "grad_cam", "photo_grad_cam")
     }  # fmt: skip
     assert _git_status() == before  # nothing written into the checkout
 

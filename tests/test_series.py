@@ -15,6 +15,7 @@ import numpy as np
 import papermill
 import pytest
 import synthetic_cifar
+from conftest import check_calibrated_export
 
 import cifar_utils as cu
 import cifar_utils.data
@@ -53,10 +54,11 @@ def series(tmp_path_factory):
             cu.run_series(NOTEBOOK, 3, tiny(archive, folder), log=logs.append)
         stopped = json.loads((folder / cu.SERIES_FILE).read_text())
         first = (folder / "seed-42" / "simple_cnn.json").read_bytes()
+        card = (folder / "seed-42" / "simple_cnn.card.md").read_text()  # the notebook's own
         logs.append("--- resumed")
         cu.run_series(NOTEBOOK, 3, tiny(archive, folder), log=logs.append)
     return {"folder": folder, "parameters": tiny(archive, folder), "calls": calls,
-            "logs": logs, "stopped": stopped, "first": first}  # fmt: skip
+            "logs": logs, "stopped": stopped, "first": first, "card": card}  # fmt: skip
 
 
 def records(folder):
@@ -90,6 +92,19 @@ def test_an_interrupted_series_resumes_without_redoing_finished_runs(series):
     assert manifest["notebook"] == NOTEBOOK and "SEED" not in manifest["parameters"]
 
 
+@pytest.mark.slow
+def test_each_runs_calibration_and_tta_are_what_its_files_give_again(series):
+    """The notebook wrote the card itself (seed 42's before the series added its spread)."""
+    folder = series["folder"]
+    test = cu.load_cifar100(series["parameters"]["DATA_DIR"])[1]
+    for seed, record in zip((42, 43, 44), records(folder), strict=True):
+        check_calibrated_export(folder / f"seed-{seed}", record, test, cu.build_simple_cnn)
+    first = records(folder)[0]
+    assert series["card"].startswith("# simple_cnn: NOT trained on CIFAR-100 (md5 ")
+    assert "A single run: no spread over seeds is known" in series["card"]
+    assert f"divided by {first['temperature']:.4f}, fitted on the" in series["card"]
+
+
 def _table_rows(text: str, title: str) -> list[list[str]]:
     """The body rows of the first markdown table after the line starting with ``title``."""
     lines = text[text.index(title) :].splitlines()
@@ -113,11 +128,12 @@ def test_report_all_gives_numpys_mean_and_sample_sd(series, tmp_path, capsys):
     rows = _table_rows(out, "Quick or non-CIFAR-100 runs (NOT in the README table")
     assert len(rows) == 1
     row, runs = rows[0], records(series["folder"])
-    for column, key in ((4, "test_top1"), (5, "test_top5"), (6, "test_superclass_top1")):
+    for column, key in ((4, "test_top1"), (5, "test_top5"), (6, "test_superclass_top1"),
+                        (7, "test_ece"), (8, "test_tta_top1")):  # fmt: skip
         values = np.array([r[key] for r in runs])
         expected = f"{values.mean():.3f} ± {values.std(ddof=1):.3f} (n = 3)"
         assert row[column] == expected, (key, values)
-    assert row[7] == "42, 43, 44" and "not the official CIFAR-100 archive" in row[-1]
+    assert row[9] == "42, 43, 44" and "not the official CIFAR-100 archive" in row[-1]
     groups = cu.group_series([(p, r) for p, r, _ in cu.read_results(results)])
     summary = cu.series_summary(groups[0])
     values = [r["test_top1"] for r in runs]
@@ -141,9 +157,9 @@ def test_runs_with_other_settings_never_pool_and_the_report_says_why(series, tmp
     assert cu.main(["report", "--all", "--results-dir", str(results), "--readme", str(readme)]) == 0
     out = capsys.readouterr().out
     rows = _table_rows(out, "Quick or non-CIFAR-100 runs")
-    assert [(r[2], r[7]) for r in rows] == [("1", "42"), ("1", "42, 43, 44")]
+    assert [(r[2], r[9]) for r in rows] == [("1", "42"), ("1", "42, 43, 44")]
     assert rows[0][4] == f"{runs[0]['test_top1']:.3f} (n = 1)"  # one run: n = 1, no spread
-    assert "EPOCHS=2" in rows[0][9] and "EPOCHS=1" in rows[1][9]
+    assert "EPOCHS=2" in rows[0][11] and "EPOCHS=1" in rows[1][11]
     assert rows[1][4].endswith("(n = 3)")
     assert "simple_cnn: seeds 42 and seeds 42, 43, 44 not pooled (EPOCHS: 2 vs 1)" in out
     groups = cu.group_series([(p, r) for p, r, _ in cu.read_results(results)])
@@ -195,7 +211,9 @@ def test_full_runs_of_a_series_reach_the_readme_as_mean_sd_and_n(series, tmp_pat
     cells = [cell.strip() for cell in row.strip("|").split(" | ")]
     top1 = np.array([r["test_top1"] for r in runs])
     assert cells[4] == f"{top1.mean():.3f} ± {top1.std(ddof=1):.3f} (n = 3)"
-    assert cells[7:9] == ["42, 43, 44", runs[0]["hardware"]]
+    tta = np.array([r["test_tta_top1"] for r in runs])  # TTA in a column of its own
+    assert cells[8] == f"{tta.mean():.3f} ± {tta.std(ddof=1):.3f} (n = 3)"
+    assert cells[9:11] == ["42, 43, 44", runs[0]["hardware"]]
     assert cells[-1] == "0.483 (about 80.0 min)"  # the seed's figure beside it
 
 

@@ -510,5 +510,8 @@ def test_readme_quick_check_then_resumed_on_two_replicas(tmp_path, monkeypatch):
             "superclass_confusion",
             "mistakes",
             "photo_prediction",
+            "reliability",
+            "grad_cam",
+            "photo_grad_cam",
         )
     }
