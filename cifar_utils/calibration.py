@@ -6,6 +6,8 @@ probabilities float (N, C), rows summing to 1; functions taking them raise Value
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 
@@ -106,10 +108,23 @@ def _check_temperature(temperature) -> float:
 
 
 def fit_temperature(y_val, val_probs) -> float:
-    """Temperature in :data:`TEMPERATURE_RANGE` minimising the validation NLL."""
+    """Temperature in :data:`TEMPERATURE_RANGE` minimising the validation NLL.
+
+    Warns (UserWarning) when a row's true class has probability 0: its score fell so far
+    behind that float32 underflowed, the clipped NLL no longer depends on T, and the fit
+    cannot see that confidently wrong row (it may then sharpen an overconfident model).
+    """
     from scipy.optimize import minimize_scalar
 
     y_val, val_probs = _checked(y_val, val_probs)
+    lost = int(np.sum(val_probs[np.arange(len(y_val)), y_val] == 0))
+    if lost:
+        warnings.warn(
+            f"{lost} of {len(y_val)} validation images give their true class probability 0 "
+            "(float32 underflow): the temperature fit cannot see them and may come out too "
+            "low; treat the calibrated figures with care",
+            stacklevel=2,
+        )
     # T > 1 softens an overconfident model, T < 1 sharpens one. Fit on validation, never test.
     low, high = np.log(TEMPERATURE_RANGE)
     found = minimize_scalar(

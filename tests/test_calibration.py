@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -74,6 +75,18 @@ def test_temperature_undoes_overconfidence_and_changes_no_prediction():
     assert summary["test_ece_calibrated"] < summary["test_ece"]
     assert summary["val_nll_calibrated"] < summary["val_nll"]
     json.dumps(summary)
+
+
+def test_a_fit_blind_to_underflowed_rows_says_so():
+    labels, _, sharp = _overconfident(200)
+    wrong = sharp.copy()
+    wrong[:20] = 0.0
+    wrong[np.arange(20), (labels[:20] + 1) % wrong.shape[1]] = 1.0  # sure and wrong: p(true) 0
+    with pytest.warns(UserWarning, match="20 of 200 validation images give their true class"):
+        cu.fit_temperature(labels, wrong)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none lost: no warning
+        cu.fit_temperature(labels, sharp)
 
 
 @pytest.mark.parametrize(
