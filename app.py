@@ -153,6 +153,7 @@ def build_app(model_path):
                     budget=int(budget_mb * 2**20),
                     share=int(share_mb * 2**20),
                     body_seconds=body_seconds,
+                    upload_seconds=age,
                     uploads=uploads,
                     samples=samples,
                     hidden=demo.hidden_paths,

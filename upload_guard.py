@@ -373,9 +373,10 @@ class BodyGuard:
       :class:`LocalFilesBlocks`).
     """
 
-    def __init__(self, app, *, space, budget, share, body_seconds, uploads, samples, hidden,
-                 pending):  # fmt: skip
+    def __init__(self, app, *, space, budget, share, body_seconds, upload_seconds, uploads,
+                 samples, hidden, pending):  # fmt: skip
         self.app, self.space, self.folder = app, space, space.folder
+        self.upload_seconds = upload_seconds  # how old uploads are when the sweep deletes them
         self.budget, self.share, self.body_seconds = budget, share, body_seconds
         self.uploads, self.samples = uploads, frozenset(samples)
         self.hidden = hidden  # a sample's path as the page knows it -> its path
@@ -467,7 +468,7 @@ class BodyGuard:
             if upload:
                 self.receiving.pop(id(body), None)
                 self.space.add(body.cost())
-                kept = UPLOAD_SECONDS + 2 * HOUSEKEEPING_SECONDS  # until the sweep takes it
+                kept = self.upload_seconds + 2 * HOUSEKEEPING_SECONDS  # until the sweep takes it
                 self.uploads.close_charge(body.charge, body.cost(), kept)
                 if not self.receiving and (started != [200] or body.cut):
                     # no upload is under way: what is at the folder's top is a leftover

@@ -693,8 +693,9 @@ def test_a_boundary_trick_or_a_doubled_header_cannot_dodge_the_count_of_parts(de
     doubled = head(len(trick), f"multipart/form-data; boundary={real}",
                    f"multipart/form-data; boundary={fake}")  # fmt: skip
     assert raw_request(demo, doubled, trick)[0] == "HTTP/1.1 400 Bad Request"
-    twice = head(10, kind).replace(b"\r\n\r\n", b"\r\nContent-Length: 10\r\n\r\n")
-    assert raw_request(demo, twice, b"x" * 10)[0] == "HTTP/1.1 400 Bad Request"
+    body = parts(1)  # two lengths: the server merges equal ones, refuses unequal ones
+    twice = head(len(body), kind).replace(b"\r\n\r\n", b"\r\nContent-Length: 5\r\n\r\n")
+    assert raw_request(demo, twice, body)[0] == "HTTP/1.1 400 Bad Request"
     eleven = parts(11)
     answer = raw_request(demo, head(len(eleven), kind), eleven)[0]
     assert answer.startswith("HTTP/1.1 413 ")
