@@ -815,3 +815,21 @@ def test_uploads_are_swept_by_age_and_the_samples_stay(tmp_path):
         "c",
         "c/s.png",
     ]
+
+
+def test_the_queue_never_drops_a_waiting_sessions_messages():
+    """Gradio's LRU of session messages dropped the oldest session even while its event
+    waited: the next message to it raised KeyError and stopped the queue for everyone."""
+    from types import SimpleNamespace
+
+    queue = SimpleNamespace(event_ids_to_events={})
+    messages = upload_guard.SessionMessages(3, queue)
+    for session in ("page", "a", "b"):
+        messages[session] = []
+    queue.event_ids_to_events = {"e1": SimpleNamespace(session_hash="page")}  # "page" waits
+    messages["c"] = []
+    messages["d"] = []
+    assert list(messages) == ["page", "c", "d"]  # the oldest sessions with nothing waiting
+    queue.event_ids_to_events = {}
+    messages["e"] = []
+    assert list(messages) == ["c", "d", "e"]
