@@ -213,6 +213,7 @@ def main(argv=None) -> None:
     # visitors are told apart by address: uvicorn would let any loopback client name another
     # in X-Forwarded-For; set it to a reverse proxy's address if the demo is behind one
     os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
+    import fcntl
     import signal
     import tempfile
 
@@ -223,6 +224,13 @@ def main(argv=None) -> None:
     import upload_guard as guarding
 
     folder = gradio_utils.get_upload_folder()
+    os.makedirs(folder, exist_ok=True)
+    lock = open(f"{folder}.lock", "a")  # held open, and so locked, until the demo exits
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"another demo serves from the upload folder {folder}: stop it, or set "
+             "GRADIO_TEMP_DIR to a folder of this demo's own")  # fmt: skip
     guarding.empty_folder(folder)  # a previous run's uploads (and what they held of the budget)
 
     try:

@@ -17,6 +17,7 @@ import select
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -833,3 +834,22 @@ def test_the_queue_never_drops_a_waiting_sessions_messages():
     queue.event_ids_to_events = {}
     messages["e"] = []
     assert list(messages) == ["c", "d", "e"]
+
+
+def test_a_second_demo_on_the_same_upload_folder_refuses_to_start(demo, small_model):
+    """The upload folder is emptied at start-up: a second demo on it would delete the first
+    one's uploads and sample photos."""
+    samples = files_in(demo.upload_dir)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "GRADIO_TEMP_DIR": str(demo.upload_dir)}
+    done = subprocess.run(
+        [sys.executable, "app.py", "--model", str(small_model[0]), "--port", "1"],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"error: another demo serves from the upload folder {demo.upload_dir}: stop it, or "
+        "set GRADIO_TEMP_DIR to a folder of this demo's own"
+    )
+    assert samples and files_in(demo.upload_dir) >= samples
+    assert demo.serving()
