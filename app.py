@@ -20,9 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+
+#: Events Gradio's queue holds waiting (``queue(max_size=)``); more are refused ("Queue is
+#: full"). One visitor (address) may have 5 (``upload_guard.MAX_VISITOR_EVENTS``).
+QUEUE_SIZE = 50
 #: Sessions whose state Gradio keeps (``state_session_capacity``), whose messages its queue
 #: holds and whose events it keeps statistics of: every ``/call`` request is a new session.
-SESSIONS_KEPT = 200
+#: Well above QUEUE_SIZE: a waiting session's messages are never dropped.
+SESSIONS_KEPT = 400
 UPLOAD_BUDGET_MB = 500  # disk all uploads together may take
 VISITOR_SHARE_MB = 50  # of it, what one visitor (client address) may hold
 MAX_FILE_MB = 20  # Gradio's max_file_size: one uploaded file
@@ -32,6 +37,12 @@ BODY_SECONDS = 30  # a request body's deadline, plus 1 s per 100 KB of it
 #: million. The networks see 32x32 or 224x224.
 DEMO_MAX_PIXELS = 6_000_000
 OVERLAY_SIDE = 512  # the Grad-CAM overlay's longest side in pixels, at most
+#: Pillow's own cap in the demo (``Image.MAX_IMAGE_PIXELS``; its default 89 million): it
+#: refuses images over twice this at open, whatever reads them.
+PILLOW_MAX_PIXELS = 25_000_000
+#: The upload folder when GRADIO_TEMP_DIR does not name one. It is the demo's own: emptied
+#: when the demo starts and when it stops.
+UPLOAD_FOLDER = "cifar100-demo-uploads"
 #: Set before gradio (and huggingface_hub) are imported: they read these at import.
 QUIET_ENVIRONMENT = {
     "GRADIO_ANALYTICS_ENABLED": "False",  # no telemetry
@@ -111,11 +122,13 @@ def build_app(model_path):
     """
     import gradio as gr
     from gradio import utils as gradio_utils
+    from PIL import Image
 
     import cifar_utils as cu
     import upload_guard as guarding
 
     model, class_names, _ = cu.load_exported_model(model_path)
+    Image.MAX_IMAGE_PIXELS = PILLOW_MAX_PIXELS
 
     def classify(upload, request: gr.Request):
         """Top-5 ``{class name: probability}`` of the uploaded file and its Grad-CAM overlay
@@ -135,10 +148,8 @@ def build_app(model_path):
             ) from None
         return dict(top), overlay_html(model, photo)
 
-    delete = guarding.DELETE_UPLOADS
-    with guarding.LocalFilesBlocks(
-        title="CIFAR-100 classifier", analytics_enabled=False, delete_cache=delete
-    ) as demo:
+    # no delete_cache: upload_guard.housekeeping deletes old uploads from the folder itself
+    with guarding.LocalFilesBlocks(title="CIFAR-100 classifier", analytics_enabled=False) as demo:
         gr.Markdown("# CIFAR-100 classifier\n" + describe_model(model_path))
         with gr.Row():
             image = gr.Image(label="Photo", type="filepath", sources=["upload", "clipboard"])
@@ -153,26 +164,31 @@ def build_app(model_path):
             inputs=image,
             label="Sample photos (shipped with scikit-image)",
         )
+    demo.queue(max_size=QUEUE_SIZE)
     uploads, samples = guarding.Uploads(), image.keep_in_cache  # Gradio's copies of samples
     guard = guarding.UploadGuard(demo, samples, uploads)
+    space = guarding.UploadSpace(gradio_utils.get_upload_folder())
 
     def serve_kwargs(budget_mb, share_mb, body_seconds) -> dict:
         """``launch(app_kwargs=...)``: housekeeping and the :class:`BodyGuard` middleware."""
         from starlette.middleware import Middleware
 
         longest = body_seconds + share_mb * 2**20 / guarding.MIN_BODY_RATE  # a body's deadline
+        age = max(guarding.UPLOAD_SECONDS, longest)  # no body still arriving is swept
         return {
-            "lifespan": guarding.housekeeping(demo, guard, SESSIONS_KEPT, longest),
+            "lifespan": guarding.housekeeping(demo, guard, space, SESSIONS_KEPT, age),
             "middleware": [
                 Middleware(
                     guarding.BodyGuard,
-                    folder=gradio_utils.get_upload_folder(),
+                    space=space,
                     budget=int(budget_mb * 2**20),
                     share=int(share_mb * 2**20),
                     body_seconds=body_seconds,
+                    upload_seconds=age,
                     uploads=uploads,
                     samples=samples,
                     hidden=demo.hidden_paths,
+                    pending=lambda visitor: guarding.visitor_events(demo._queue, visitor),
                 )
             ],
         }
@@ -184,11 +200,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="CIFAR-100 classifier web demo (Gradio). It sends nothing off the host; "
         f"photos over {DEMO_MAX_PIXELS / 1e6:.0f} megapixels to decode are refused (JPEGs "
-        "are decoded shrunk to fit); uploads are deleted after 10 minutes.",
+        "are decoded shrunk to fit); uploads are deleted after 10 minutes. The upload folder "
+        f"($GRADIO_TEMP_DIR, else {UPLOAD_FOLDER} in the system's temporary folder) is the "
+        "demo's own: everything in it is deleted when the demo starts and stops. uvicorn has "
+        "no deadline for request headers: before opening the demo to a network, put it behind "
+        "a reverse proxy with one and a per-address connection limit (docs/demo-security.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="e.g. results/efficientnet_b0.keras")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback; "
+                        "another only behind a reverse proxy, see above)")  # fmt: skip
     parser.add_argument("--port", type=int, default=7860, help="port to listen on")
     limits = {
         "--upload-budget-mb": (UPLOAD_BUDGET_MB, "disk all uploads together may take (MB)"),
@@ -223,9 +244,25 @@ def main(argv=None) -> None:
     # visitors are told apart by address: uvicorn would let any loopback client name another
     # in X-Forwarded-For; set it to a reverse proxy's address if the demo is behind one
     os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
+    import fcntl
     import signal
+    import tempfile
 
+    os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(tempfile.gettempdir(), UPLOAD_FOLDER))
     import gradio as gr
+    from gradio import utils as gradio_utils
+
+    import upload_guard as guarding
+
+    folder = gradio_utils.get_upload_folder()
+    os.makedirs(folder, exist_ok=True)
+    lock = open(f"{folder}.lock", "a")  # held open, and so locked, until the demo exits
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"another demo serves from the upload folder {folder}: stop it, or set "
+             "GRADIO_TEMP_DIR to a folder of this demo's own")  # fmt: skip
+    guarding.empty_folder(folder)  # a previous run's uploads (and what they held of the budget)
 
     try:
         demo, serve_kwargs = build_app(args.model)
@@ -252,8 +289,11 @@ def main(argv=None) -> None:
         fail(f"cannot serve on {args.host}:{args.port} ({exc.strerror or exc}); "
              "choose another --port (or --host)")  # fmt: skip
     print(f"Serving the demo on {demo.local_url} (Ctrl-C to stop)", flush=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as Ctrl-C: uploads deleted
-    demo.block_thread()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as Ctrl-C
+    try:
+        demo.block_thread()
+    finally:  # whatever Gradio and uvicorn still wait for (open bodies, its 5 s)
+        guarding.empty_folder(folder)
 
 
 if __name__ == "__main__":

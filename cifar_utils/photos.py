@@ -21,22 +21,31 @@ MAX_IMAGE_PIXELS = 40_000_000
 #: lower pixel cap), so a 48-megapixel phone photo decodes to about 3 megapixels. The models
 #: see 32x32 or 224x224.
 JPEG_DRAFT_SIDE = 2048
+#: The formats a photo may be in (Pillow's names). Others are never opened: Pillow decodes an
+#: ICO's or ICNS's embedded PNG while opening it, before any pixel check (a 684 KB ICO holding
+#: a 13000x13000 PNG took 7 s and 646 MB), and TIFF's float modes would need their own scaling.
+PHOTO_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
+#: Most scans a JPEG may have: each is decoded over the whole image (a 136 KB progressive
+#: JPEG of 5.8 megapixels with 6,000 repeated scans took 26 s); a progressive one has ~10.
+MAX_JPEG_SCANS = 20
 
 
 def load_image(source, size=None, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read a photo as uint8 RGB (H, W, 3) in [0, 255], whatever its format and mode.
 
     Args:
-        source: path of any image Pillow reads, or an array (H, W), (H, W, 1), (H, W, 3) or
-            (H, W, 4), uint8 in [0, 255] or float in [0, 1]. Transparency goes onto white,
-            greyscale to 3 channels, EXIF orientation is applied.
+        source: path of a PNG, JPEG, BMP, GIF or WebP file (:data:`PHOTO_FORMATS`), or an
+            array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), uint8 in [0, 255] or float in
+            [0, 1]. Transparency goes onto white, greyscale to 3 channels, EXIF orientation
+            is applied.
         size: ``(height, width)`` to squash to (Lanczos, as Keras); ``None`` keeps it.
         max_pixels: most pixels a file may decode to (after a JPEG's draft), checked first.
 
     Raises:
         FileNotFoundError: no file at ``source``.
-        ValueError: not a readable image, more than ``max_pixels`` pixels, or an array of
-            another shape, dtype or range.
+        ValueError: not a readable image in one of :data:`PHOTO_FORMATS`, more than
+            ``max_pixels`` pixels, a JPEG of more than :data:`MAX_JPEG_SCANS` scans, or an
+            array of another shape, dtype or range.
     """
     from PIL import Image
 
@@ -64,7 +73,7 @@ def _too_large(path: Path, why: str, max_pixels: int) -> ValueError:
 def _unreadable(path: Path, exc: Exception) -> ValueError:
     return ValueError(
         f"'{path}' is not a readable image ({type(exc).__name__}: {exc}). Give a "
-        "PNG, JPEG, BMP or GIF file (RGB, RGBA or greyscale)"
+        "PNG, JPEG, BMP, GIF or WebP file (RGB, RGBA or greyscale)"
     )
 
 
@@ -95,7 +104,7 @@ def _decode_file(path: Path, max_pixels: int):
         raise FileNotFoundError(f"No image file at '{path}'")
     unreadable = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
     try:
-        im = Image.open(path)  # reads the header only
+        im = Image.open(path, formats=PHOTO_FORMATS)  # reads the header only
     except Image.DecompressionBombError as exc:
         raise _too_large(path, f"Pillow refuses it ({exc})", max_pixels) from None
     except unreadable as exc:
@@ -105,7 +114,14 @@ def _decode_file(path: Path, max_pixels: int):
         # Multi-scan JPEGs (progressive, a scan per channel) decode through full-size buffers even
         # when drafted, so only single-scan ones are drafted and the others count at full size.
         scale = _draft_scale(width, height, max_pixels)
-        if im.format == "JPEG" and scale > 1 and _jpeg_scans(path) == 1:
+        scans = _jpeg_scans(path) if im.format == "JPEG" else 0
+        if scans > MAX_JPEG_SCANS:
+            raise ValueError(
+                f"'{path.name}' is a JPEG of {scans} scans, more than the {MAX_JPEG_SCANS} this "
+                "loader decodes (a progressive JPEG has about 10). Save it again as a plain "
+                "(baseline) JPEG or a PNG and try again"
+            )
+        if im.format == "JPEG" and scale > 1 and scans == 1:
             im.draft("RGB", (-(-width // scale), -(-height // scale)))  # sizes rounded up
         # Decoding peaks near 17 bytes a pixel (RGB WebP: decoder buffer, image, resized copy).
         if im.size[0] * im.size[1] > max_pixels:

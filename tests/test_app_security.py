@@ -17,6 +17,7 @@ import select
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -29,6 +30,7 @@ from conftest import RecordingServer, peak_memory, start_demo
 from PIL import Image
 
 import cifar_utils as cu
+import upload_guard
 
 REFUSED = (
     "error",
@@ -130,13 +132,6 @@ def demo(small_model, tmp_path_factory):
         "6",
     )  # fmt: skip  (a loaded CI machine parses 1,000 parts slowly)
     with running_demo(small_model[0], uploads, log, *options) as demo:
-        yield demo
-
-
-@pytest.fixture
-def own_demo(small_model, tmp_path):
-    """A server of the test's own, for a test that stops it."""
-    with running_demo(small_model[0], tmp_path / "uploads", tmp_path / "app.log") as demo:
         yield demo
 
 
@@ -323,29 +318,49 @@ def files_in(folder: Path) -> set[Path]:
     return {path for path in folder.rglob("*") if path.is_file()}
 
 
-def test_uploads_are_capped_per_session_and_deleted_when_the_server_stops(own_demo):
-    demo = own_demo
-    samples = files_in(demo.upload_dir)  # Gradio's copies of the sample photos
-    assert {path.name for path in samples} == {file for file, _, _ in cu.SAMPLE_PHOTOS.values()}
-    paths = demo.upload(*[(f"photo{i}.png", os.urandom(2 * 2**20)) for i in range(20)])
-    assert [Path(path).stat().st_size for path in paths] == [2 * 2**20] * 20
-    for path in paths:  # one visitor's session names them all (none is an image)
-        event, data = demo.classify(file_data(path), session="visitor")
-        assert (event, data["error"]) == (
-            "error",
-            f"'{Path(path).name}' is not a readable image (UnidentifiedImageError: cannot "
-            f"identify image file '{Path(path).name}'). Give a PNG, JPEG, BMP or GIF file "
-            "(RGB, RGBA or greyscale)",
-        )
-    assert [Path(path).exists() for path in paths] == [False] * 17 + [True] * 3
-    assert demo.classify(file_data(paths[0]), session="visitor") == REFUSED
-    more = demo.upload(("late.png", os.urandom(2**20)))  # never classified
-
-    assert demo.stop() == 0
-    assert files_in(demo.upload_dir) == samples  # the samples stay, as Gradio keeps examples
-    assert not Path(more[0]).exists()
-    assert demo.system_temp_files() == []
-    assert "Traceback" not in demo.log.read_text()
+def test_uploads_are_capped_per_session_and_the_folder_emptied_at_start_and_stop(
+    small_model, tmp_path
+):
+    """A restart kept the previous process's uploads (and what they held of the budget), and
+    uploads survived SIGTERM when there were many or a slow body was open: the upload folder
+    is the demo's own, emptied when it starts and when it stops."""
+    uploads = tmp_path / "uploads"
+    previous = [uploads / "0123abcd" / "photo.png", uploads / "tmpleftover"]
+    for path in previous:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"from the previous run")
+    with running_demo(small_model[0], uploads, tmp_path / "app.log") as demo:
+        samples = files_in(demo.upload_dir)  # Gradio's copies of the sample photos, only
+        assert {path.name for path in samples} == {f for f, _, _ in cu.SAMPLE_PHOTOS.values()}
+        paths = [
+            path
+            for batch in (range(10), range(10, 20))  # at most 10 files a request
+            for path in demo.upload(*[(f"photo{i}.png", os.urandom(2 * 2**20)) for i in batch])
+        ]
+        assert [Path(path).stat().st_size for path in paths] == [2 * 2**20] * 20
+        for path in paths:  # one visitor's session names them all (none is an image)
+            event, data = demo.classify(file_data(path), session="visitor")
+            assert (event, data["error"]) == (
+                "error",
+                f"'{Path(path).name}' is not a readable image (UnidentifiedImageError: cannot "
+                f"identify image file '{Path(path).name}'). Give a PNG, JPEG, BMP, GIF or WebP "
+                "file (RGB, RGBA or greyscale)",
+            )
+        assert [Path(path).exists() for path in paths] == [False] * 17 + [True] * 3
+        assert demo.classify(file_data(paths[0]), session="visitor") == REFUSED
+        more = demo.upload(("late.png", os.urandom(2**20)))  # never classified
+        host, port = demo.url.split("/")[2].split(":")
+        with socket.create_connection((host, int(port))) as slow:  # a body left open
+            slow.sendall(multipart_head("upload", 300_000) + FILE_PART + b"x" * 1000)
+            time.sleep(1)
+            stopping = time.monotonic()
+            assert demo.stop() == 0
+            stopped = time.monotonic() - stopping
+        assert list(uploads.iterdir()) == []
+        assert not Path(more[0]).exists()
+        assert demo.system_temp_files() == []
+        assert "Traceback" not in demo.log.read_text()
+        assert stopped < 20, stopped
 
 
 @pytest.fixture
@@ -387,11 +402,9 @@ def test_a_url_a_request_names_is_never_fetched(demo, recorder, small_model, tmp
 
 
 def test_leftovers_gradio_never_deletes_are_removed_when_old(tmp_path):
-    """Temporary files of refused uploads and the empty folders delete_cache leaves would hold
+    """Temporary files of refused uploads and the empty folders uploads leave would hold
     the upload budget for good: the housekeeping removes them once older than the uploads'
     lifetime; younger ones and folders holding an upload stay."""
-    import upload_guard
-
     old, young = tmp_path / "tmpold", tmp_path / "tmpyoung"
     empty, upload = tmp_path / "empty", tmp_path / "abc123"
     for path in (old, young):
@@ -443,7 +456,7 @@ FILE_PART = (
 def test_uploads_never_classified_stay_within_the_disk_budget(demo):
     """The upload route takes no session and up to 1,000 files a request: 2 MB files, never
     classified, are taken until the folder would pass the budget, then refused, whether one
-    or many a request; freed space (what delete_cache does) is taken again. Each visitor
+    or many a request; freed space (what the sweep does) is taken again. Each visitor
     (address) holds at most its share, so it takes several to fill the budget."""
     budget, size = BUDGET_MB * 2**20, 2 * 2**20
     room = budget - disk_use(demo.upload_dir)
@@ -476,8 +489,9 @@ def test_uploads_never_classified_stay_within_the_disk_budget(demo):
 
     sample = file_data(next(path for path in demo.upload_dir.rglob("coffee.png")))
     assert demo.classify(sample)[0] == "complete"  # still serving
-    for path in taken:  # as delete_cache does after ten minutes
+    for path in taken:  # as the sweep does after ten minutes
         shutil.rmtree(Path(path).parent)
+    time.sleep(upload_guard.HOUSEKEEPING_SECONDS + 1)  # the folder is measured again
     assert len(demo.upload(("again.bin", os.urandom(size)))) == 1
     assert demo.serving()
 
@@ -521,10 +535,12 @@ def test_one_visitor_cannot_refuse_another(demo):
     the budget refused everyone for as long as it stayed open. Now the flood fills its
     sender's share only, and a slow body is cut off at its deadline (--body-seconds 6 plus
     1 s per 100 KB) while others upload."""
-    tiny = [("files", (f"t{i}.bin", b"t")) for i in range(1000)]
+    tiny = [("files", (f"t{i}.bin", b"t")) for i in range(10)]  # 10 a request at most
     with demo.client("127.0.0.5") as flood, demo.client("127.0.0.6") as other:
-        answers = [flood.post("upload", files=tiny).status_code for _ in range(3)]
-        assert answers == [200, 413, 413]  # 1,000 parts: 8 MB of a 10 MB share
+        answers = [flood.post("upload", files=tiny) for _ in range(130)]
+        taken = [answer.status_code for answer in answers].index(413)
+        assert 105 <= taken <= 115, taken  # each counted ~93 KB (11 parts) of a 10 MB share
+        assert {(a.status_code, a.text) for a in answers[taken:]} == {(413, SHARE_FULL)}
         assert len(demo.upload(("photo.bin", os.urandom(2**20)), http=other)) == 1
 
         declared = 300_000  # deadline 6 + 3 s
@@ -612,3 +628,229 @@ def test_a_large_jpeg_is_decoded_shrunk_to_the_demo_cap(tmp_path):
     Image.new("RGB", (4000, 3000), (200, 30, 30)).save(photo, quality=90)
     image = cu.load_image(photo, max_pixels=app.DEMO_MAX_PIXELS)
     assert image.shape == (1500, 2000, 3)
+
+
+def event_flood(demo, address: str, calls: int, payload) -> dict[int, int]:
+    """``calls`` POSTs of ``call/classify`` from ``address`` on 4 keep-alive connections at
+    once, as fast as they are answered; how many got each status."""
+    statuses, lock = {}, threading.Lock()
+
+    def send(n):
+        with demo.client(address) as http:
+            for _ in range(n):
+                status = http.post("call/classify", json={"data": [payload]}).status_code
+                with lock:
+                    statuses[status] = statuses.get(status, 0) + 1
+
+    threads = [threading.Thread(target=send, args=(calls // 4,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
+def test_a_flood_of_calls_leaves_the_queue_to_others(demo, small_model):
+    """~230 call/classify in a second stopped Gradio's queue for everyone ("Queue is
+    stopped"): the queue dropped a waiting session's messages. Now one address has at most
+    5 events queued or running; the rest are refused (429), and another visitor's call,
+    from a session that started before the flood, completes."""
+    sample = file_data(next(path for path in demo.upload_dir.rglob("rocket.jpg")))
+    expected = cu.predict_image(small_model[1], cu.sample_photo("rocket"), top_k=5)
+    assert_classified(demo.classify(sample, session="before-flood"), expected)
+    logged = len(demo.log.read_bytes())
+    statuses = event_flood(demo, "127.0.0.7", 300, sample)
+    assert sum(statuses.values()) == 300 and set(statuses) <= {200, 429}, statuses
+    assert statuses[429] >= 300 - 5 * 4 * 4, statuses  # at most 5 at once from 4 connections
+    assert_classified(demo.classify(sample, session="before-flood"), expected)
+    assert_classified(demo.classify(sample), expected)
+    log = demo.log.read_bytes()[logged:].decode(errors="replace")
+    assert "Traceback" not in log and "KeyError" not in log, log
+    assert demo.serving()
+
+
+def test_a_boundary_trick_or_a_doubled_header_cannot_dodge_the_count_of_parts(demo):
+    """BodyGuard's boundary regex read "xboundary=FAKE; boundary=REAL" as FAKE, and a doubled
+    Content-Type was read last by it and first by Gradio: 1,000 one-byte files counted as one
+    part. Now it reads the boundary as Gradio's parser does, refuses doubled headers, and an
+    upload carries at most 10 files."""
+    before = files_in(demo.upload_dir)
+    real, fake = "REALb0undary", "FAKEb0undary"
+
+    def parts(n, boundary=real):
+        part = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+            'filename="f{}.bin"\r\nContent-Type: application/octet-stream\r\n\r\nx\r\n'
+        )
+        return "".join(part.format(i) for i in range(n)).encode() + f"--{boundary}--\r\n".encode()
+
+    def head(length, *content_types):
+        lines = "".join(f"Content-Type: {kind}\r\n" for kind in content_types)
+        return (f"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n"
+                f"{lines}\r\n").encode()  # fmt: skip
+
+    trick = parts(1000) + f"\r\n--{fake}--\r\n".encode()  # an epilogue the parser ignores
+    kind = f"multipart/form-data; xboundary={fake}; boundary={real}"
+    assert raw_request(demo, head(len(trick), kind), trick)[0].startswith("HTTP/1.1 413 ")
+    doubled = head(len(trick), f"multipart/form-data; boundary={real}",
+                   f"multipart/form-data; boundary={fake}")  # fmt: skip
+    assert raw_request(demo, doubled, trick)[0] == "HTTP/1.1 400 Bad Request"
+    body = parts(1)  # two lengths: the server merges equal ones, refuses unequal ones
+    twice = head(len(body), kind).replace(b"\r\n\r\n", b"\r\nContent-Length: 5\r\n\r\n")
+    assert raw_request(demo, twice, body)[0] == "HTTP/1.1 400 Bad Request"
+    eleven = parts(11)
+    answer = raw_request(demo, head(len(eleven), kind), eleven)[0]
+    assert answer.startswith("HTTP/1.1 413 ")
+    assert files_in(demo.upload_dir) == before
+    with demo.client("127.0.0.11") as visitor:
+        ten = [("files", (f"ten{i}.bin", os.urandom(100))) for i in range(10)]
+        assert len(demo.upload(*[file for _, file in ten], http=visitor)) == 10
+    assert demo.serving()
+
+
+def test_the_file_routes_fetch_no_url(demo, recorder):
+    """GET /gradio_api/file=https://... made the server fetch any public URL for the visitor
+    (Gradio's secure_url_stream_response). Now any file name with a scheme is not found, on
+    the deprecated /gradio_api/file/ route too, and nothing is fetched."""
+    port = recorder.server_address[1]
+    names = ["http://demo-outside.example/x", "https://demo-outside.example/x.png",
+             f"http://127.0.0.1:{port}/x", "ftp://demo-outside.example/x"]  # fmt: skip
+    for name in names:
+        for route in ("file=", "file/"):
+            assert demo.http.get(f"{route}{name}").status_code == 404, (route, name)
+            assert demo.http.head(f"{route}{name}").status_code == 404, (route, name)
+    time.sleep(0.5)
+    assert recorder.requests == []
+    assert demo.serving()
+
+
+def test_the_deprecated_file_route_serves_only_the_sender(demo, small_model, tmp_path):
+    """/gradio_api/file/<path> (Gradio's file_deprecated) served any visitor's upload: only
+    /file= was checked."""
+    photo, _ = visitor_photo(small_model, tmp_path, seed=9)
+    with demo.client("127.0.0.9") as owner, demo.client("127.0.0.10") as snoop:
+        (uploaded,) = demo.upload(photo, http=owner)
+        canary(Path(uploaded))
+        assert snoop.get(f"file/{uploaded}").status_code == 404
+        assert snoop.get(f"file={uploaded}").status_code == 404
+        assert not was_read(Path(uploaded))
+        assert owner.get(f"file/{uploaded}").content == photo[1]
+    assert demo.serving()
+
+
+def icon_holding(folder: Path, side: int, kind: str) -> Path:
+    """An ICO (or ICNS) whose one entry is a PNG of ``side`` x ``side`` black pixels (its
+    directory says 256x256): Pillow decodes it to open the file."""
+    import io
+    import struct
+
+    buffer = io.BytesIO()
+    Image.new("RGBA", (side, side), (0, 0, 0, 255)).save(buffer, "PNG", compress_level=1)
+    png = buffer.getvalue()
+    if kind == "ico":
+        head = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32,
+                                                          len(png), 22)  # fmt: skip
+    else:
+        entry = b"ic10" + struct.pack(">I", 8 + len(png))
+        head = b"icns" + struct.pack(">I", 8 + len(entry) + len(png)) + entry
+    path = folder / f"icon{side}.{kind}"
+    path.write_bytes(head + png)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["ico", "icns"])
+def test_an_icon_is_not_opened(tmp_path, kind):
+    """Pillow decoded an ICO's or ICNS's embedded PNG while opening it, before any pixel
+    check (a 684 KB ICO of 13000x13000: 7 s, +646 MB). Only the photo formats are opened."""
+    icon = icon_holding(tmp_path, 4000, kind)
+    load = f"photos.load_image({str(icon)!r}, max_pixels=app.DEMO_MAX_PIXELS)"
+    grew, result = peak_memory("import app\nimport cifar_utils.photos as photos", load)
+    assert result == (
+        f"ValueError: '{icon}' is not a readable image (UnidentifiedImageError: cannot "
+        f"identify image file '{icon}'). Give a PNG, JPEG, BMP, GIF or WebP file (RGB, RGBA "
+        "or greyscale)"
+    )
+    assert grew < 20, f"peak memory rose by {grew:.0f} MB (decoded: 64 MB)"
+
+
+def test_a_jpeg_of_many_scans_is_refused_before_decoding(tmp_path):
+    """Each scan of a JPEG is decoded over the whole image: a 136 KB progressive JPEG of 5.8
+    megapixels with 6,000 repeated scans took 26 s of the demo's one worker."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (120, 60, 200)).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    last, end = data.rfind(b"\xff\xda"), data.rfind(b"\xff\xd9")
+    normal, many = tmp_path / "normal.jpg", tmp_path / "many.jpg"
+    normal.write_bytes(data)
+    many.write_bytes(data[:end] + data[last:end] * 30 + b"\xff\xd9")
+    assert cu.load_image(normal).shape == (48, 64, 3)
+    scans = data.count(b"\xff\xda") + 30
+    with pytest.raises(ValueError) as refused:
+        cu.load_image(many)
+    assert str(refused.value) == (
+        f"'many.jpg' is a JPEG of {scans} scans, more than the 20 this loader decodes (a "
+        "progressive JPEG has about 10). Save it again as a plain (baseline) JPEG or a PNG "
+        "and try again"
+    )
+
+
+def test_uploads_are_swept_by_age_and_the_samples_stay(tmp_path):
+    """Gradio's delete_cache went by its process's in-memory sets (it died once on "Set
+    changed size during iteration") and never saw a previous process's uploads."""
+
+    old, young, sample = (
+        tmp_path / "a" / "old.png",
+        tmp_path / "b" / "young.png",
+        tmp_path / "c" / "s.png",
+    )
+    for path in (old, young, sample):
+        path.parent.mkdir()
+        path.write_bytes(b"png")
+    for path in (old, sample):
+        os.utime(path, (1, 1))
+    assert upload_guard.sweep_uploads(tmp_path, 600, keep={str(sample)}) == [str(old)]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "b",
+        "b/young.png",
+        "c",
+        "c/s.png",
+    ]
+
+
+def test_the_queue_never_drops_a_waiting_sessions_messages():
+    """Gradio's LRU of session messages dropped the oldest session even while its event
+    waited: the next message to it raised KeyError and stopped the queue for everyone."""
+    from types import SimpleNamespace
+
+    queue = SimpleNamespace(event_ids_to_events={})
+    messages = upload_guard.SessionMessages(3, queue)
+    for session in ("page", "a", "b"):
+        messages[session] = []
+    queue.event_ids_to_events = {"e1": SimpleNamespace(session_hash="page")}  # "page" waits
+    messages["c"] = []
+    messages["d"] = []
+    assert list(messages) == ["page", "c", "d"]  # the oldest sessions with nothing waiting
+    queue.event_ids_to_events = {}
+    messages["e"] = []
+    assert list(messages) == ["c", "d", "e"]
+
+
+def test_a_second_demo_on_the_same_upload_folder_refuses_to_start(demo, small_model):
+    """The upload folder is emptied at start-up: a second demo on it would delete the first
+    one's uploads and sample photos."""
+    samples = files_in(demo.upload_dir)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "GRADIO_TEMP_DIR": str(demo.upload_dir)}
+    done = subprocess.run(
+        [sys.executable, "app.py", "--model", str(small_model[0]), "--port", "1"],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"error: another demo serves from the upload folder {demo.upload_dir}: stop it, or "
+        "set GRADIO_TEMP_DIR to a folder of this demo's own"
+    )
+    assert samples and files_in(demo.upload_dir) >= samples
+    assert demo.serving()
