@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 #: Events Gradio's queue holds waiting (``queue(max_size=)``); more are refused ("Queue is
 #: full"). One visitor (address) may have 5 (``upload_guard.MAX_VISITOR_EVENTS``).
 QUEUE_SIZE = 50
