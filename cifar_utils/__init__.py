@@ -103,7 +103,10 @@ _PUBLIC = {
         "negative_log_likelihood", "apply_temperature", "fit_temperature",
         "calibration_summary", "with_temperature", "flip_tta_proba", "tta_summary",
     ),
-    "photos": ("load_image", "predict_image", "SAMPLE_PHOTOS", "sample_photo"),
+    "photos": (
+        "PHOTO_FORMATS", "MAX_JPEG_SCANS", "load_image", "predict_image", "SAMPLE_PHOTOS",
+        "sample_photo",
+    ),
     "explain": (
         "feature_map_layer", "feature_map_grid", "grad_cam", "explain_photo", "overlay_heatmap",
     ),
