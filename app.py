@@ -18,8 +18,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 #: Events Gradio's queue holds waiting (``queue(max_size=)``); more are refused ("Queue is
 #: full"). One visitor (address) may have 5 (``upload_guard.MAX_VISITOR_EVENTS``).
 QUEUE_SIZE = 50
@@ -90,7 +88,7 @@ def describe_model(model_path) -> str:
 
 def overlay_html(model, photo) -> str:
     """An ``<img>`` of ``photo`` (uint8 (H, W, 3)), shrunk to at most :data:`OVERLAY_SIDE`
-    pixels a side, with the model's Grad-CAM heatmap over it (``cu.explain_photo``), inline.
+    pixels a side, with the model's Grad-CAM heatmap of its top-1 class over it, inline.
 
     Inline (a data URL), not a gr.Image output: Gradio would write that to the upload folder,
     where upload_guard serves only a visitor's own uploads and counts the disk budget.
@@ -102,12 +100,10 @@ def overlay_html(model, photo) -> str:
 
     import cifar_utils as cu
 
-    shown = Image.fromarray(photo)
-    shown.thumbnail((OVERLAY_SIDE, OVERLAY_SIDE))  # enough for the page: the network sees 32x32
+    # The network sees the whole photo, as for the listed top-1; only the picture is shrunk.
+    overlay = cu.overlay_heatmap(*cu.explain_photo(model, photo, max_side=OVERLAY_SIDE))
     buffer = io.BytesIO()
-    Image.fromarray(cu.overlay_heatmap(*cu.explain_photo(model, np.asarray(shown)))).save(
-        buffer, format="PNG"
-    )
+    Image.fromarray(overlay).save(buffer, format="PNG")
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     return f'<img alt="Grad-CAM overlay" style="max-width:100%" src="data:image/png;base64,{data}">'
 
@@ -206,7 +202,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "a reverse proxy with one and a per-address connection limit (docs/demo-security.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="e.g. results/efficientnet_b0.keras")
+    parser.add_argument("--model", required=True, default=argparse.SUPPRESS,
+                        help="e.g. results/efficientnet_b0.keras")  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback; "
                         "another only behind a reverse proxy, see above)")  # fmt: skip
     parser.add_argument("--port", type=int, default=7860, help="port to listen on")
@@ -228,6 +225,25 @@ def fail(message: str):
     raise SystemExit(2)  # as python -m cifar_utils's commands
 
 
+def check_port(host: str, port: int) -> None:
+    """Exit with one line if ``host:port`` cannot be served on (taken, or not this machine's
+    address): in a second, before TensorFlow and Gradio start. Gradio's launch fails too, but
+    only after the model has loaded."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            cannot_serve(host, port, exc)
+
+
+def cannot_serve(host: str, port: int, exc: OSError):
+    fail(f"cannot serve on {host}:{port} ({exc.strerror or exc}); choose another --port (or "
+         "--host)")  # fmt: skip
+
+
 def main(argv=None) -> None:
     """``python app.py --model FILE [...]``: serve the demo until Ctrl-C or SIGTERM."""
     from cifar_utils.checks import check_model_file
@@ -237,6 +253,7 @@ def main(argv=None) -> None:
         check_model_file(args.model)  # in a second: before TensorFlow and gradio start
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+    check_port(args.host, args.port)
     for name in TOKENS:
         os.environ.pop(name, None)
     os.environ.update(QUIET_ENVIRONMENT)
@@ -284,9 +301,8 @@ def main(argv=None) -> None:
                 args.upload_budget_mb, args.visitor_share_mb, args.body_seconds
             ),  # fmt: skip
         )
-    except OSError as exc:  # the port is taken, or the address is not this machine's
-        fail(f"cannot serve on {args.host}:{args.port} ({exc.strerror or exc}); "
-             "choose another --port (or --host)")  # fmt: skip
+    except OSError as exc:  # taken since check_port, or the address is not this machine's
+        cannot_serve(args.host, args.port, exc)
     print(f"Serving the demo on {demo.local_url} (Ctrl-C to stop)", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as Ctrl-C
     try:

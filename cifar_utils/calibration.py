@@ -113,6 +113,7 @@ def fit_temperature(y_val, val_probs) -> float:
     Warns (UserWarning) when a row's true class has probability 0: its score fell so far
     behind that float32 underflowed, the clipped NLL no longer depends on T, and the fit
     cannot see that confidently wrong row (it may then sharpen an overconfident model).
+    Warns too when the fit ends at either end of the range.
     """
     from scipy.optimize import minimize_scalar
 
@@ -133,6 +134,14 @@ def fit_temperature(y_val, val_probs) -> float:
         method="bounded",
         options={"xatol": 1e-4},
     )
+    if min(found.x - low, high - found.x) < 1e-3:  # the bounded search stops ~xatol short of it
+        warnings.warn(
+            f"the fitted temperature {np.exp(found.x):.4g} sits at the end of the range "
+            f"{TEMPERATURE_RANGE}: the validation NLL still falls beyond it, so the model's "
+            "scores are far from calibrated (or the validation set too small to tell); treat "
+            "the calibrated figures with care",
+            stacklevel=2,
+        )
     return float(np.exp(found.x))
 
 

@@ -211,20 +211,24 @@ def _entry_kind(path: Path) -> str:
     return path.suffix.lower() or "no suffix"
 
 
-def _explain_paths(out, images: list[Path]) -> dict[Path, Path]:
-    """Where ``predict --explain OUT.png`` writes each photo's overlay: ``OUT.png`` for one
-    photo, ``OUT-<photo stem>.png`` for each of several. Checked before TensorFlow starts.
+def _explain_paths(out, images: list[Path], one_photo: bool) -> dict[Path, Path]:
+    """Where ``predict --explain OUT.png`` writes each photo's overlay: ``OUT.png`` when the
+    command names one photo file (``one_photo``), ``OUT-<photo stem>.png`` for each photo
+    otherwise (several, or a folder). Checked before TensorFlow starts.
 
     Raises:
-        ValueError: ``out`` does not end in ``.png`` or is a folder, or two photos share a
-            stem (both would write the same file).
+        ValueError: ``out`` does not end in ``.png`` or is a folder; two photos share a stem
+            (both would write the same file); an overlay path is one of the photos, or a file
+            or link that exists already (it is never replaced).
     """
     out = Path(out)
     if out.suffix.lower() != ".png" or out.is_dir():
         raise ValueError(f"--explain names the PNG file to write (e.g. overlay.png), not '{out}'")
-    if len(images) == 1:
-        return {images[0]: out}
-    paths = {image: out.with_name(f"{out.stem}-{image.stem}{out.suffix}") for image in images}
+    if one_photo:
+        paths = {images[0]: out}
+    else:
+        paths = {image: out.with_name(f"{out.stem}-{image.stem}{out.suffix}") for image in images}
+    inputs = {image.resolve(): image for image in images}
     taken = {}
     for image, path in paths.items():
         if path in taken:
@@ -233,6 +237,15 @@ def _explain_paths(out, images: list[Path]) -> dict[Path, Path]:
                 "with the same name in separate runs"
             )
         taken[path] = image
+        if path.resolve() in inputs:
+            raise ValueError(
+                f"--explain would write over the photo '{inputs[path.resolve()]}': name "
+                "another OUT.png"
+            )
+        if path.exists() or path.is_symlink():  # a link too, even a broken one
+            raise ValueError(
+                f"--explain would replace '{path}', which exists: delete it or name another OUT.png"
+            )
     return paths
 
 
@@ -254,7 +267,8 @@ def _predict_command(args) -> int:
     if not args.photos:
         raise ValueError("Name photos (or folders of them) to classify, or give --info")
     images, errors = _image_files(args.photos)  # before TensorFlow starts
-    overlays = _explain_paths(args.explain, images) if args.explain and images else {}
+    one_photo = len(args.photos) == 1 and images == [Path(args.photos[0])]
+    overlays = _explain_paths(args.explain, images, one_photo) if args.explain and images else {}
     predictions = []
     if images:
         from .export import load_exported_model
@@ -359,7 +373,8 @@ def _add_export_and_predict(commands) -> None:
         "--explain",
         metavar="OUT.png",
         help="also write each photo with its Grad-CAM heatmap over it, at the photo's size: "
-        "OUT.png for one photo, OUT-<photo stem>.png for several (default: none written)",
+        "OUT.png for one photo, OUT-<photo stem>.png for several or a folder; an existing file "
+        "is never replaced (default: none written)",
     )
     predict.set_defaults(run=_predict_command)
 

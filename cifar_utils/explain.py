@@ -286,16 +286,29 @@ def _check_classes(class_index, n: int, num_classes: int) -> np.ndarray:
     return classes.astype(np.int32)
 
 
-def explain_photo(model, path_or_array) -> tuple[np.ndarray, np.ndarray]:
+def explain_photo(
+    model, path_or_array, max_side: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """A photo of any size and its top-1 Grad-CAM heatmap stretched back to its size.
+
+    Args:
+        max_side: if given, the photo returned (and its heatmap) is shrunk to at most this
+            many pixels a side; the network still sees the whole photo squashed to its input
+            size, as ``predict_image`` does, so the heatmap explains the class it lists first.
 
     Returns:
         ``(photo uint8 (H, W, 3), heatmap float32 (H, W) in [0, 1])``.
     """
+    from PIL import Image
+
     photo = load_image(path_or_array)
     height, width = model_image_size(model)
     small = load_image(photo, size=(height, width))
     heat = grad_cam(model, small[None])[0]
+    if max_side is not None:
+        shown = Image.fromarray(photo)
+        shown.thumbnail((max_side, max_side))
+        photo = np.asarray(shown)
     # Photo pixel p lies at (p + 0.5) * h / H - 0.5 of the h pixels the model saw.
     rows, cols = (
         _placement(big, (big / n - 1) / 2, big / n, n)

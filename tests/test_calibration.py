@@ -89,6 +89,18 @@ def test_a_fit_blind_to_underflowed_rows_says_so():
         cu.fit_temperature(labels, sharp)
 
 
+def test_a_fit_that_ends_at_the_range_says_so():
+    # Always right, by a hair (0.11 against 0.099): sharper is better even at the lowest T.
+    always_right = np.full((100, 10), 0.89 / 9)
+    always_right[:, 0] = 0.11
+    with pytest.warns(UserWarning, match=r"sits at the end of the range \(0.05, 20.0\)"):
+        assert cu.fit_temperature(np.zeros(100, int), always_right) == pytest.approx(0.05, 1e-2)
+    # Right no more often than chance but sure of it: flatter is always better.
+    labels = np.arange(100) % 10
+    with pytest.warns(UserWarning, match="sits at the end of the range"):
+        assert cu.fit_temperature(labels, always_right) == pytest.approx(20, rel=1e-2)
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

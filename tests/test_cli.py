@@ -327,11 +327,20 @@ def test_predict_explain_writes_each_photos_overlay_at_its_size(small_model, pho
     [("cam.jpg", False, "--explain names the PNG file to write (e.g. overlay.png), not "),
      ("folder.png", False, "--explain names the PNG file to write"),
      ("cam.png", True, "would both write"),
+     ("a/x.png", False, "--explain would write over the photo '"),
+     ("a/../a/x.png", False, "--explain would write over the photo '"),
+     ("old.png", False, "old.png', which exists: delete it or name another OUT.png"),
+     ("link.png", False, "link.png', which exists: delete it or name another OUT.png"),
+     ("dangling.png", False, "dangling.png', which exists"),
     ],
 )  # fmt: skip
 def test_predict_explain_errors_in_one_line(small_model, tmp_path, capsys, explain, twins,
                                             message):  # fmt: skip
     (tmp_path / "folder.png").mkdir()
+    (tmp_path / "old.png").write_bytes(b"the user's own file")
+    (tmp_path / "target.txt").write_text("not to be written through a link")
+    (tmp_path / "link.png").symlink_to(tmp_path / "target.txt")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.txt")
     first = tmp_path / "a" / "x.png"
     first.parent.mkdir()
     shutil.copy(cu.sample_photo("coffee"), first)
@@ -340,12 +349,26 @@ def test_predict_explain_errors_in_one_line(small_model, tmp_path, capsys, expla
         files.append(tmp_path / "b" / "x.png")
         files[1].parent.mkdir()
         shutil.copy(cu.sample_photo("rocket"), files[1])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     argv = ["predict", "--model", str(small_model[0]), *map(str, files), "--explain",
             str(tmp_path / explain)]  # fmt: skip
     assert cu.main(argv) == 2
     captured = capsys.readouterr()
     assert message in _one_error_line(captured.err) and captured.out == ""
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["folder.png"]  # nothing written
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # nothing written, nothing replaced
+    assert not (tmp_path / "nowhere.txt").exists()
+
+
+def test_predict_explain_names_overlays_by_what_the_command_names(small_model, tmp_path):
+    """A folder holding one photo still gets OUT-<stem>.png: the name follows the command."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(cu.sample_photo("coffee"), folder / "cup.png")
+    out = tmp_path / "cam.png"
+    assert cu.main(["predict", "--model", str(small_model[0]), str(folder), "--explain",
+                    str(out)]) == 0  # fmt: skip
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["cam-cup.png"]
 
 
 @pytest.mark.parametrize(
@@ -479,8 +502,15 @@ def test_the_demo_returns_the_grad_cam_overlay_of_the_photo(small_model):
     small = Image.fromarray(photo)
     small.thumbnail((app.OVERLAY_SIDE, app.OVERLAY_SIDE))  # shrunk to 512 pixels wide
     assert png.size == small.size and png.size[0] == app.OVERLAY_SIDE == 512
-    expected = cu.overlay_heatmap(*cu.explain_photo(model, np.asarray(small)))
+    expected = cu.overlay_heatmap(*cu.explain_photo(model, photo, max_side=app.OVERLAY_SIDE))
     assert (np.asarray(png) == expected).all()
+    # The heatmap is the network's view of the whole photo (what predict_image lists), not of
+    # the shrunk one: shrunk to the input's own 32x32 it is grad_cam of that view itself.
+    square = photo[:400, :400]
+    shown, heat = cu.explain_photo(model, square, max_side=32)
+    assert shown.shape == (32, 32, 3)
+    seen = cu.grad_cam(model, cu.load_image(square, size=(32, 32))[None])[0]
+    np.testing.assert_allclose(heat, seen, atol=1e-6)
 
 
 def test_the_demo_says_when_its_port_is_taken(small_model):
