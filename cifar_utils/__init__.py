@@ -26,7 +26,8 @@ One module per job, each importing only the ones listed before it:
 ``calibration`` ECE, NLL, temperature scaling (also folded into a model), flip TTA
 ``photos``      reading photos, ``predict_image``, the sample photos
 ``explain``     Grad-CAM heatmaps placed at their receptive fields, overlays
-``results``     scoring a run, its results file, the README table (spread over seeds)
+``results``     scoring a run, its results file
+``report``      the README table from the results files (spread over seeds)
 ``parameters``  the notebooks' parameter check
 ``model_card``  the Markdown card of an exported model, from its results record
 ``export``      ``.keras`` export and loading, SavedModel
@@ -80,13 +81,14 @@ _PUBLIC = {
     "runlock": ("lock_path", "own_output_dir"),
     "numerics": (
         "seed_everything", "choose_precision", "configure_precision", "xla_decision",
-        "resolve_jit_compile",
+        "resolve_jit_compile", "CPU_FLOAT32_NETWORKS",
     ),
     "small_conv": ("fast_small_conv_gradients",),
     "metrics": ("top_k_hits", "compile_metrics"),
     "divergence": ("check_probabilities", "nonfinite_variables", "training_state_problem"),
     "checkpoints": (
         "RunState", "read_state", "check_checkpoint_path", "save_checkpoint", "read_log",
+        "recorded_precision",
     ),
     "callbacks": ("LogLearningRate", "AlignReplicas", "DivergenceGuard", "EpochCommit",
                   "CommittedCSVLogger"),
@@ -112,8 +114,10 @@ _PUBLIC = {
     ),
     "results": (
         "write_results", "score_model", "calibration_scores", "run_record", "evaluate_and_save",
-        "markdown_table", "total_params", "describe_hardware",
-        "RESULTS_START", "RESULTS_END", "full_runs",
+        "describe_hardware",
+    ),
+    "report": (
+        "markdown_table", "total_params", "RESULTS_START", "RESULTS_END", "full_runs",
         "RUN_ONLY_PARAMETERS", "results_table", "update_readme_results", "SERIES_FILE",
         "results_files", "read_results", "why_not_full", "SPREAD_METRICS", "OPTIONAL_METRICS",
         "run_seed",

@@ -24,7 +24,7 @@ def _report_command(args) -> int:
             "Markdown file holding the results markers (default: README.md, run from the "
             "repository's folder)"
         )
-    from .results import full_runs, group_series, not_pooled, read_results, update_readme_results
+    from .report import full_runs, group_series, not_pooled, read_results, update_readme_results
 
     before = Path(args.readme).read_text(encoding="utf-8")
     table = update_readme_results(args.results_dir, args.readme)
@@ -48,7 +48,7 @@ def _report_command(args) -> int:
 
 def _print_other_series(found) -> None:
     """``report --all``: the series of quick or non-CIFAR-100 runs, in a table of their own."""
-    from .results import group_series, not_pooled, spread_table
+    from .report import group_series, not_pooled, spread_table
 
     runs = [(p, r, why) for p, r, why in found if why and isinstance(r, dict) and "test_top1" in r]
     groups = group_series([(p, r) for p, r, _ in runs])

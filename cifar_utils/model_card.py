@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .published import TEST_TOP1
-from .results import RUN_ONLY_PARAMETERS, format_spread, why_not_full
+from .report import RUN_ONLY_PARAMETERS, format_spread, why_not_full
 
 #: The test figures a card gives for its own run: (record key, label).
 CARD_FIGURES = (

@@ -15,7 +15,7 @@ from .files import write_json
 from .model_card import card_facts
 from .notebooks import notebook_path
 from .parameters import check_parameters, notebook_defaults
-from .results import SERIES_FILE, format_spread, group_series, series_summary
+from .report import SERIES_FILE, format_spread, group_series, series_summary
 
 #: Notebook parameters that may name a file or folder.
 PATH_PARAMETERS = ("DATA_DIR", "PHOTO", "WEIGHTS")
