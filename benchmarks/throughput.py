@@ -1,17 +1,19 @@
 """Training and inference throughput of the three notebooks' models against this machine's limit.
 
-For each precision asked for (``--precision``: float32, bfloat16, float16, and ``auto``, what
-``MIXED_PRECISION = "auto"`` picks here) and each model: training and inference images/s at
-the notebook's batch size (one batch held in memory, so the input pipeline is not
-involved), forward GFLOPs per image counted from the layers, achieved GFLOP/s and its
-fraction of the machine's dense matmul rate in that same precision, measured in the same
-run; then the input pipeline alone, with that
-notebook's augmentation, in images/s and as a multiple of the training rate (it must be
-at least 10x, or the pipeline would hold the model back); and the cost of ``cu.train``'s
+For each model and each precision asked for (``--precision``: float32, bfloat16, float16,
+and ``auto``, what ``MIXED_PRECISION = "auto"`` picks for that model's notebook here):
+training and inference images/s at the notebook's batch size (one batch held in memory, so
+the input pipeline is not involved), forward GFLOPs per image counted from the layers,
+achieved GFLOP/s and its fraction of the machine's dense matmul rate in that same precision,
+measured in the same run; then the input pipeline alone, with that notebook's augmentation,
+in images/s and as a multiple of the training rate (it must be at least 10x, or the
+pipeline would hold the model back); and the cost of ``cu.train``'s
 divergence guard (every variable checked for NaN/inf, outputs on 8 images checked as
 probabilities), once and as a share of the 50 training steps between two checks; and what
-an explanation costs (``cu.grad_cam`` on a batch, ms per image) beside inference. Prints
-a table and writes ``results/benchmark.json``.
+an explanation costs (``cu.grad_cam`` on a batch, ms per image) beside inference; with
+``--profile``, where a training step's time goes (``step_profile.py``). Prints a table, the
+speed-up of each model's auto row over its float32 row, and writes
+``results/benchmark.json``.
 
 Conventions:
 - FLOPs: 2 x multiply-accumulates of Conv2D, DepthwiseConv2D and Dense layers (nested
@@ -22,12 +24,13 @@ Conventions:
   briefly taking the cores); warm-up steps (tracing, first allocations) are excluded.
 - Peak, per precision: ``tf.matmul`` of two N x N matrices in that precision's compute
   dtype (float32, bfloat16, float16; 2 N^3 FLOPs), the best of a few runs at each of a few
-  sizes (``--matmul-sizes``), measured before and after that precision's models; the
+  sizes (``--matmul-sizes``), measured before and after all the models; the
   highest figure is used, so each row's share of peak is against its own precision's.
 
 Usage::
 
     python benchmarks/throughput.py                      # all three models, float32 and auto
+    python benchmarks/throughput.py --profile            # and each step's time by operation
     python benchmarks/throughput.py --quick --models simple
     python benchmarks/throughput.py --models complex --batch-size 256 --xla on
     python benchmarks/throughput.py --precision float32,bfloat16,float16
@@ -58,6 +61,9 @@ import cifar_utils as cu  # noqa: E402
 from cifar_utils.devices import cpu_info  # noqa: E402
 from cifar_utils.models import leaf_layers  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_profile  # noqa: E402
+
 #: The notebooks' batch sizes (per replica); ``--batch-size`` overrides them all.
 BATCH_SIZE = {"simple": 128, "complex": 128, "efficientnet": 64}
 MODELS = tuple(BATCH_SIZE)
@@ -80,6 +86,8 @@ def _efficientnet():
 
 
 BUILDERS = {"simple": _simple, "complex": _complex, "efficientnet": _efficientnet}
+#: Each model's notebook ``NAME``, which ``MIXED_PRECISION = "auto"`` decides by.
+NETWORKS = {"simple": "simple_cnn", "complex": "complex_cnn", "efficientnet": "efficientnet_b0"}
 #: ``--precision`` names -> ``MIXED_PRECISION`` values (``auto``: the machine's choice).
 PRECISIONS = ("float32", "bfloat16", "float16", "auto")
 #: CPU flags that decide or limit the low-precision speed, shown when present.
@@ -138,8 +146,9 @@ def _median_rate(step, batch: int, warmup: int, steps: int) -> float:
     return batch / statistics.median(times)
 
 
-def pipeline_rate(name: str, augment, batch: int, batches: int) -> tuple[float, str]:
-    """Images/s of the notebook's training input pipeline alone, and what it ran."""
+def training_pipeline(name: str, augment, batch: int) -> tuple:
+    """The notebook's training input pipeline over 8 batches of random images, repeated,
+    and what augments it."""
     rng = np.random.default_rng(0)
     n = batch * 8
     x = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
@@ -148,13 +157,9 @@ def pipeline_rate(name: str, augment, batch: int, batches: int) -> tuple[float, 
         ds = cu.make_dataset(
             x, y, batch_size=batch, training=True, batch_transform=cu.albumentations_batch_transform
         )
-        what = "albumentations (cu.albumentations_batch_transform)"
-    else:
-        ds = cu.make_dataset(x, y, batch_size=batch, training=True, augment=augment)
-        what = "Keras layers (cu.augmentation_layers)"
-    iterator = iter(ds.repeat())
-    rate = _median_rate(lambda: next(iterator), batch, warmup=3, steps=batches)
-    return rate, what
+        return ds.repeat(), "albumentations (cu.albumentations_batch_transform)"
+    ds = cu.make_dataset(x, y, batch_size=batch, training=True, augment=augment)
+    return ds.repeat(), "Keras layers (cu.augmentation_layers)"
 
 
 def explain_ms(model, x, args) -> float:
@@ -186,7 +191,10 @@ def bench_model(name: str, args) -> dict:
     guard = 1 / _median_rate(lambda: cu.training_state_problem(model, probe), 1, 1, 5)
     explain = explain_ms(model, x, args)
     flops = forward_flops(model)
-    pipe, what = pipeline_rate(name, augment, batch, args.pipeline_batches)
+    pipeline, what = training_pipeline(name, augment, batch)
+    iterator = iter(pipeline)
+    pipe = _median_rate(lambda: next(iterator), batch, 3, args.pipeline_batches)
+    profile = step_profile.profile_fit(model, pipeline, args.profile, 2) if args.profile else None
     return {
         "batch_size": batch,
         "params": cu.parameter_counts(model)["total"],
@@ -205,6 +213,7 @@ def bench_model(name: str, args) -> dict:
         "pipeline_to_train_ratio": pipe / train,
         "guard_seconds": guard,
         "guard_share_every_50_steps": guard / (GUARD_EVERY * batch / train),
+        "profile": profile,
     }
 
 
@@ -241,6 +250,7 @@ def table(rows: list[dict], precisions: dict) -> str:
             "explain": f"{r['grad_cam_ms_per_image']:.2f} ({r['inference_ms_per_image']:.2f})",
             "guard": f"{1000 * r['guard_seconds']:.0f} "
             f"({100 * r['guard_share_every_50_steps']:.2f}%)",
+            "profile": top_kinds(r["profile"]),
         }
         for r in rows
     ]
@@ -251,19 +261,45 @@ def table(rows: list[dict], precisions: dict) -> str:
         ("pipeline", "pipeline img/s"), ("ratio", "pipeline / train"),
         ("explain", "Grad-CAM ms/img (infer)"), ("guard", "guard ms (% of 50 steps)"),
     ]  # fmt: skip
+    if rows and rows[0]["profile"]:
+        columns.append(("profile", "top 3 of a step (profiled step s)"))
     peaks = "; ".join(
         f"{label} {p['matmul_peak_gflop_per_s']:.1f} GFLOP/s" for label, p in precisions.items()
     )
-    return cu.markdown_table(cells, columns) + f"\n\nMatmul peak: {peaks}"
+    return cu.markdown_table(cells, columns) + f"\n\nMatmul peak: {peaks}" + speedups(rows)
 
 
-def resolve_precisions(names) -> dict:
-    """``--precision`` names -> ``{label: policy}``, one entry per distinct policy, in order.
+def top_kinds(profile: dict | None, n: int = 3) -> str:
+    """The ``n`` largest shares of a profiled step, e.g. "conv gradients 45%, ... (0.49 s)"."""
+    if not profile:
+        return ""
+    top = sorted(profile["shares"].items(), key=lambda kv: -kv[1])[:n]
+    shown = ", ".join(f"{kind} {100 * share:.0f}%" for kind, share in top)
+    return f"{shown} ({profile['step_seconds']:.2f} s)"
 
-    ``auto`` becomes what :func:`cu.choose_precision` picks on this machine; its label says
-    so (``"bfloat16 (auto)"``), and a precision also asked for by name is listed once.
+
+def speedups(rows: list[dict]) -> str:
+    """Per model, the training speed-up of its auto row over its float32 row (x1.00 where
+    auto is float32), for the models with both."""
+    found = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rates = {r["precision"]: r["train_images_per_s"] for r in rows if r["model"] == model}
+        auto = next((label for label in rates if label.endswith("(auto)")), None)
+        base = rates.get("float32", rates.get("float32 (auto)"))
+        if auto and base:
+            found.append(f"{model} x{rates[auto] / base:.2f} ({auto})")
+    return f"\n\nAuto over float32, training: {'; '.join(found)}" if found else ""
+
+
+def resolve_precisions(names, model: str) -> dict:
+    """``--precision`` names -> ``{label: policy}`` for ``model``, one entry per distinct
+    policy, in order.
+
+    ``auto`` becomes what :func:`cu.choose_precision` picks for that model's notebook on this
+    machine; its label says so (``"float32 (auto)"``), and a precision also asked for by name
+    is listed once.
     """
-    auto = cu.choose_precision("auto")[0]
+    auto = cu.choose_precision("auto", network=NETWORKS[model])[0]
     labels = {}
     for name in names:
         policy = auto if name == "auto" else cu.choose_precision(name)[0]
@@ -296,6 +332,11 @@ def parse_args(argv=None):
         "--matmul-sizes", default="1024,2048,4096", help="comma-separated matmul sizes N"
     )
     parser.add_argument("--pipeline-batches", type=int, default=20)
+    parser.add_argument(
+        "--profile", type=int, nargs="?", const=5, default=0, metavar="STEPS",
+        help="also trace STEPS (default 5) model.fit steps on the notebook's pipeline with "
+        "TensorFlow's profiler and share each step's time among kinds of operation",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke run")
     parser.add_argument("--output", default=str(ROOT / "results" / "benchmark.json"))
     args = parser.parse_args(argv)
@@ -323,34 +364,49 @@ def main(argv=None) -> dict:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     if args.deterministic:
         tf.config.experimental.enable_op_determinism()
-    precisions, rows = {}, []
+    plans = {name: resolve_precisions(args.precision, name) for name in args.models}
+    policies = {policy: label for plan in plans.values() for label, policy in plan.items()}
     try:
-        for label, policy in resolve_precisions(args.precision).items():
-            keras.mixed_precision.set_global_policy(policy)
-            dtype = keras.mixed_precision.global_policy().compute_dtype
-            peaks = [matmul_peak(dtype, args.matmul_sizes, 3)]
-            start = len(rows)
-            for name in args.models:
+        peaks = {policy: [measure_peak(policy, args)] for policy in policies}
+        rows = []
+        for name, plan in plans.items():
+            for label, policy in plan.items():
+                keras.mixed_precision.set_global_policy(policy)
                 print(f"benchmarking {name} in {label} ...", flush=True)
-                rows.append({"model": name, "precision": label, **bench_model(name, args)})
-            peaks.append(matmul_peak(dtype, args.matmul_sizes, 3))
-            for row in rows[start:]:
-                row["fraction_of_matmul_peak"] = row["train_gflop_per_s"] / max(peaks)
-            precisions[label] = {
-                "policy": policy,
-                "matmul_peak_gflop_per_s": max(peaks),
-                "matmul_peak_runs_gflop_per_s": peaks,
-            }
+                row = {"model": name, "precision": label, "policy": policy}
+                rows.append(row | bench_model(name, args))
+        for policy in policies:  # again after the models: the best of the two counts
+            peaks[policy].append(measure_peak(policy, args))
     finally:
         keras.mixed_precision.set_global_policy("float32")
+    for row in rows:
+        row["fraction_of_matmul_peak"] = row["train_gflop_per_s"] / max(peaks[row["policy"]])
+    precisions = {
+        keras.DTypePolicy(policy).compute_dtype: {
+            "policy": policy,
+            "matmul_peak_gflop_per_s": max(runs),
+            "matmul_peak_runs_gflop_per_s": runs,
+        }
+        for policy, runs in peaks.items()
+    }
     record = {
         "machine": machine(),
         "settings": {
-            "auto_precision": dict(zip(("policy", "reason"), cu.choose_precision(), strict=True)),
+            "auto_precision": {
+                name: dict(
+                    zip(
+                        ("policy", "reason"),
+                        cu.choose_precision(network=NETWORKS[name]),
+                        strict=True,
+                    )
+                )
+                for name in args.models
+            },  # fmt: skip
             "xla": args.xla,
             "deterministic": args.deterministic,
             "steps": args.steps,
             "warmup": args.warmup,
+            "profile_steps": args.profile,
             "fast_conv": not args.no_fast_conv,
             "matmul_sizes": args.matmul_sizes,
             "conventions": "FLOPs = 2 x MACs of conv/dense layers; training = 3 x forward; "
@@ -364,6 +420,11 @@ def main(argv=None) -> dict:
     print(table(rows, precisions))
     print(f"wrote {cu.write_json(args.output, record)}")
     return record
+
+
+def measure_peak(policy: str, args) -> float:
+    """The matmul peak in ``policy``'s compute dtype, GFLOP/s (:func:`matmul_peak`)."""
+    return matmul_peak(keras.DTypePolicy(policy).compute_dtype, args.matmul_sizes, 3)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from .divergence import nonfinite_variables
 from .errors import ResumeError
 from .files import atomic_path
 from .models import load_weights_strictly
+from .numerics import PRECISION_POLICIES
 
 
 @dataclasses.dataclass
@@ -83,6 +84,23 @@ def read_state(run_dir: Path) -> RunState:
     saved.setdefault("epochs", saved["epoch"])
     saved.setdefault("plan", {})
     return RunState(**{**{k: v for k, v in saved.items() if k in known}, "run_dir": str(run_dir)})
+
+
+def recorded_precision(run_dir) -> str | None:
+    """The dtype policy (e.g. ``"mixed_bfloat16"``) the newest run state under ``run_dir``
+    was planned under: its own ``state.json``, or one of its phases' or workers' (two levels
+    down at most); None if there is none, or it is unreadable or names no policy of ours
+    (resuming it then says why).
+    """
+    found = [p for depth in ("", "*/", "*/*/") for p in Path(run_dir).glob(f"{depth}state.json")]
+    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            policy = read_state(path.parent).plan.get("model", {}).get("dtype_policy")
+        except (ResumeError, AttributeError):
+            continue
+        if policy in set(PRECISION_POLICIES.values()):
+            return policy
+    return None
 
 
 def write_state(state: RunState) -> Path:

@@ -56,7 +56,16 @@ def _gpu_capabilities() -> list:
     ]
 
 
-def _auto_precision(cpu_flags, gpus: list) -> tuple[str, str]:
+#: Networks that train slower in bfloat16 than in float32 on CPUs, even with native bfloat16,
+#: so "auto" keeps float32 for them on a CPU: notebook NAME -> the measurements
+#: (benchmarks/throughput.py, docs/performance.md). GPUs are not measured.
+CPU_FLOAT32_NETWORKS = {
+    "efficientnet_b0": "its depthwise convolutions train slower in bfloat16 on CPUs: 10 -> 7 "
+    "img/s on a Sapphire Rapids (AMX), 14 -> 11 on an EPYC with avx512_bf16",
+}
+
+
+def _auto_precision(cpu_flags, gpus: list, network: str | None) -> tuple[str, str]:
     """``(policy, reason)`` that ``MIXED_PRECISION = "auto"`` picks for this hardware."""
     if gpus:
         if not all(gpus):
@@ -72,6 +81,8 @@ def _auto_precision(cpu_flags, gpus: list) -> tuple[str, str]:
         return "float32", "no GPU, and the CPU's flags are unknown (no /proc/cpuinfo)"
     if _native("mixed_bfloat16", cpu_flags, gpus):
         native = ", ".join(sorted(set(BF16_CPU_FLAGS) & set(cpu_flags)))
+        if network in CPU_FLOAT32_NETWORKS:
+            return "float32", f"no GPU; for {network}, {CPU_FLOAT32_NETWORKS[network]}"
         return "mixed_bfloat16", f"no GPU; the CPU has native bfloat16 ({native})"
     return "float32", (
         "no GPU, and the CPU has no avx512_bf16 or amx_bf16 flag (bfloat16 would be emulated "
@@ -79,11 +90,17 @@ def _auto_precision(cpu_flags, gpus: list) -> tuple[str, str]:
     )
 
 
-def choose_precision(setting="auto", *, cpu_flags=None, gpus=None) -> tuple[str, str]:
+def choose_precision(
+    setting="auto", *, network=None, resumed=None, cpu_flags=None, gpus=None
+) -> tuple[str, str]:
     """The Keras dtype policy for ``MIXED_PRECISION``, and why: ``(policy, reason)``.
 
     Args:
         setting: ``"auto"``, ``True``/``"float16"``, ``"bfloat16"`` or ``False``/``"float32"``.
+        network: the notebook's ``NAME`` (e.g. ``"efficientnet_b0"``): "auto" keeps float32 on
+            a CPU for those in :data:`CPU_FLOAT32_NETWORKS`.
+        resumed: the dtype policy of the run being resumed (``recorded_precision``), which
+            "auto" keeps, so a resume never trains on in another precision.
         cpu_flags: the CPU's flags (default :func:`cpu_info`'s).
         gpus: ``(major, minor)`` compute capability per GPU, ``None`` if unknown; ``[]``: none.
 
@@ -92,7 +109,9 @@ def choose_precision(setting="auto", *, cpu_flags=None, gpus=None) -> tuple[str,
     """
     gpus = _gpu_capabilities() if gpus is None else list(gpus)
     cpu_flags = cpu_info()["flags"] if cpu_flags is None else frozenset(cpu_flags)
-    auto, why = _auto_precision(cpu_flags, gpus)
+    auto, why = _auto_precision(cpu_flags, gpus, network)
+    if resumed is not None:
+        auto, why = resumed, "the run it resumes trained under it"
     if isinstance(setting, str) and setting == "auto":
         return auto, f'MIXED_PRECISION = "auto": {why}'
     if not is_precision_setting(setting):
@@ -105,14 +124,18 @@ def choose_precision(setting="auto", *, cpu_flags=None, gpus=None) -> tuple[str,
     )
 
 
-def configure_precision(setting="auto", *, cpu_flags=None, gpus=None) -> str:
+def configure_precision(
+    setting="auto", *, network=None, resumed=None, cpu_flags=None, gpus=None
+) -> str:
     """Set and print Keras' global dtype policy for ``MIXED_PRECISION``, before building models.
 
     Args and Raises as :func:`choose_precision`; returns the policy. Warns if not native here.
     """
     gpus = _gpu_capabilities() if gpus is None else list(gpus)
     cpu_flags = cpu_info()["flags"] if cpu_flags is None else frozenset(cpu_flags)
-    policy, reason = choose_precision(setting, cpu_flags=cpu_flags, gpus=gpus)
+    policy, reason = choose_precision(
+        setting, network=network, resumed=resumed, cpu_flags=cpu_flags, gpus=gpus
+    )
     print(f"Precision: {policy} ({reason})")
     if not _native(policy, cpu_flags, gpus):
         where = "a CPU" if not gpus else "this GPU"

@@ -38,6 +38,84 @@ def test_auto_picks_from_the_hardware(cpu_flags, gpus, policy, why):
     assert chosen == policy and why in reason and reason.startswith('MIXED_PRECISION = "auto": ')
 
 
+@pytest.mark.parametrize(
+    ("cpu_flags", "gpus", "policies"),
+    [
+        (AVX2 | {"amx_bf16"}, [], ("mixed_bfloat16", "mixed_bfloat16", "float32")),
+        (AVX2 | {"avx512_bf16"}, [], ("mixed_bfloat16", "mixed_bfloat16", "float32")),
+        (AVX2, [], ("float32", "float32", "float32")),
+        (AVX2 | {"amx_bf16"}, [(8, 0)], ("mixed_bfloat16",) * 3),  # GPU rules unchanged
+        (AVX2, [(7, 5)], ("mixed_float16",) * 3),
+    ],
+)
+def test_auto_picks_per_network_what_trains_faster(cpu_flags, gpus, policies):
+    """EfficientNetB0 trains slower in bfloat16 on CPUs (docs/performance.md): "auto" keeps
+    float32 for it there, and says why; the CNNs (and a name not in the table) get bfloat16."""
+    names = ("simple_cnn", "complex_cnn", "efficientnet_b0")
+    chosen = [cu.choose_precision(network=n, cpu_flags=cpu_flags, gpus=gpus) for n in names]
+    assert tuple(policy for policy, _ in chosen) == policies
+    assert cu.choose_precision(network="my_net", cpu_flags=cpu_flags, gpus=gpus)[0] == policies[0]
+    if policies == ("mixed_bfloat16", "mixed_bfloat16", "float32"):
+        assert "for efficientnet_b0, its depthwise convolutions train slower" in chosen[2][1]
+        forced = cu.choose_precision("bfloat16", network="efficientnet_b0", cpu_flags=cpu_flags,
+                                     gpus=gpus)  # fmt: skip
+        assert forced[0] == "mixed_bfloat16" and '"auto" would pick float32 here' in forced[1]
+
+
+def test_auto_keeps_the_precision_of_the_run_it_resumes():
+    for resumed in ("float32", "mixed_bfloat16", "mixed_float16"):
+        chosen, reason = cu.choose_precision(resumed=resumed, cpu_flags={"amx_bf16"}, gpus=[])
+        assert chosen == resumed
+        assert reason == 'MIXED_PRECISION = "auto": the run it resumes trained under it'
+    # A forced precision stays forced (train then refuses to resume the run under it).
+    forced = cu.choose_precision("float32", resumed="mixed_bfloat16", cpu_flags=AVX2, gpus=[])
+    assert forced[0] == "float32"
+
+
+def test_recorded_precision_reads_the_newest_state_of_a_run_its_phases_or_workers(tmp_path):
+    def state(folder, policy, age):
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "state.json"
+        path.write_text(json.dumps({"epoch": 1, "history": {}, "plan": {"model": {
+            "dtype_policy": policy}}}))  # fmt: skip
+        os.utime(path, (1e9 - age, 1e9 - age))
+
+    run = tmp_path / "efficientnet_b0"
+    assert cu.recorded_precision(run) is None  # no run yet
+    state(run / "head", "mixed_bfloat16", age=20)
+    assert cu.recorded_precision(run) == "mixed_bfloat16"
+    state(run / "finetune" / "worker-1", "float32", age=10)  # newer, two levels down
+    assert cu.recorded_precision(run) == "float32"
+    (run / "finetune" / "worker-1" / "state.json").write_text("{broken")
+    assert cu.recorded_precision(run) == "mixed_bfloat16"  # unreadable: the next one
+    state(run / "finetune", "mixed_int8", age=0)  # no policy of ours
+    assert cu.recorded_precision(run) == "mixed_bfloat16"
+    state(run / "a" / "b" / "c", "float32", age=0)  # deeper than a run's folders go
+    assert cu.recorded_precision(run) == "mixed_bfloat16"
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16"], indirect=True)
+def test_a_resumed_run_keeps_its_precision_where_auto_would_pick_another(tmp_path, policy):
+    """A run begun under bfloat16 (e.g. on an AMX machine), resumed with "auto" on a CPU
+    where "auto" alone would pick float32: it resumes under bfloat16, with a warning."""
+    train, val = small_datasets(100, 100, 50)
+
+    def tiny():
+        cu.seed_everything(0)
+        head = keras.layers.Dense(100, activation="softmax", dtype="float32")
+        model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), head])
+        model.compile(keras.optimizers.SGD(0.1), "categorical_crossentropy")
+        return model
+
+    cu.train(tiny(), train, val, epochs=1, run_dir=tmp_path, verbose=0)
+    keras.mixed_precision.set_global_policy("float32")
+    resumed = cu.recorded_precision(tmp_path)
+    with pytest.warns(UserWarning, match="mixed_bfloat16 on a CPU without native bfloat16"):
+        cu.configure_precision("auto", resumed=resumed, cpu_flags=AVX2, gpus=[])
+    state = cu.train(tiny(), train, val, epochs=2, run_dir=tmp_path, verbose=0)
+    assert state.epoch == 2 and state.plan["model"]["dtype_policy"] == "mixed_bfloat16"
+
+
 def test_forced_choices_and_bad_values():
     for setting, policy in [
         (True, "mixed_float16"),
