@@ -7,9 +7,10 @@ plugin would show the ops too, but it is not installed with the project, groups 
 op type only (not by the Keras layer an op belongs to: BatchNorm and dropout are plain Mul,
 Mean and Select ops in Keras 3), and does not say what the step waited on while no op ran.
 
-How the time is shared: the ops of the step's threads (TensorFlow's inter-op pool, not the
-tf.data threads) are laid on one time line; where two run at once, each gets half of that
-stretch; what no op covers is "no op running" (Python, the executor, waiting). The shares
+How the time is shared: the ops of the step's threads (TensorFlow's inter-op pool, and the
+step's wait for its next batch, but not the tf.data threads preparing batches ahead) are
+laid on one time line; where two run at once, each gets half of that stretch; what no op
+covers is "no op running" (Python, the executor, waiting). The shares
 therefore sum to the traced steps' wall time by construction, and the traced step time can
 be compared with the benchmark's own median step (both are printed).
 """
@@ -94,6 +95,9 @@ def _op_events(space, layers: dict[str, str]) -> tuple[list, tuple[float, float]
             end = start + event.duration_ps * 1e-12
             if thread == "python" and "step_on_" in name and "Execute" not in name:
                 steps.append((start, end))
+            if thread == "tf_data_iterator_get_next" and name == "IteratorGetNextOp::DoCompute":
+                ops.append((start, end, "input pipeline"))  # the step waiting for its batch
+                continue
             if thread != "tf_Compute" or ":" not in name or "::" in name or start < outer_end:
                 continue  # not an op, or inside one already counted
             op, op_type = name.rsplit(":", 1)
@@ -137,10 +141,13 @@ def profile_fit(model, dataset, steps: int, warmup: int) -> dict:
         own wall time per step, "shares": {kind: fraction of the step}}``; the shares sum to 1.
 
     Raises:
-        RuntimeError: the trace holds no training step (a profiler that recorded nothing).
+        ValueError: the model is compiled with XLA (its ops are not traced one by one).
+        RuntimeError: the trace holds no training step or no op in it.
     """
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
+    if model.jit_compile:
+        raise ValueError("the profile needs XLA off: XLA-compiled steps show no ops one by one")
     model.fit(dataset, steps_per_epoch=warmup, epochs=1, verbose=0, shuffle=False)
     with tempfile.TemporaryDirectory() as folder:
         tf.profiler.experimental.start(folder)
@@ -151,8 +158,8 @@ def profile_fit(model, dataset, steps: int, warmup: int) -> dict:
         space = xplane_pb2.XSpace()
         space.ParseFromString(next(Path(folder).rglob("*.xplane.pb")).read_bytes())
     ops, window = _op_events(space, _layer_kinds(model))
-    if window is None:
-        raise RuntimeError("the profiler's trace holds no training step to share out")
+    if window is None or not any(s < window[1] and e > window[0] for s, e, _ in ops):
+        raise RuntimeError("the profiler's trace holds no training step, or no op in it")
     seconds = share_time(ops, window)
     total = window[1] - window[0]
     return {

@@ -340,6 +340,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke run")
     parser.add_argument("--output", default=str(ROOT / "results" / "benchmark.json"))
     args = parser.parse_args(argv)
+    if args.profile and args.xla == "on":
+        parser.error("--profile needs XLA off: XLA-compiled steps show no ops one by one")
     args.xla = {"auto": "auto", "on": True, "off": False}[args.xla]
     if args.quick:
         args.steps, args.warmup, args.pipeline_batches = 5, 2, 8

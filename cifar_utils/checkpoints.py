@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from . import files
 from .checks import RUN_FOLDERS, check_run_folder
+from .devices import worker_run_dir
 from .divergence import nonfinite_variables
 from .errors import ResumeError
 from .files import atomic_path
@@ -86,20 +87,21 @@ def read_state(run_dir: Path) -> RunState:
     return RunState(**{**{k: v for k, v in saved.items() if k in known}, "run_dir": str(run_dir)})
 
 
-def recorded_precision(run_dir) -> str | None:
-    """The dtype policy (e.g. ``"mixed_bfloat16"``) the newest run state under ``run_dir``
-    was planned under: its own ``state.json``, or one of its phases' or workers' (two levels
-    down at most); None if there is none, or it is unreadable or names no policy of ours
-    (resuming it then says why).
+def recorded_precision(*run_dirs) -> str | None:
+    """The dtype policy (e.g. ``"mixed_bfloat16"``) of the run :func:`train` would resume
+    from these run folders: this worker's ``state.json`` in the last of them that holds one
+    (give a notebook's phases in order). None if none does, or that state is unreadable or
+    names no policy of ours (resuming it then says why).
     """
-    found = [p for depth in ("", "*/", "*/*/") for p in Path(run_dir).glob(f"{depth}state.json")]
-    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
-        try:
-            policy = read_state(path.parent).plan.get("model", {}).get("dtype_policy")
-        except (ResumeError, AttributeError):
+    for run_dir in reversed(run_dirs):
+        folder = worker_run_dir(run_dir)
+        if not (folder / "state.json").is_file():
             continue
-        if policy in set(PRECISION_POLICIES.values()):
-            return policy
+        try:
+            policy = read_state(folder).plan.get("model", {}).get("dtype_policy")
+        except (ResumeError, AttributeError):
+            return None
+        return policy if policy in set(PRECISION_POLICIES.values()) else None
     return None
 
 

@@ -257,7 +257,7 @@ def _write_overlay(model, image: Path, path: Path) -> None:
     from .files import atomic_path
 
     overlay = overlay_heatmap(*explain_photo(model, image))
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace=False) as tmp:  # not even a file that appeared meanwhile
         Image.fromarray(overlay).save(tmp, format="PNG")
 
 
@@ -280,7 +280,7 @@ def _predict_command(args) -> int:
             top = predict_image(model, image, top_k=args.top_k, class_names=names)
             if image in overlays:
                 _write_overlay(model, image, overlays[image])
-        except (FileNotFoundError, ValueError) as exc:
+        except (FileNotFoundError, FileExistsError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             errors.append({"image": str(image), "error": str(exc)})
             continue

@@ -25,18 +25,24 @@ def _umask() -> int:
 
 # The standard library has the pieces (tempfile, os.replace) but no such context manager.
 @contextlib.contextmanager
-def atomic_path(path, *, folder: bool = False):
+def atomic_path(path, *, folder: bool = False, replace: bool = True):
     """Yield a temporary path beside ``path`` (its suffixes kept); on success it replaces ``path``.
 
     ``folder=True`` yields an empty folder, replacing only an empty ``path`` folder. On error
     ``path`` is left as it was. A symbolic link is written through. The result keeps the
     replaced file's permissions, else 0666/0777 less the umask. The parent is created.
+    ``replace=False`` (files only) never replaces anything, not even what appears at ``path``
+    while the caller writes: the file is then created only if ``path`` is still free.
 
     Raises:
-        FileExistsError: ``path`` is no regular file (folder): a device, a pipe, ...
+        FileExistsError: ``path`` is no regular file (folder): a device, a pipe, ...; or
+            ``replace=False`` and something (a file, a link) is or comes to be at ``path``.
         OSError: ``folder=True`` and ``path`` is a folder holding anything.
     """
     path = Path(path)
+    taken = f"'{path}' exists: it is never replaced. Delete it or write to another path"
+    if not replace and (path.exists() or path.is_symlink()):
+        raise FileExistsError(taken)
     if path.is_symlink():  # write where the link points, and keep the link
         path = path.resolve()
     if path.exists() and not (path.is_dir() if folder else path.is_file()):
@@ -59,7 +65,13 @@ def atomic_path(path, *, folder: bool = False):
         os.chmod(tmp, mode if mode is not None else (0o777 if folder else 0o666) & ~_umask())
         if folder and path.is_dir():
             os.rmdir(path)  # only an empty folder is replaced: nothing of the user's is lost
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # unlike a rename, fails if anything is there, even a link
+            except FileExistsError:
+                raise FileExistsError(taken) from None
     finally:
         if folder:
             shutil.rmtree(tmp, ignore_errors=True)

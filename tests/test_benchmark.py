@@ -135,6 +135,36 @@ def test_each_op_goes_to_its_kind(name, op_type, kind):
     assert step_profile.op_kind(name, op_type, layers) == kind
 
 
+def _tiny_model(jit_compile=False):
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, activation="softmax")])
+    model.compile("sgd", "categorical_crossentropy", jit_compile=jit_compile)
+    return model
+
+
+def test_a_step_waiting_for_its_batch_is_input_pipeline_time():
+    import time
+
+    import tensorflow as tf
+
+    def slow(x):
+        time.sleep(0.2)  # an input pipeline far slower than the model
+        return x
+
+    data = tf.data.Dataset.from_tensors((tf.zeros((16, 8)), tf.one_hot(tf.zeros(16, "int32"), 4)))
+    data = data.repeat().map(lambda x, y: (tf.numpy_function(slow, [x], tf.float32), y))
+    data = data.map(lambda x, y: (tf.ensure_shape(x, (16, 8)), y))
+    profile = step_profile.profile_fit(_tiny_model(), data, steps=3, warmup=1)
+    assert profile["shares"]["input pipeline"] > 0.8
+    assert profile["step_seconds"] > 0.15
+
+
+def test_the_profile_refuses_xla():
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--profile", "--xla", "on"])
+    with pytest.raises(ValueError, match="the profile needs XLA off"):
+        step_profile.profile_fit(_tiny_model(jit_compile=True), None, steps=1, warmup=1)
+
+
 @pytest.mark.slow
 def test_a_profiled_run_shares_out_each_step(tmp_path, capsys):
     record = throughput.main(

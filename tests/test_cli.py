@@ -360,6 +360,32 @@ def test_predict_explain_errors_in_one_line(small_model, tmp_path, capsys, expla
     assert not (tmp_path / "nowhere.txt").exists()
 
 
+def test_predict_explain_keeps_a_file_appearing_meanwhile(small_model, tmp_path, monkeypatch,
+                                                          capsys):  # fmt: skip
+    """E.g. two commands writing the same OUT.png at once: the second never replaces the first."""
+    import cifar_utils.explain as explain
+
+    out, real = tmp_path / "cam.png", explain.explain_photo
+
+    def slow_explain(model, image):
+        out.write_text("the other command's overlay")  # appears after the check, before the write
+        return real(model, image)
+
+    monkeypatch.setattr(explain, "explain_photo", slow_explain)
+    argv = [
+        "predict",
+        "--model",
+        str(small_model[0]),
+        str(cu.sample_photo()),
+        "--explain",
+        str(out),
+    ]
+    assert cu.main(argv) == 2
+    assert "exists: it is never replaced" in _one_error_line(capsys.readouterr().err)
+    assert out.read_text() == "the other command's overlay"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cam.png"]  # no temporary left
+
+
 def test_predict_explain_names_overlays_by_what_the_command_names(small_model, tmp_path):
     """A folder holding one photo still gets OUT-<stem>.png: the name follows the command."""
     folder = tmp_path / "photos"

@@ -36,6 +36,30 @@ def test_a_folder_is_replaced_only_when_empty(tmp_path):
     assert [p.name for p in out.iterdir()] == ["new.txt"]
 
 
+@pytest.mark.parametrize("appears", ["file", "link", "dangling link"])
+def test_without_replace_not_even_what_appears_while_writing_is_replaced(tmp_path, appears):
+    out, victim = tmp_path / "out.png", tmp_path / "victim.txt"
+    victim.write_text("the user's")
+    with atomic_path(out, replace=False) as tmp:
+        tmp.write_bytes(b"new")
+    assert out.read_bytes() == b"new"
+    out.unlink()
+    with pytest.raises(FileExistsError, match="exists: it is never replaced"):
+        with atomic_path(out, replace=False) as tmp:
+            tmp.write_bytes(b"new")
+            if appears == "file":  # e.g. a second command writing the same name meanwhile
+                out.write_text("the user's")
+            else:
+                out.symlink_to(victim if appears == "link" else tmp_path / "nowhere")
+    assert victim.read_text() == "the user's" and not (tmp_path / "nowhere").exists()
+    if appears == "file":
+        assert out.read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "victim.txt"]  # no temporary
+    with pytest.raises(FileExistsError, match="exists: it is never replaced"):
+        with atomic_path(out, replace=False):
+            pytest.fail("refused before the caller writes")
+
+
 def test_report_keeps_the_readme_line_ends_and_link(tmp_path):
     readme = tmp_path / "docs" / "README.md"
     readme.parent.mkdir()

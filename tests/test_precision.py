@@ -72,26 +72,31 @@ def test_auto_keeps_the_precision_of_the_run_it_resumes():
     assert forced[0] == "float32"
 
 
-def test_recorded_precision_reads_the_newest_state_of_a_run_its_phases_or_workers(tmp_path):
-    def state(folder, policy, age):
+def test_recorded_precision_reads_the_state_train_would_resume(tmp_path, monkeypatch):
+    def state(folder, policy):
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "state.json"
-        path.write_text(json.dumps({"epoch": 1, "history": {}, "plan": {"model": {
-            "dtype_policy": policy}}}))  # fmt: skip
-        os.utime(path, (1e9 - age, 1e9 - age))
+        (folder / "state.json").write_text(json.dumps({"epoch": 1, "history": {}, "plan": {
+            "model": {"dtype_policy": policy}}}))  # fmt: skip
 
     run = tmp_path / "efficientnet_b0"
-    assert cu.recorded_precision(run) is None  # no run yet
-    state(run / "head", "mixed_bfloat16", age=20)
-    assert cu.recorded_precision(run) == "mixed_bfloat16"
-    state(run / "finetune" / "worker-1", "float32", age=10)  # newer, two levels down
-    assert cu.recorded_precision(run) == "float32"
-    (run / "finetune" / "worker-1" / "state.json").write_text("{broken")
-    assert cu.recorded_precision(run) == "mixed_bfloat16"  # unreadable: the next one
-    state(run / "finetune", "mixed_int8", age=0)  # no policy of ours
-    assert cu.recorded_precision(run) == "mixed_bfloat16"
-    state(run / "a" / "b" / "c", "float32", age=0)  # deeper than a run's folders go
-    assert cu.recorded_precision(run) == "mixed_bfloat16"
+    head, finetune = run / "head", run / "finetune"
+    assert cu.recorded_precision(head, finetune) is None  # no run yet
+    state(head, "mixed_bfloat16")
+    assert cu.recorded_precision(head, finetune) == "mixed_bfloat16"
+    state(finetune, "float32")  # the last phase that has a state decides
+    assert cu.recorded_precision(head, finetune) == "float32"
+    (finetune / "state.json").write_text("{broken")
+    assert cu.recorded_precision(head, finetune) is None  # train will say what is wrong
+    state(finetune, "mixed_int8")
+    assert cu.recorded_precision(head, finetune) is None  # no policy of ours
+    # Only the folder train resumes counts: not a leftover worker's, nor a backup beside it.
+    simple = tmp_path / "simple_cnn"
+    state(simple / "worker-1", "mixed_float16")
+    state(simple / "backup", "mixed_float16")
+    assert cu.recorded_precision(simple) is None
+    cluster = {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(cluster))
+    assert cu.recorded_precision(simple) == "mixed_float16"  # worker 1 resumes its own
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16"], indirect=True)
