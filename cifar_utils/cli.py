@@ -261,6 +261,15 @@ def _write_overlay(model, image: Path, path: Path) -> None:
         Image.fromarray(overlay).save(tmp, format="PNG")
 
 
+def _warn_if_not_full(metadata: dict) -> None:
+    """A note on stderr when the model's card says it is no full CIFAR-100 run."""
+    card = metadata.get("card")
+    why = card.get("not_full") if isinstance(card, dict) else None
+    if why:
+        print(f"note: this model is no full CIFAR-100 run ({why}); its guesses say little "
+              "(predict --info shows its card)", file=sys.stderr)  # fmt: skip
+
+
 def _predict_command(args) -> int:
     if args.info:
         return _info_command(args)
@@ -274,7 +283,8 @@ def _predict_command(args) -> int:
         from .export import load_exported_model
         from .photos import predict_image
 
-        model, names, _ = load_exported_model(args.model)
+        model, names, metadata = load_exported_model(args.model)
+        _warn_if_not_full(metadata)
     for image in images:
         try:
             top = predict_image(model, image, top_k=args.top_k, class_names=names)

@@ -36,6 +36,7 @@ writes ``OUT_DIR/cifar-100-python.tar.gz``.
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
 import pickle
 import struct
@@ -174,7 +175,9 @@ def write_archive(out_dir, n_train: int = 5000, n_test: int = 1000, seed: int = 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "cifar-100-python.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
+    # gzip's header would hold the time of writing: mtime=0 makes the archive's md5 repeat too
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+        tar = tarfile.open(fileobj=gz, mode="w")
         info = tarfile.TarInfo("cifar-100-python")
         info.type = tarfile.DIRTYPE
         info.mode = 0o755
@@ -185,15 +188,16 @@ def write_archive(out_dir, n_train: int = 5000, n_test: int = 1000, seed: int = 
             info.size = len(payload)
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(payload))
+        tar.close()
     return path
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--train", type=int, default=5000)
-    parser.add_argument("--test", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("out_dir", help="folder to write cifar-100-python.tar.gz into")
+    parser.add_argument("--train", type=int, default=5000, help="training images (default 5000)")
+    parser.add_argument("--test", type=int, default=1000, help="test images (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
     args = parser.parse_args(argv)
     print(write_archive(args.out_dir, args.train, args.test, args.seed))
 

@@ -604,7 +604,7 @@ def test_report_errors_are_one_line_with_status_2(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("command", "defaults"),
     [("report", ["(default: results)", "(default: README.md)"]),
-     ("predict", ["1 to 100 (default: 5)", "OUT-<photo stem>.png for several (default: none "
+     ("predict", ["1 to 100 (default: 5)", "an existing file is never replaced (default: none "
                   "written)"]),
      ("curves", ["(default: RUN_DIR/curves.png)"]),
      ("export", ["TensorFlow SavedModel (default: saved_model)"])],

@@ -244,6 +244,11 @@ def test_the_card_figures_are_the_records_and_info_prints_the_card(series, capsy
         assert metadata["card"]["series"]["seeds"] == [42, 43, 44]
         assert cu.main(["predict", "--model", str(model_file), "--info"]) == 0
         assert capsys.readouterr().out == card
+    # Its guesses come with the card's caveat (a model exported without a card has none).
+    assert cu.main(["predict", "--model", str(model_file), str(cu.sample_photo())]) == 0
+    assert "note: this model is no full CIFAR-100 run (not the official CIFAR-100 archive" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.slow
