@@ -367,7 +367,7 @@ def main(argv=None) -> dict:
     if args.deterministic:
         tf.config.experimental.enable_op_determinism()
     plans = {name: resolve_precisions(args.precision, name) for name in args.models}
-    policies = {policy: label for plan in plans.values() for label, policy in plan.items()}
+    policies = dict.fromkeys(policy for plan in plans.values() for policy in plan.values())
     try:
         peaks = {policy: [measure_peak(policy, args)] for policy in policies}
         rows = []
@@ -391,19 +391,11 @@ def main(argv=None) -> dict:
         }
         for policy, runs in peaks.items()
     }
+    auto = {name: cu.choose_precision(network=NETWORKS[name]) for name in args.models}
     record = {
         "machine": machine(),
         "settings": {
-            "auto_precision": {
-                name: dict(
-                    zip(
-                        ("policy", "reason"),
-                        cu.choose_precision(network=NETWORKS[name]),
-                        strict=True,
-                    )
-                )
-                for name in args.models
-            },  # fmt: skip
+            "auto_precision": {name: {"policy": p, "reason": r} for name, (p, r) in auto.items()},
             "xla": args.xla,
             "deterministic": args.deterministic,
             "steps": args.steps,
