@@ -176,6 +176,7 @@ def bench_model(name: str, args) -> dict:
     keras.utils.set_random_seed(0)
     model, optimizer, augment = BUILDERS[name]()
     switched = [] if args.no_fast_conv else cu.fast_small_conv_gradients(model)
+    fused = [] if args.no_fused_bn else cu.fuse_batch_norm(model)
     batch = args.batch_size or BATCH_SIZE[name]
     jit = cu.resolve_jit_compile(args.xla)
     model.compile(optimizer, "categorical_crossentropy", jit_compile=jit)
@@ -200,6 +201,7 @@ def bench_model(name: str, args) -> dict:
         "params": cu.parameter_counts(model)["total"],
         "jit_compile": bool(model.jit_compile),  # as Keras used it (FIELD-CASES 18)
         "fast_conv_layers": switched,
+        "fused_batch_norm_layers": fused,
         "train_images_per_s": train,
         "inference_images_per_s": infer,
         "inference_ms_per_image": 1000 / infer,
@@ -329,6 +331,9 @@ def parse_args(argv=None):
         "--no-fast-conv", action="store_true", help="keep TF's small-conv gradient kernel"
     )
     parser.add_argument(
+        "--no-fused-bn", action="store_true", help="keep Keras' unfused BatchNorm in training"
+    )
+    parser.add_argument(
         "--matmul-sizes", default="1024,2048,4096", help="comma-separated matmul sizes N"
     )
     parser.add_argument("--pipeline-batches", type=int, default=20)
@@ -402,6 +407,7 @@ def main(argv=None) -> dict:
             "warmup": args.warmup,
             "profile_steps": args.profile,
             "fast_conv": not args.no_fast_conv,
+            "fused_batch_norm": not args.no_fused_bn,
             "matmul_sizes": args.matmul_sizes,
             "conventions": "FLOPs = 2 x MACs of conv/dense layers; training = 3 x forward; "
             "rates from median step times; share of peak against the matmul peak in the "

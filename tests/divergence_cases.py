@@ -31,7 +31,7 @@ class ZeroNaNSoftmax(keras.layers.Layer):
 
 
 def bn_cnn(output="softmax"):
-    """A small BatchNorm CNN (SGD 0.9), its head a plain or a NaN-to-zeros softmax."""
+    """A small BatchNorm CNN (SGD 0.9, BatchNorm fused), its head plain or NaN-to-zeros softmax."""
     keras.utils.set_random_seed(0)
     f32 = "float32"  # the output stays float32 under a mixed policy, as cu's models' do
     head = (
@@ -49,6 +49,7 @@ def bn_cnn(output="softmax"):
             head,
         ]
     )
+    assert cu.fuse_batch_norm(model) == ["bn"]  # as the notebooks train it, on a CPU
     model.compile(
         keras.optimizers.SGD(0.05, momentum=0.9), "categorical_crossentropy", metrics=["accuracy"]
     )

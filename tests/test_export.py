@@ -47,6 +47,7 @@ def simple(tmp_path_factory):
     keras.utils.set_random_seed(0)
     model = _shake(cu.build_simple_cnn())
     assert cu.fast_small_conv_gradients(model) == ["conv4"]
+    assert cu.fuse_batch_norm(model) == ["bn1", "bn2", "bn3", "bn4"]  # the file: plain Keras
     model.compile("adam", "categorical_crossentropy", metrics=cu.compile_metrics())
     path = tmp_path_factory.mktemp("export") / "simple_cnn.keras"
     assert cu.export_model(model, path, model="simple_cnn", test_top1=0.25) == path
@@ -76,6 +77,9 @@ def test_simple_cnn_export_matches_and_drops_fast_gradients(simple, images):
     for layer in loaded.layers:
         if isinstance(layer, keras.layers.Conv2D):
             assert layer.convolution_op.__func__ is keras.layers.Conv2D.convolution_op
+    # so does the fused BatchNorm: the loaded layers are Keras' own
+    assert sum(hasattr(layer, "_unfused_call") for layer in model.layers) == 4
+    assert not any(hasattr(layer, "_unfused_call") for layer in loaded.layers)
     with zipfile.ZipFile(path) as archive:
         assert "col2im" not in archive.read("config.json").decode()
         assert json.loads(archive.read("class_names.json")) == list(cu.FINE_LABEL_NAMES)

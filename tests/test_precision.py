@@ -276,6 +276,7 @@ def _test_top1(archive, setting) -> float:
     )
     model = cu.build_simple_cnn()
     cu.fast_small_conv_gradients(model)
+    cu.fuse_batch_norm(model)
     model.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy")
     model.fit(train, epochs=3, verbose=0, shuffle=False)  # the pipeline shuffles
     return cu.top_k_accuracy(yt, cu.predict_proba(model, xt))
