@@ -86,6 +86,8 @@ def _efficientnet():
 
 
 BUILDERS = {"simple": _simple, "complex": _complex, "efficientnet": _efficientnet}
+#: The models whose notebooks call ``cu.fast_cpu_training``.
+FAST_CPU_TRAINING = ("simple", "complex")
 #: Each model's notebook ``NAME``, which ``MIXED_PRECISION = "auto"`` decides by.
 NETWORKS = {"simple": "simple_cnn", "complex": "complex_cnn", "efficientnet": "efficientnet_b0"}
 #: ``--precision`` names -> ``MIXED_PRECISION`` values (``auto``: the machine's choice).
@@ -175,8 +177,12 @@ def bench_model(name: str, args) -> dict:
     """Build, compile and time one model; returns its row of figures."""
     keras.utils.set_random_seed(0)
     model, optimizer, augment = BUILDERS[name]()
-    switched = [] if args.no_fast_conv else cu.fast_small_conv_gradients(model)
-    fused = [] if args.no_fused_bn else cu.fuse_batch_norm(model)
+    fast = name in FAST_CPU_TRAINING  # what its notebook's cu.fast_cpu_training switches
+    switched = {
+        "batch_norm": cu.fuse_batch_norm(model) if fast and not args.no_fused_bn else [],
+        "dropout": cu.fast_dropout(model) if fast and not args.no_fast_dropout else [],
+        "small_conv": cu.fast_small_conv_gradients(model) if fast and not args.no_fast_conv else [],
+    }
     batch = args.batch_size or BATCH_SIZE[name]
     jit = cu.resolve_jit_compile(args.xla)
     model.compile(optimizer, "categorical_crossentropy", jit_compile=jit)
@@ -200,8 +206,7 @@ def bench_model(name: str, args) -> dict:
         "batch_size": batch,
         "params": cu.parameter_counts(model)["total"],
         "jit_compile": bool(model.jit_compile),  # as Keras used it (FIELD-CASES 18)
-        "fast_conv_layers": switched,
-        "fused_batch_norm_layers": fused,
+        "fast_cpu_training": switched,
         "train_images_per_s": train,
         "inference_images_per_s": infer,
         "inference_ms_per_image": 1000 / infer,
@@ -334,6 +339,9 @@ def parse_args(argv=None):
         "--no-fused-bn", action="store_true", help="keep Keras' unfused BatchNorm in training"
     )
     parser.add_argument(
+        "--no-fast-dropout", action="store_true", help="keep Keras' 32-bit dropout masks"
+    )
+    parser.add_argument(
         "--matmul-sizes", default="1024,2048,4096", help="comma-separated matmul sizes N"
     )
     parser.add_argument("--pipeline-batches", type=int, default=20)
@@ -408,6 +416,7 @@ def main(argv=None) -> dict:
             "profile_steps": args.profile,
             "fast_conv": not args.no_fast_conv,
             "fused_batch_norm": not args.no_fused_bn,
+            "fast_dropout": not args.no_fast_dropout,
             "matmul_sizes": args.matmul_sizes,
             "conventions": "FLOPs = 2 x MACs of conv/dense layers; training = 3 x forward; "
             "rates from median step times; share of peak against the matmul peak in the "

@@ -16,7 +16,7 @@ One module per job, each importing only the ones listed before it:
 ``runlock``     one run of a notebook at a time per output folder (``own_output_dir``)
 ``numerics``    seeds and op determinism, precision (dtype policy), XLA
 ``small_conv``  a faster CPU input gradient for convolutions with tiny outputs
-``batchnorm``   BatchNorm's training step as one fused CPU kernel
+``cpu_layers``  fused BatchNorm, cheaper Dropout masks: faster CPU training
 ``metrics``     top-k hits with one tie rule, the compiled metrics
 ``divergence``  NaN/inf and probability checks of a model's state and outputs
 ``checkpoints`` the run state, checkpoint files, their commit and restore, the CSV log
@@ -85,7 +85,7 @@ _PUBLIC = {
         "resolve_jit_compile", "CPU_FLOAT32_NETWORKS",
     ),
     "small_conv": ("fast_small_conv_gradients",),
-    "batchnorm": ("fuse_batch_norm",),
+    "cpu_layers": ("fast_cpu_training", "fuse_batch_norm", "fast_dropout"),
     "metrics": ("top_k_hits", "compile_metrics"),
     "divergence": ("check_probabilities", "nonfinite_variables", "training_state_problem"),
     "checkpoints": (

@@ -49,7 +49,7 @@ def bn_cnn(output="softmax"):
             head,
         ]
     )
-    assert cu.fuse_batch_norm(model) == ["bn"]  # as the notebooks train it, on a CPU
+    assert cu.fast_cpu_training(model)["batch_norm"] == ["bn"]  # as the notebooks train it
     model.compile(
         keras.optimizers.SGD(0.05, momentum=0.9), "categorical_crossentropy", metrics=["accuracy"]
     )

@@ -33,7 +33,7 @@ def fit(strategy, batch_norm, x, y, run_dir, epochs=EPOCHS):
     cu.seed_everything(0)
     with strategy.scope():
         model = build(batch_norm)
-        cu.fuse_batch_norm(model)  # as the notebooks train it, on a CPU
+        cu.fast_cpu_training(model)  # as the notebooks train it, on a CPU
         model.compile(keras.optimizers.SGD(0.1), "categorical_crossentropy", metrics=["accuracy"])
     batch = 2 * B  # one device: batch 2B; two replicas: B each (cu.global_batch_size(B, ...))
     train = cu.make_dataset(x[:N], y[:N], batch_size=batch, training=True, seed=0)

@@ -46,8 +46,11 @@ def simple(tmp_path_factory):
     top-5 metric that plain Keras cannot load), exported with metadata: (model, path)."""
     keras.utils.set_random_seed(0)
     model = _shake(cu.build_simple_cnn())
-    assert cu.fast_small_conv_gradients(model) == ["conv4"]
-    assert cu.fuse_batch_norm(model) == ["bn1", "bn2", "bn3", "bn4"]  # the file: plain Keras
+    assert cu.fast_cpu_training(model) == {  # none of it reaches the file
+        "batch_norm": ["bn1", "bn2", "bn3", "bn4"],
+        "dropout": ["drop1", "drop2", "drop3", "drop_gap"],
+        "small_conv": ["conv4"],
+    }
     model.compile("adam", "categorical_crossentropy", metrics=cu.compile_metrics())
     path = tmp_path_factory.mktemp("export") / "simple_cnn.keras"
     assert cu.export_model(model, path, model="simple_cnn", test_top1=0.25) == path
@@ -77,9 +80,10 @@ def test_simple_cnn_export_matches_and_drops_fast_gradients(simple, images):
     for layer in loaded.layers:
         if isinstance(layer, keras.layers.Conv2D):
             assert layer.convolution_op.__func__ is keras.layers.Conv2D.convolution_op
-    # so does the fused BatchNorm: the loaded layers are Keras' own
-    assert sum(hasattr(layer, "_unfused_call") for layer in model.layers) == 4
-    assert not any(hasattr(layer, "_unfused_call") for layer in loaded.layers)
+    # so do the fused BatchNorm and the dropout masks: the loaded layers are Keras' own
+    for swap, count in (("_unfused_call", 4), ("_keras_call", 4)):
+        assert sum(hasattr(layer, swap) for layer in model.layers) == count
+        assert not any(hasattr(layer, swap) for layer in loaded.layers)
     with zipfile.ZipFile(path) as archive:
         assert "col2im" not in archive.read("config.json").decode()
         assert json.loads(archive.read("class_names.json")) == list(cu.FINE_LABEL_NAMES)

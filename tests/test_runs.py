@@ -37,7 +37,7 @@ def dropout_model(lr=0.05, momentum=0.9, rate=0.3, loss="categorical_crossentrop
             keras.layers.Dense(100, activation="softmax", dtype="float32"),  # also when mixed
         ]
     )
-    cu.fuse_batch_norm(model)  # as the notebooks train it, on a CPU
+    cu.fast_cpu_training(model)  # as the notebooks train it, on a CPU
     model.compile(keras.optimizers.SGD(lr, momentum=momentum), loss, metrics=["accuracy"])
     return model
 

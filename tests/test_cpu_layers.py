@@ -1,5 +1,6 @@
-"""``cu.fuse_batch_norm``: which layers it switches, what it leaves as it was, and (in
-``tests/batchnorm_cases.py``, run with oneDNN off and on) that it trains as Keras' own does."""
+"""``cu.fast_cpu_training``: fused BatchNorm (which layers it switches, what it leaves as it
+was, and, in ``tests/batchnorm_cases.py`` run with oneDNN off and on, that it trains as Keras'
+own does) and 16-bit dropout masks (their rate, scale, gradient and seeding)."""
 
 import os
 import re
@@ -90,3 +91,73 @@ def test_a_clone_and_a_reloaded_model_have_plain_layers(tmp_path):
     for other in (keras.models.clone_model(model), keras.saving.load_model(path)):
         assert not any(hasattr(layer, "_unfused_call") for layer in other.layers)
         assert cu.fuse_batch_norm(other) == ["bn1", "bn2", "bn3", "bn4"]
+
+
+def _dropout_model(rate=0.3, **kwargs):
+    inputs = keras.Input((16, 16, 32))
+    return keras.Model(inputs, keras.layers.Dropout(rate, name="drop", seed=7, **kwargs)(inputs))
+
+
+def test_dropout_masks_keep_the_rate_and_scale(policy):
+    model = _dropout_model(0.3)
+    assert cu.fast_dropout(model) == ["drop"]
+    assert cu.fast_dropout(model) == []  # already switched
+    x = tf.ones((64, 16, 16, 32))  # 524,288 activations
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = model(x, training=True)
+        total = tf.reduce_sum(y)
+    kept = np.asarray(y) != 0
+    # kept with probability 1 - 19661 / 65536 (0.3 rounded to 16 bits): within 5 sd
+    p = 1 - 19661 / 65536
+    assert abs(kept.mean() - p) < 5 * np.sqrt(p * (1 - p) / kept.size)
+    np.testing.assert_allclose(np.asarray(y)[kept], 1 / p, rtol=1e-6)  # 1 / (1 - r)
+    assert abs(float(tf.reduce_mean(y)) - 1) < 0.01  # the expected output is the input
+    grad = np.asarray(tape.gradient(total, x))
+    np.testing.assert_array_equal(grad, np.where(kept, 1 / p, 0).astype("float32"))
+    np.testing.assert_array_equal(model(x, training=False), x)  # inference: the input
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16"], indirect=True)
+def test_dropout_masks_in_bfloat16(policy):
+    model = _dropout_model(0.5)
+    cu.fast_dropout(model)
+    y = model(tf.ones((8, 16, 16, 32)), training=True)
+    assert y.dtype == tf.bfloat16
+    assert set(np.unique(np.asarray(tf.cast(y, tf.float32)))) == {0.0, 2.0}
+
+
+def test_dropout_masks_follow_the_layer_seed_generator_as_keras_does():
+    x = tf.ones((4, 16, 16, 32))
+    keras_own, fast, again = _dropout_model(), _dropout_model(), _dropout_model()
+    cu.fast_dropout(fast)
+    cu.fast_dropout(again)
+    masks = [np.asarray(fast(x, training=True)) != 0 for _ in range(2)]
+    keras_own(x, training=True)
+    keras_own(x, training=True)
+    states = [m.get_layer("drop").seed_generator.state.numpy() for m in (keras_own, fast)]
+    np.testing.assert_array_equal(*states)  # one draw per call, as Keras' own layer
+    assert (masks[0] != masks[1]).mean() > 0.3  # each call a new mask
+    # the same seed state, the same masks: a seeded or resumed run repeats
+    np.testing.assert_array_equal(np.asarray(again(x, training=True)) != 0, masks[0])
+
+
+def test_dropout_layers_that_stay_keras_own():
+    class Sub(keras.layers.Dropout):
+        pass
+
+    inputs = keras.Input((4, 4, 3))
+    h = keras.layers.Dropout(0.3, noise_shape=(None, 1, 1, 3), name="spatial")(inputs)
+    h = keras.layers.Dropout(0.0, name="none")(h)
+    h = Sub(0.3, name="sub")(h)
+    model = keras.Model(inputs, keras.layers.Dropout(0.2, name="plain")(h))
+    assert cu.fast_dropout(model) == ["plain"]
+
+
+def test_fast_cpu_training_on_the_complex_network():
+    model = cu.build_complex_cnn()
+    assert cu.fast_cpu_training(model) == {
+        "batch_norm": [f"bn{i}" for i in range(1, 13)],
+        "dropout": ["drop2", "drop3", "drop5", "drop8", "drop12", "drop_dense1"],  # the pools'
+        "small_conv": [f"conv{i}" for i in range(6, 13)],  # outputs of 4x4 pixels and less
+    }
