@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from .models import leaf_layers
+from .models import switch_layers_on_cpu
 from .small_conv import fast_small_conv_gradients
 
 
@@ -46,22 +46,17 @@ def fuse_batch_norm(model) -> list[str]:
     Returns:
         Names of the layers switched; ``[]`` when a GPU is visible (measured on CPUs only).
     """
-    if tf.config.list_physical_devices("GPU"):
-        return []
-    switched = []
-    for layer in leaf_layers(model):
-        if (
+
+    def matches(layer) -> bool:
+        return (
             isinstance(layer, keras.layers.BatchNormalization)
-            and not getattr(layer, "_unfused_call", None)
             and not layer.renorm
             and not layer.synchronized
             and _input_rank(layer) == 4
             and layer.axis in (-1, 3)
-        ):
-            layer._unfused_call = layer.call
-            layer.call = _fused_call(layer)
-            switched.append(layer.name)
-    return switched
+        )
+
+    return switch_layers_on_cpu(model, matches, "call", _fused_call)
 
 
 def _input_rank(layer) -> int | None:
@@ -74,7 +69,7 @@ def _input_rank(layer) -> int | None:
 
 def _fused_call(layer):
     """A ``call`` for the BatchNorm ``layer`` that trains through ``FusedBatchNormV3``."""
-    unfused = layer._unfused_call
+    unfused = layer._keras_call
 
     def call(inputs, training=None, mask=None):
         if mask is not None or not (training and layer.trainable) or len(inputs.shape) != 4:
@@ -115,20 +110,11 @@ def fast_dropout(model) -> list[str]:
     Returns:
         Names of the layers switched; ``[]`` when a GPU is visible (measured on CPUs only).
     """
-    if tf.config.list_physical_devices("GPU"):
-        return []
-    switched = []
-    for layer in leaf_layers(model):
-        if (
-            type(layer) is keras.layers.Dropout
-            and not getattr(layer, "_keras_call", None)
-            and 0 < layer.rate < 1
-            and layer.noise_shape is None
-        ):
-            layer._keras_call = layer.call
-            layer.call = _dropout_call(layer)
-            switched.append(layer.name)
-    return switched
+
+    def matches(layer) -> bool:
+        return type(layer) is keras.layers.Dropout and 0 < layer.rate < 1 and not layer.noise_shape
+
+    return switch_layers_on_cpu(model, matches, "call", _dropout_call)
 
 
 def _dropout_call(layer):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from .data import default_cache_dir
 from .errors import WeightsError
@@ -258,6 +259,28 @@ def leaf_layers(model) -> list:
         else:
             leaves.append(layer)
     return leaves
+
+
+def switch_layers_on_cpu(model, matches, method: str, make) -> list[str]:
+    """Replace ``method`` (e.g. ``"call"``) of each leaf layer of ``model`` that ``matches``.
+
+    The layer's own method is kept as ``_keras_<method>`` (a layer that has one is skipped:
+    switched already); ``make(layer)`` returns the replacement, an instance attribute, so the
+    layer's class, config and weights, and what a save writes, are unchanged.
+
+    Returns:
+        Names of the layers switched, in order; ``[]`` when a GPU is visible (the
+        replacements were measured on CPUs only).
+    """
+    if tf.config.list_physical_devices("GPU"):
+        return []
+    saved, switched = f"_keras_{method}", []
+    for layer in leaf_layers(model):
+        if not hasattr(layer, saved) and matches(layer):
+            setattr(layer, saved, getattr(layer, method))
+            setattr(layer, method, make(layer))
+            switched.append(layer.name)
+    return switched
 
 
 def float32_config(layer) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from .models import leaf_layers
+from .models import switch_layers_on_cpu
 
 
 def _col2im_input_grad(dy, kernel, input_shape, padding: str):
@@ -63,24 +63,21 @@ def fast_small_conv_gradients(model, max_output_pixels: int = 16) -> list[str]:
     Returns:
         Names of the layers switched; ``[]`` when a GPU is visible (measured on CPUs only).
     """
-    if tf.config.list_physical_devices("GPU"):
-        return []
-    switched = []
-    for layer in leaf_layers(model):
-        if (
+
+    def matches(layer) -> bool:
+        return (
             isinstance(layer, keras.layers.Conv2D)
-            and not getattr(layer, "_col2im_native", None)
             and tuple(layer.strides) == (1, 1)
             and tuple(layer.dilation_rate) == (1, 1)
             and layer.groups == 1
             and layer.data_format == "channels_last"
             and tuple(layer.kernel_size) != (1, 1)
             and _output_pixels(layer) <= max_output_pixels
-        ):
-            layer._col2im_native = layer.convolution_op
-            layer.convolution_op = _small_conv_op(layer, max_output_pixels)
-            switched.append(layer.name)
-    return switched
+        )
+
+    return switch_layers_on_cpu(
+        model, matches, "convolution_op", lambda layer: _small_conv_op(layer, max_output_pixels)
+    )
 
 
 def _output_pixels(layer) -> float:
@@ -94,7 +91,7 @@ def _output_pixels(layer) -> float:
 
 def _small_conv_op(layer, max_output_pixels: int):
     """A ``convolution_op`` for ``layer`` that takes the col2im path on small static outputs."""
-    native, padding = layer._col2im_native, layer.padding.upper()
+    native, padding = layer._keras_convolution_op, layer.padding.upper()
     kh, kw = layer.kernel_size
 
     def convolution_op(inputs, kernel):

@@ -65,7 +65,7 @@ def test_the_complex_network_keeps_its_dense_batch_norm_unfused():
     switched = cu.fuse_batch_norm(model)
     # the twelve convolutions' BatchNorms; bn_dense1 sees (B, 512): not 4-D, Keras' own
     assert switched == [f"bn{i}" for i in range(1, 13)]
-    assert not hasattr(model.get_layer("bn_dense1"), "_unfused_call")
+    assert not hasattr(model.get_layer("bn_dense1"), "_keras_call")
 
 
 def test_what_stays_keras_own():
@@ -89,7 +89,7 @@ def test_a_clone_and_a_reloaded_model_have_plain_layers(tmp_path):
     path = tmp_path / "m.keras"
     model.save(path)
     for other in (keras.models.clone_model(model), keras.saving.load_model(path)):
-        assert not any(hasattr(layer, "_unfused_call") for layer in other.layers)
+        assert not any(hasattr(layer, "_keras_call") for layer in other.layers)
         assert cu.fuse_batch_norm(other) == ["bn1", "bn2", "bn3", "bn4"]
 
 
