@@ -35,13 +35,14 @@ def fast_cpu_training(model) -> dict[str, list[str]]:
 def fuse_batch_norm(model) -> list[str]:
     """Compute ``model``'s BatchNorm layers in training with TensorFlow's fused kernel.
 
-    Switches ``BatchNormalization`` layers on 4-D channels-last inputs (B, H, W, C), without
-    renorm or cross-replica synchronisation. In training they normalise each channel by the
-    batch's mean and (biased) variance and move their moving statistics exactly as Keras does;
-    the result differs from Keras' by round-off. Inference (``training=False``, a frozen
-    layer) and masked calls stay Keras' own, so evaluation, the saved model and its scores
-    are plain Keras. Layer types, weights and parameter counts are unchanged. Call on a built
-    model (changed in place) before ``compile``; a clone or reloaded model has plain layers.
+    Switches ``BatchNormalization`` layers (not subclasses) on 4-D channels-last inputs
+    (B, H, W, C), without renorm or cross-replica synchronisation. In training they normalise
+    each channel by the batch's mean and (biased) variance and move their moving statistics
+    exactly as Keras does; the result differs from Keras' by round-off. Inference
+    (``training=False``, a frozen layer) and masked calls stay Keras' own, so evaluation, the
+    saved model and its scores are plain Keras. Layer types, weights and parameter counts are
+    unchanged. Call on a built model (changed in place) before ``compile``; a clone or
+    reloaded model has plain layers.
 
     Returns:
         Names of the layers switched; ``[]`` when a GPU is visible (measured on CPUs only).
@@ -49,7 +50,7 @@ def fuse_batch_norm(model) -> list[str]:
 
     def matches(layer) -> bool:
         return (
-            isinstance(layer, keras.layers.BatchNormalization)
+            type(layer) is keras.layers.BatchNormalization  # a subclass's own call stays
             and not layer.renorm
             and not layer.synchronized
             and _input_rank(layer) == 4
@@ -101,11 +102,13 @@ def fast_dropout(model) -> list[str]:
     Switches ``Dropout`` layers (not subclasses) with 0 < rate < 1 and no ``noise_shape``.
     Each activation is kept with probability ``1 - r``, ``r`` the rate rounded to a multiple
     of 2**-16 (at most 7.6e-6 from it), and scaled by ``1 / (1 - r)`` (in the layer's compute
-    dtype, as Keras scales), so the expected output is the input, as in Keras. The masks come
-    from the layer's own seed generator, one draw per call as Keras' own, so a seeded run
-    repeats and a resumed run goes on as it would have; they are other masks than Keras' would
-    be. Inference, the saved model and its layers are Keras' own. Call on a built model
-    (changed in place) before ``compile``.
+    dtype, as Keras scales), so the expected output is the input, as in Keras (up to that
+    dtype's rounding of the scale: 0.2% at most in bfloat16). The masks come from the layer's
+    own seed generator, one draw per call as Keras' own, so a seeded run repeats and a resumed
+    run goes on as it would have; they are other masks than Keras' would be, and each replica
+    of a distributed run draws its own (Keras' give all the same). The rate is read at each
+    call, so a changed ``layer.rate`` takes effect as in Keras. Inference, the saved model and
+    its layers are Keras' own. Call on a built model (changed in place) before ``compile``.
 
     Returns:
         Names of the layers switched; ``[]`` when a GPU is visible (measured on CPUs only).
@@ -120,14 +123,17 @@ def fast_dropout(model) -> list[str]:
 def _dropout_call(layer):
     """A ``call`` for the Dropout ``layer`` that draws its mask from 16-bit random numbers."""
     keras_call = layer._keras_call
-    threshold = round(layer.rate * 2**16)  # drop where the 16 bits are below it
-    scale = 2**16 / (2**16 - threshold)  # 1 / (1 - r)
 
     def call(inputs, training=False):
-        if not training:
+        if not training or not 0 < layer.rate < 1:
             return keras_call(inputs, training=training)
-        seed = layer.seed_generator.next()
-        # stateless ops take int32 seeds; Keras folds its int64 seed state the same way
+        threshold = round(layer.rate * 2**16)  # drop where the 16 bits are below it
+        scale = 2**16 / (2**16 - threshold)  # 1 / (1 - r)
+        context = tf.distribute.get_replica_context()
+        replica = context.replica_id_in_sync_group if context else 0
+        # each replica its own masks; stateless ops take int32 seeds (Keras folds its int64
+        # seed state the same way)
+        seed = tf.cast(layer.seed_generator.next(), tf.int64) + tf.cast([0, replica], tf.int64)
         seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
         n = tf.size(inputs)
         words = tf.random.stateless_uniform(

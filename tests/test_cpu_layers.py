@@ -161,3 +161,18 @@ def test_fast_cpu_training_on_the_complex_network():
         "dropout": ["drop2", "drop3", "drop5", "drop8", "drop12", "drop_dense1"],  # the pools'
         "small_conv": [f"conv{i}" for i in range(6, 13)],  # outputs of 4x4 pixels and less
     }
+
+
+def test_a_subclass_keeps_its_own_call_and_a_changed_rate_takes_effect():
+    class FrozenStats(keras.layers.BatchNormalization):  # a subclass's call is its own
+        def call(self, inputs, training=None, mask=None):
+            return super().call(inputs, training=False, mask=mask)
+
+    inputs = keras.Input((4, 4, 3))
+    drop = keras.layers.Dropout(0.5, name="drop")
+    model = keras.Model(inputs, drop(FrozenStats(name="frozen")(inputs)))
+    assert cu.fast_cpu_training(model)["batch_norm"] == []
+    assert cu.fast_cpu_training(model)["dropout"] == []  # switched by the first call
+    drop.rate = 0.0  # dropout off, as in Keras
+    x = np.ones((8, 4, 4, 3), "float32")
+    np.testing.assert_allclose(model(x, training=True), x / np.sqrt(1 + 1e-3), rtol=1e-6)
