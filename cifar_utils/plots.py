@@ -337,7 +337,7 @@ def plot_reliability(y_true, probs, calibrated_probs=None, bins: int = ECE_BINS,
         ax.set_xlabel("top-1 confidence")
         ax.set_ylabel("accuracy")
         ece = expected_calibration_error(y_true, p, bins)
-        ax.set_title(f"{label}\nECE {ece:.3f} ({bins} bins)".strip(), fontsize=9)
+        ax.set_title(f"{label}\nECE {ece:.4f} ({bins} bins)".strip(), fontsize=9)
         ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return _finish(fig, path)

@@ -1,6 +1,8 @@
 """``fast_small_conv_gradients``: a faster input gradient for CPU convolutions with tiny outputs.
 
-TensorFlow's CPU ``Conv2DBackpropInput`` is very slow there (figures: docs/performance.md).
+Without oneDNN (TensorFlow's Eigen kernels: the Linux default on CPUs without AVX512_VNNI,
+AVX512_BF16, AVX_VNNI or AMX, or ``TF_ENABLE_ONEDNN_OPTS=0``), its ``Conv2DBackpropInput`` is
+very slow for them; with oneDNN the matmul costs about the same (figures: docs/performance.md).
 """
 
 from __future__ import annotations
