@@ -296,3 +296,21 @@ class RecordingServer(socketserver.ThreadingTCPServer):
                 server.requests.append(self.rfile.readline(2000).decode(errors="replace"))
 
         super().__init__(("127.0.0.1", 0), Handler)
+
+
+def run_cases_with_onednn(cases: str, onednn: str) -> str:
+    """Run ``tests/<cases>`` in a fresh pytest with ``TF_ENABLE_ONEDNN_OPTS=onednn``.
+
+    oneDNN is read once per process, so each setting needs its own. Asserts every case passed
+    and returns the run's stdout.
+    """
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-n", "0", "-p", "no:cacheprovider",
+         str(ROOT / "tests" / cases)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    summary = done.stdout.strip().splitlines()[-1]
+    assert re.search(r"\d+ passed", summary) and not re.search(r"\d+ (failed|error)", summary)
+    return done.stdout

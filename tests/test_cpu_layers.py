@@ -2,33 +2,22 @@
 was, and, in ``tests/batchnorm_cases.py`` run with oneDNN off and on, that it trains as Keras'
 own does) and 16-bit dropout masks (their rate, scale, gradient and seeding)."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import run_cases_with_onednn
 
 import cifar_utils as cu
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("onednn", ["0", "1"])
 def test_fused_batch_norm_matches_keras_with_onednn_off_and_on(onednn):
-    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
-         str(ROOT / "tests" / "batchnorm_cases.py")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert re.search(r"\b4 passed", done.stdout.strip().splitlines()[-1]), done.stdout[-2000:]
+    out = run_cases_with_onednn("batchnorm_cases.py", onednn)
+    assert re.search(r"\b4 passed", out.strip().splitlines()[-1]), out[-2000:]
 
 
 def _op_types(model) -> set[str]:
