@@ -69,7 +69,7 @@ _PUBLIC = {
         "parameter_counts", "EFFICIENTNET_B0_WEIGHTS", "EFFICIENTNET_B0_URL",
         "EFFICIENTNET_B0_SHA256", "IMAGENET_MEAN", "IMAGENET_STD", "EFFICIENTNET_BASE",
         "efficientnet_b0_weights_file", "efficientnet_b0_base", "build_efficientnet_b0",
-        "describe_weights", "set_base_trainable",
+        "describe_weights", "set_base_trainable", "float32_copy",
     ),
     "augment": (
         "derive_seed", "augmentation_layers", "albumentations_transform", "albumentations_batch",

@@ -78,11 +78,15 @@ def check_model_file(path) -> Path:
     """
     path = Path(path)
     if not path.is_file():
-        beside = sorted(p.name for p in path.parent.glob("*.keras")) if path.parent.is_dir() else []
+        folder = path.parent
+        # files only: Keras keeps its settings in a folder named .keras (e.g. ~/.keras)
+        beside = (
+            sorted(p.name for p in folder.glob("*.keras") if p.is_file()) if folder.is_dir() else []
+        )
         where = "It is a folder; its parent" if path.is_dir() else "That folder"
         raise FileNotFoundError(
             f"No model file at '{path}'. "
-            + (f"{where} '{path.parent}' holds {', '.join(beside)}. " if beside else "")
+            + (f"{where} '{folder}' holds {', '.join(beside)}. " if beside else "")
             + "A notebook writes OUTPUT_DIR/<model>.keras when it ends (simple_cnn.keras, "
             "complex_cnn.keras or efficientnet_b0.keras; OUTPUT_DIR is results/ by default)"
         )

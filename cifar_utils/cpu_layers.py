@@ -36,7 +36,8 @@ def fuse_batch_norm(model) -> list[str]:
     """Compute ``model``'s BatchNorm layers in training with TensorFlow's fused kernel.
 
     Switches ``BatchNormalization`` layers (not subclasses) on 4-D channels-last inputs
-    (B, H, W, C), without renorm or cross-replica synchronisation. In training they normalise
+    (B, H, W, C) with float32 weights (a float32 or ``mixed_*`` policy), without renorm or
+    cross-replica synchronisation. In training they normalise
     each channel by the batch's mean and (biased) variance and move their moving statistics
     exactly as Keras does; the result differs from Keras' by round-off. Inference
     (``training=False``, a frozen layer) and masked calls stay Keras' own, so evaluation, the
@@ -55,6 +56,8 @@ def fuse_batch_norm(model) -> list[str]:
             and not layer.synchronized
             and _input_rank(layer) == 4
             and layer.axis in (-1, 3)
+            # the kernel takes float32 scale, offset and statistics: float32 or mixed_* policies
+            and layer.dtype_policy.variable_dtype == "float32"
         )
 
     return switch_layers_on_cpu(model, matches, "call", _fused_call)
@@ -101,14 +104,16 @@ def fast_dropout(model) -> list[str]:
 
     Switches ``Dropout`` layers (not subclasses) with 0 < rate < 1 and no ``noise_shape``.
     Each activation is kept with probability ``1 - r``, ``r`` the rate rounded to a multiple
-    of 2**-16 (at most 7.6e-6 from it), and scaled by ``1 / (1 - r)`` (in the layer's compute
-    dtype, as Keras scales), so the expected output is the input, as in Keras (up to that
-    dtype's rounding of the scale: 0.2% at most in bfloat16). The masks come from the layer's
-    own seed generator, one draw per call as Keras' own, so a seeded run repeats and a resumed
-    run goes on as it would have; they are other masks than Keras' would be, and each replica
-    of a distributed run draws its own (Keras' give all the same). The rate is read at each
-    call, so a changed ``layer.rate`` takes effect as in Keras. Inference, the saved model and
-    its layers are Keras' own. Call on a built model (changed in place) before ``compile``.
+    of 2**-16 (at most 7.6e-6 from it; a rate that rounds to 0 or 1 trains with Keras' own
+    call), and scaled by ``1 / (1 - r)`` (in the layer's compute dtype, as Keras scales), so
+    the expected output is the input, as in Keras (up to that dtype's rounding of the scale:
+    0.2% at most in bfloat16). The masks come from the layer's own seed generator, one draw
+    per call as Keras' own, so a seeded run repeats and a resumed run goes on as it would
+    have; they are other masks than Keras' would be, and each replica of a distributed run
+    draws its own, different from all others' at every step (Keras' give all the same). The
+    rate is read at each call, so a changed ``layer.rate`` takes effect as in Keras.
+    Inference, the saved model and its layers are Keras' own. Call on a built model (changed
+    in place) before ``compile``.
 
     Returns:
         Names of the layers switched; ``[]`` when a GPU is visible (measured on CPUs only).
@@ -125,16 +130,19 @@ def _dropout_call(layer):
     keras_call = layer._keras_call
 
     def call(inputs, training=False):
-        if not training or not 0 < layer.rate < 1:
-            return keras_call(inputs, training=training)
         threshold = round(layer.rate * 2**16)  # drop where the 16 bits are below it
+        if not training or not 0 < threshold < 2**16:  # a rate 16 bits cannot tell from 0 or 1
+            return keras_call(inputs, training=training)
         scale = 2**16 / (2**16 - threshold)  # 1 / (1 - r)
+        # stateless ops take int32 seeds (Keras folds its int64 seed state the same way)
+        seed = tf.cast(layer.seed_generator.next(), tf.int64)
+        seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
         context = tf.distribute.get_replica_context()
         replica = context.replica_id_in_sync_group if context else 0
-        # each replica its own masks; stateless ops take int32 seeds (Keras folds its int64
-        # seed state the same way)
-        seed = tf.cast(layer.seed_generator.next(), tf.int64) + tf.cast([0, replica], tf.int64)
-        seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+        if tf.get_static_value(replica) != 0:  # in model.fit a constant tensor, else an int
+            # each replica its own masks, hashed apart: adding the replica id to the seed's
+            # counter would give replica r the mask replica 0 draws r steps later
+            seed = tf.random.experimental.stateless_fold_in(seed, replica)
         n = tf.size(inputs)
         words = tf.random.stateless_uniform(
             [(n + 1) // 2], seed, minval=None, maxval=None, dtype=tf.uint32

@@ -57,7 +57,7 @@ def _conv2d_col2im_backprop(x, kernel, padding: str):
 def fast_small_conv_gradients(model, max_output_pixels: int = 16) -> list[str]:
     """Route the input gradient of ``model``'s small-output convolutions through one matmul.
 
-    Stride-1, undilated, ungrouped, non-1x1 ``Conv2D`` layers with output at most
+    Stride-1, undilated, ungrouped, non-1x1 ``Conv2D`` layers (not subclasses) with output at most
     ``max_output_pixels`` (OH*OW) pixels; forward pass, weights and saved model are unchanged,
     the input gradient differs by round-off. Call on a built model (changed in place) before
     ``compile``; a clone or reloaded model has plain layers.
@@ -68,7 +68,7 @@ def fast_small_conv_gradients(model, max_output_pixels: int = 16) -> list[str]:
 
     def matches(layer) -> bool:
         return (
-            isinstance(layer, keras.layers.Conv2D)
+            type(layer) is keras.layers.Conv2D  # a subclass's own convolution_op stays
             and tuple(layer.strides) == (1, 1)
             and tuple(layer.dilation_rate) == (1, 1)
             and layer.groups == 1

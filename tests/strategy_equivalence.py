@@ -3,8 +3,9 @@
 Not a test itself: ``tests/test_distributed.py`` runs it with ``CIFAR_CPU_DEVICES=2``
 (logical CPU devices must exist before TensorFlow starts) and reads the JSON it prints:
 per model, the per-epoch training losses of both runs; the two-replica BatchNorm run's
-validation numbers at its best epoch beside those its ``best.weights.h5`` gives; and whether
-resume and evaluation worked under the mirrored strategy.
+validation numbers at its best epoch beside those its ``best.weights.h5`` gives; whether
+resume and evaluation worked under the mirrored strategy; and whether ``cu.fast_dropout``'s
+masks differ between the replicas, within a step and across steps.
 """
 
 import json
@@ -58,6 +59,23 @@ def best_reproduced(model, run, x, y) -> dict:
     }  # fmt: skip
 
 
+def dropout_masks(strategy, steps: int = 4) -> dict:
+    """Whether the replicas' dropout masks differ within each step and across all steps."""
+    with strategy.scope():
+        inputs = keras.Input((256,))
+        model = keras.Model(inputs, keras.layers.Dropout(0.5, seed=3)(inputs))
+        cu.fast_dropout(model)
+
+    @tf.function
+    def step():
+        return strategy.run(lambda: model(tf.ones((1, 256)), training=True))
+
+    masks = [[np.asarray(out)[0] != 0 for out in strategy.experimental_local_results(step())]
+             for _ in range(steps)]  # fmt: skip
+    drawn = [m.tobytes() for per_step in masks for m in per_step]
+    return {"masks": len(drawn), "distinct": len(set(drawn))}
+
+
 def main() -> None:
     mirrored = cu.choose_strategy()  # CIFAR_CPU_DEVICES=2: MirroredStrategy over 2 CPUs
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -78,6 +96,7 @@ def main() -> None:
         out["resumed"] = {"initial_epoch": resumed.initial_epoch, "step": resumed.step,
                           "epochs": len(resumed.history["loss"])}  # fmt: skip
         out["predict_rows"] = float(np.abs(probs.sum(1) - 1).max())
+        out["dropout_masks"] = dropout_masks(mirrored)
         out["predict_matches_model"] = float(
             np.abs(probs - model.predict(x[N:] / 255, verbose=0)).max()
         )

@@ -204,10 +204,10 @@ def test_reliability_diagram(tmp_path):
     fig = cu.plot_reliability(labels, sharp, calibrated, path=tmp_path / "reliability.png")
     before, after = (cu.expected_calibration_error(labels, p) for p in (sharp, calibrated))
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles == [f"before temperature scaling\nECE {before:.3f} (15 bins)",
-                      f"after temperature scaling\nECE {after:.3f} (15 bins)"]  # fmt: skip
+    assert titles == [f"before temperature scaling\nECE {before:.4f} (15 bins)",
+                      f"after temperature scaling\nECE {after:.4f} (15 bins)"]  # fmt: skip
     heights = [bar.get_height() for bar in fig.axes[0].patches]
     table = cu.reliability_bins(labels, sharp)
     assert heights == pytest.approx(np.nan_to_num(table["accuracy"]).tolist())
     assert (tmp_path / "reliability.png").stat().st_size > 1000
-    assert cu.plot_reliability(labels, sharp).axes[0].get_title() == f"ECE {before:.3f} (15 bins)"
+    assert cu.plot_reliability(labels, sharp).axes[0].get_title() == f"ECE {before:.4f} (15 bins)"

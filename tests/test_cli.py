@@ -16,6 +16,7 @@ from PIL import Image
 
 import cifar_utils as cu
 import cifar_utils.plots
+from cifar_utils.checks import check_model_file
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -614,3 +615,11 @@ def test_help_shows_the_defaults(command, defaults, capsys):
         cu.main([command, "--help"])
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert all(default in shown for default in defaults), shown
+
+
+def test_a_missing_model_names_only_model_files_beside_it(tmp_path):
+    (tmp_path / ".keras").mkdir()  # Keras' own settings folder, as in ~/.keras
+    (tmp_path / "simple_cnn.keras").write_bytes(b"PK")
+    with pytest.raises(FileNotFoundError) as refused:
+        check_model_file(tmp_path / "missing.keras")
+    assert f"That folder '{tmp_path}' holds simple_cnn.keras. A notebook" in str(refused.value)

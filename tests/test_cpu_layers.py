@@ -165,3 +165,26 @@ def test_a_subclass_keeps_its_own_call_and_a_changed_rate_takes_effect():
     drop.rate = 0.0  # dropout off, as in Keras
     x = np.ones((8, 4, 4, 3), "float32")
     np.testing.assert_allclose(model(x, training=True), x / np.sqrt(1 + 1e-3), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_batch_norm_under_a_non_mixed_policy_stays_keras_own(dtype):
+    inputs = keras.Input((4, 4, 3), dtype=dtype)
+    layer = keras.layers.BatchNormalization(dtype=dtype, name="bn")
+    model = keras.Model(inputs, layer(inputs))
+    assert cu.fuse_batch_norm(model) == []  # the fused kernel takes float32 weights only
+    x = np.random.default_rng(0).normal(3.0, 2.0, (8, 4, 4, 3)).astype(dtype)
+    y = np.asarray(model(x, training=True), "float32")
+    assert abs(y.mean()) < 0.05 and abs(y.std() - 1) < 0.05
+
+
+@pytest.mark.parametrize("rate", [1 - 2**-18, 2**-18])
+def test_a_dropout_rate_16_bits_cannot_tell_from_1_or_0_trains_as_keras(rate):
+    model = _dropout_model()
+    drop = model.get_layer("drop")
+    assert cu.fast_dropout(model) == ["drop"]
+    drop.rate = rate
+    y = np.asarray(model(tf.ones((4, 16, 16, 32)), training=True))
+    assert np.isfinite(y).all()
+    # Keras' own call: all but about 0 or 16 of 32768 activations dropped or kept
+    assert (y == 0).mean() > 0.99 if rate > 0.5 else (y == 0).mean() < 0.01

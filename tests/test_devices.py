@@ -152,3 +152,17 @@ def test_fast_small_conv_gradients_on_the_simple_network():
     assert cu.fast_small_conv_gradients(model) == ["conv4"]
     assert cu.fast_small_conv_gradients(model) == []  # already switched
     assert cu.parameter_counts(model) == before
+
+
+def test_a_conv2d_subclass_keeps_its_own_convolution():
+    class Standardized(keras.layers.Conv2D):  # weight standardisation in its convolution_op
+        def convolution_op(self, inputs, kernel):
+            mean, var = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
+            return super().convolution_op(inputs, (kernel - mean) / tf.sqrt(var + 1e-5))
+
+    inputs = keras.Input((6, 6, 3))
+    model = keras.Model(inputs, Standardized(4, 3, name="ws")(inputs))
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype("float32")
+    before = np.asarray(model(x))
+    assert cu.fast_small_conv_gradients(model) == []
+    np.testing.assert_array_equal(model(x), before)

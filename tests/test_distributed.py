@@ -48,6 +48,9 @@ def test_two_replicas_match_one_device_with_twice_the_batch(equivalence):
         assert abs(a - b) / a < 1e-3  # measured 1.5e-4 and 1.1e-4 (epochs 1 and 2)
     assert result["resumed"] == {"initial_epoch": 2, "step": 24, "epochs": 3}
     assert result["predict_rows"] < 1e-5 and result["predict_matches_model"] < 1e-5
+    # 4 steps x 2 replicas, 8 masks of 256 drawn at rate 0.5: all different (with the seed's
+    # counter plus the replica id, replica 1 drew replica 0's mask of the next step)
+    assert result["dropout_masks"] == {"masks": 8, "distinct": 8}
 
 
 @pytest.mark.slow
