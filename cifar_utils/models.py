@@ -293,7 +293,11 @@ def float32_config(layer) -> dict:
 
 def float32_copy(model):
     """``model`` if it computes in float32, else a float32 copy with its weights (as exported)."""
-    if not any(layer.dtype_policy.name.startswith("mixed_") for layer in leaf_layers(model)):
+    # an InputLayer computes nothing (a clone's keeps the policy it was made under)
+    computing = [
+        layer for layer in leaf_layers(model) if not isinstance(layer, keras.layers.InputLayer)
+    ]
+    if not any(layer.dtype_policy.name.startswith("mixed_") for layer in computing):
         return model
     twin = keras.models.clone_model(
         model,

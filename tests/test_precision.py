@@ -290,3 +290,12 @@ def test_bfloat16_learns_as_well_as_float32(cifar_archive, policy, capsys):
     with capsys.disabled():
         print(f"\ntest top-1 after 3 epochs: {scores}")
     assert min(scores.values()) > 0.12, scores
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16"], indirect=True)
+def test_a_float32_copy_is_copied_once(policy):
+    model = cu.build_simple_cnn()
+    copy = cu.float32_copy(model)
+    assert copy is not model
+    assert {layer.compute_dtype for layer in copy.layers[1:]} == {"float32"}
+    assert cu.float32_copy(copy) is copy  # its InputLayer's policy computes nothing
