@@ -37,13 +37,12 @@ def fuse_batch_norm(model) -> list[str]:
 
     Switches ``BatchNormalization`` layers (not subclasses) on 4-D channels-last inputs
     (B, H, W, C) with float32 weights (a float32 or ``mixed_*`` policy), without renorm or
-    cross-replica synchronisation. In training they normalise
-    each channel by the batch's mean and (biased) variance and move their moving statistics
-    exactly as Keras does; the result differs from Keras' by round-off. Inference
-    (``training=False``, a frozen layer) and masked calls stay Keras' own, so evaluation, the
-    saved model and its scores are plain Keras. Layer types, weights and parameter counts are
-    unchanged. Call on a built model (changed in place) before ``compile``; a clone or
-    reloaded model has plain layers.
+    cross-replica synchronisation. In training they normalise each channel by the batch's mean
+    and (biased) variance and move their moving statistics exactly as Keras does; the result
+    differs from Keras' by round-off. Inference (``training=False``, a frozen layer) and
+    masked calls stay Keras' own, so evaluation, the saved model and its scores are plain
+    Keras. Layer types, weights and parameter counts are unchanged. Call on a built model
+    (changed in place) before ``compile``; a clone or reloaded model has plain layers.
 
     Returns:
         Names of the layers switched; ``[]`` when a GPU is visible (measured on CPUs only).
@@ -51,8 +50,7 @@ def fuse_batch_norm(model) -> list[str]:
 
     def matches(layer) -> bool:
         return (
-            type(layer) is keras.layers.BatchNormalization  # a subclass's own call stays
-            and not layer.renorm
+            not layer.renorm
             and not layer.synchronized
             and _input_rank(layer) == 4
             and layer.axis in (-1, 3)
@@ -60,7 +58,9 @@ def fuse_batch_norm(model) -> list[str]:
             and layer.dtype_policy.variable_dtype == "float32"
         )
 
-    return switch_layers_on_cpu(model, matches, "call", _fused_call)
+    return switch_layers_on_cpu(
+        model, keras.layers.BatchNormalization, matches, "call", _fused_call
+    )
 
 
 def _input_rank(layer) -> int | None:
@@ -120,9 +120,9 @@ def fast_dropout(model) -> list[str]:
     """
 
     def matches(layer) -> bool:
-        return type(layer) is keras.layers.Dropout and 0 < layer.rate < 1 and not layer.noise_shape
+        return 0 < layer.rate < 1 and not layer.noise_shape
 
-    return switch_layers_on_cpu(model, matches, "call", _dropout_call)
+    return switch_layers_on_cpu(model, keras.layers.Dropout, matches, "call", _dropout_call)
 
 
 def _dropout_call(layer):

@@ -261,12 +261,14 @@ def leaf_layers(model) -> list:
     return leaves
 
 
-def switch_layers_on_cpu(model, matches, method: str, make) -> list[str]:
-    """Replace ``method`` (e.g. ``"call"``) of each leaf layer of ``model`` that ``matches``.
+def switch_layers_on_cpu(model, keras_class, matches, method: str, make) -> list[str]:
+    """Replace ``method`` (e.g. ``"call"``) of each ``keras_class`` leaf layer that ``matches``.
 
-    The layer's own method is kept as ``_keras_<method>`` (a layer that has one is skipped:
-    switched already); ``make(layer)`` returns the replacement, an instance attribute, so the
-    layer's class, config and weights, and what a save writes, are unchanged.
+    Only layers of exactly ``keras_class`` are switched: a subclass may override ``method``,
+    and its own stays. The layer's own method is kept as ``_keras_<method>`` (a layer that
+    has one is skipped: switched already); ``make(layer)`` returns the replacement, an
+    instance attribute, so the layer's class, config and weights, and what a save writes,
+    are unchanged.
 
     Returns:
         Names of the layers switched, in order; ``[]`` when a GPU is visible (the
@@ -276,7 +278,7 @@ def switch_layers_on_cpu(model, matches, method: str, make) -> list[str]:
         return []
     saved, switched = f"_keras_{method}", []
     for layer in leaf_layers(model):
-        if not hasattr(layer, saved) and matches(layer):
+        if type(layer) is keras_class and not hasattr(layer, saved) and matches(layer):
             setattr(layer, saved, getattr(layer, method))
             setattr(layer, method, make(layer))
             switched.append(layer.name)

@@ -68,8 +68,7 @@ def fast_small_conv_gradients(model, max_output_pixels: int = 16) -> list[str]:
 
     def matches(layer) -> bool:
         return (
-            type(layer) is keras.layers.Conv2D  # a subclass's own convolution_op stays
-            and tuple(layer.strides) == (1, 1)
+            tuple(layer.strides) == (1, 1)
             and tuple(layer.dilation_rate) == (1, 1)
             and layer.groups == 1
             and layer.data_format == "channels_last"
@@ -78,7 +77,11 @@ def fast_small_conv_gradients(model, max_output_pixels: int = 16) -> list[str]:
         )
 
     return switch_layers_on_cpu(
-        model, matches, "convolution_op", lambda layer: _small_conv_op(layer, max_output_pixels)
+        model,
+        keras.layers.Conv2D,
+        matches,
+        "convolution_op",
+        lambda layer: _small_conv_op(layer, max_output_pixels),
     )
 
 
