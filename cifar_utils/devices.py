@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,30 @@ def _tf_config() -> tuple[int, str, int] | None:
     if "chief" not in cluster and task_type == "worker" and task_index == 0:
         task_type = "chief"  # worker 0 is the chief when the cluster names none
     return n, task_type, task_index
+
+
+def _check_own_port() -> None:
+    """RuntimeError if the port ``$TF_CONFIG`` gives this worker is held by another process."""
+    # TensorFlow says only "UnknownError: Could not start gRPC server" there, and the other
+    # workers wait for this one with no time limit.
+    config = json.loads(os.environ["TF_CONFIG"])
+    task = config["task"]
+    address = config["cluster"][task["type"]][int(task["index"])]
+    port = address.rpartition(":")[2]
+    if not port.isdigit():
+        raise ValueError(f"TF_CONFIG's address {address!r} has no port: write it as host:port")
+    with socket.socket() as probe:
+        # Like TensorFlow's gRPC server: every interface, SO_REUSEADDR.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", int(port)))
+        except OSError as exc:
+            raise RuntimeError(
+                f"TF_CONFIG gives this worker ({task['type']} #{task['index']}) the address "
+                f"{address}, but port {port} cannot be taken here ({exc.strerror}): free it or "
+                "give this worker another port in every worker's TF_CONFIG. The other "
+                "workers wait for this one without a time limit: stop them and start all again"
+            ) from None
 
 
 def is_chief() -> bool:
@@ -129,7 +154,8 @@ def choose_strategy(cpu_devices: int | None = None):
 
     Raises:
         ValueError: invalid ``$TF_CONFIG``, or ``cpu_devices`` not an int >= 1.
-        RuntimeError: logical CPU devices asked for after TensorFlow started.
+        RuntimeError: logical CPU devices asked for after TensorFlow started, or the port
+            ``$TF_CONFIG`` gives this worker held by another process.
     """
     if cpu_devices is None:
         raw = os.environ.get("CIFAR_CPU_DEVICES", "").strip() or "1"
@@ -138,6 +164,7 @@ def choose_strategy(cpu_devices: int | None = None):
     config = _tf_config()
     cpus = _split_cpu(cpu_devices) if cpu_devices > 1 else []
     if config is not None and config[0] > 1:
+        _check_own_port()
         return _MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:

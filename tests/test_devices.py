@@ -1,6 +1,7 @@
 """cifar_utils.devices: strategies, dtype policy, XLA switch, fast small-conv gradients."""
 
 import json
+import socket
 import warnings
 from pathlib import Path
 
@@ -54,6 +55,24 @@ def test_one_device_strategy_trains_on_the_cpu(monkeypatch):
 def test_bad_tf_config_is_explained(monkeypatch, tf_config, message):
     monkeypatch.setenv("TF_CONFIG", tf_config)
     with pytest.raises(ValueError, match=message):
+        cu.choose_strategy()
+
+
+def test_a_worker_whose_port_is_taken_is_told_so(monkeypatch):
+    # TensorFlow would say only "Could not start gRPC server", its peers waiting forever.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cluster = {"worker": ["127.0.0.1:1", f"127.0.0.1:{port}"]}
+        config = {"cluster": cluster, "task": {"type": "worker", "index": 1}}
+        monkeypatch.setenv("TF_CONFIG", json.dumps(config))
+        with pytest.raises(RuntimeError, match=rf"worker #1\) the address 127.0.0.1:{port}, "
+                           "but port .* cannot be taken here .*start all again"):  # fmt: skip
+            cu.choose_strategy()
+    cluster["worker"][1] = "127.0.0.1"
+    monkeypatch.setenv("TF_CONFIG", json.dumps(config))
+    with pytest.raises(ValueError, match="has no port: write it as host:port"):
         cu.choose_strategy()
 
 
