@@ -59,27 +59,38 @@ def _tf_config() -> tuple[int, str, int] | None:
     return n, task_type, task_index
 
 
-def _check_own_port() -> None:
-    """RuntimeError if the port ``$TF_CONFIG`` gives this worker is held by another process."""
+# Addresses whose gRPC server this process started: TensorFlow reuses it when a strategy is
+# made again (a notebook cell run twice), so the port is taken by us, not by another process.
+_SERVING: set[str] = set()
+
+
+def _own_address() -> str:
+    """This worker's ``host:port`` as TensorFlow reads ``$TF_CONFIG`` (lists or dicts)."""
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    return str(resolver.cluster_spec().task_address(resolver.task_type, resolver.task_id))
+
+
+def _check_own_port(address: str) -> None:
+    """RuntimeError if ``address``'s port, this worker's, is held by another process."""
     # TensorFlow says only "UnknownError: Could not start gRPC server" there, and the other
     # workers wait for this one with no time limit.
-    config = json.loads(os.environ["TF_CONFIG"])
-    task = config["task"]
-    address = config["cluster"][task["type"]][int(task["index"])]
-    port = address.rpartition(":")[2]
-    if not port.isdigit():
-        raise ValueError(f"TF_CONFIG's address {address!r} has no port: write it as host:port")
+    try:
+        port = int(address.rpartition(":")[2])
+    except ValueError:
+        return  # TensorFlow's own parser has the last word on what a port is
+    if address in _SERVING or not 0 < port < 65536:
+        return
     with socket.socket() as probe:
         # Like TensorFlow's gRPC server: every interface, SO_REUSEADDR.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(("0.0.0.0", int(port)))
+            probe.bind(("0.0.0.0", port))
         except OSError as exc:
             raise RuntimeError(
-                f"TF_CONFIG gives this worker ({task['type']} #{task['index']}) the address "
-                f"{address}, but port {port} cannot be taken here ({exc.strerror}): free it or "
-                "give this worker another port in every worker's TF_CONFIG. The other "
-                "workers wait for this one without a time limit: stop them and start all again"
+                f"TF_CONFIG gives this worker the address {address}, but port {port} cannot "
+                f"be taken here ({exc.strerror}): free it or give this worker another port in "
+                "every worker's TF_CONFIG. The other workers wait for this one without a time "
+                "limit: stop them and start all again"
             ) from None
 
 
@@ -164,8 +175,11 @@ def choose_strategy(cpu_devices: int | None = None):
     config = _tf_config()
     cpus = _split_cpu(cpu_devices) if cpu_devices > 1 else []
     if config is not None and config[0] > 1:
-        _check_own_port()
-        return _MultiWorkerMirroredStrategy()
+        address = _own_address()
+        _check_own_port(address)
+        strategy = _MultiWorkerMirroredStrategy()
+        _SERVING.add(address)
+        return strategy
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy([g.name for g in gpus])
