@@ -1,6 +1,7 @@
 """Shared fixtures: a learnable archive in the official cifar-100-python layout; helpers that
 run notebooks and the README's marked commands."""
 
+import contextlib
 import json
 import os
 import re
@@ -215,23 +216,26 @@ def swap_paths(line: str, swaps: dict) -> str:
     return line
 
 
-def free_port() -> int:
-    """A loopback port no one listens on right now (another process may take it later)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int = 1) -> list[int]:
+    """``n`` distinct loopback ports no one listens on right now (another process may take
+    one later)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:  # all held at once, so the n ports differ
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def start_demo(command, log: Path, env=None, timeout=300):
     """Start the web demo as ``command(port)`` (an argv list) on a free loopback port and
     wait until it says where it serves (so the page is up and its start-up line written).
 
-    Another process may take the port between :func:`free_port` and the demo's bind (it
+    Another process may take the port between :func:`free_ports` and the demo's bind (it
     starts TensorFlow first): then it exits with "cannot serve on", and one more free port
     is tried. Returns ``(url, process)``; the process writes stdout and stderr to ``log``.
     """
     for attempt in (1, 2):
-        port = free_port()
+        (port,) = free_ports()
         with open(log, "w") as out:
             process = subprocess.Popen(
                 command(port), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT

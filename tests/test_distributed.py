@@ -4,7 +4,6 @@ MirroredStrategy, and two worker processes on 127.0.0.1 under MultiWorkerMirrore
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 import synthetic_cifar
-from conftest import ROOT, run_notebook
+from conftest import ROOT, free_ports, run_notebook
 
 import cifar_utils as cu
 
@@ -140,21 +139,9 @@ def test_simple_notebook_on_two_replicas_resumes_exactly_and_repeats(
     assert {layer.dtype_policy.name for layer in model.layers[1:]} == {"float32"}
 
 
-def _free_ports(n):
-    """``n`` distinct loopback ports no one listens on right now."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _start_workers(tmp_path, archive, epochs, tag):
     """The simple notebook in two papermill processes forming one two-worker cluster."""
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     procs = []
     for index in range(2):
         config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
@@ -216,12 +203,11 @@ def _two_workers(tmp_path, archive, epochs, tag):
     is tried, as conftest.start_demo does for the demo.
     """
     clash = ("cannot be taken here", "Could not start gRPC server")
-    for attempt in (1, 2):
+    for _attempt in (1, 2):
         codes = _wait_for_workers(_start_workers(tmp_path, archive, epochs, tag))
         logs = [(tmp_path / f"{tag}-worker{i}.log").read_text(errors="replace") for i in (0, 1)]
-        if attempt == 1 and any(words in log for log in logs for words in clash):
-            continue
-        break
+        if not any(words in log for log in logs for words in clash):
+            break
     tails = "".join(f"\n--- worker {i} (exit {c}):\n{log[-3000:]}"
                     for i, (c, log) in enumerate(zip(codes, logs, strict=True)))  # fmt: skip
     assert codes == [0, 0], f"the two workers did not both succeed:{tails}"
